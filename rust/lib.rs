@@ -1,0 +1,18 @@
+//! Rust core of `textspan`: TextSpan over CLIP attention heads from their statistics.
+//!
+//! The pure modules take and return `ndarray` values and know nothing of Python;
+//! `python.rs` holds the bindings.
+
+pub mod error;
+pub mod moments;
+pub mod parallel;
+mod python;
+pub mod scalar;
+pub mod textspan;
+
+use pyo3::prelude::*;
+
+#[pymodule]
+fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    python::register(m)
+}

@@ -1,0 +1,271 @@
+"""TextSpan in the Rust core against the published algorithm, written out in published.py."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+
+import numpy as np
+import pytest
+
+import textspan
+from published import published_text_span
+from textspan import HeadStats, text_span, text_span_from_stats, text_span_heads
+from textspan.synthetic import low_rank_outputs
+
+
+def random_case(seed: int):
+    rng = np.random.default_rng(seed)
+    d = int(rng.integers(8, 97))
+    n = int(rng.integers(20, 1500))
+    m = int(rng.integers(5, 400))
+    signal = int(rng.integers(2, d + 1))
+    rank = int(rng.integers(1, d + 1))
+    x = low_rank_outputs(rng, n, d, signal)
+    t = rng.standard_normal((m, d))
+    # Stay inside the span: past it the published algorithm picks among rounding noise.
+    usable = min(rank, d, n - 1, m)
+    n_texts = int(rng.integers(1, min(usable, 25) + 1))
+    return x, t, n_texts, rank
+
+
+def assert_same(result, indices, variances):
+    np.testing.assert_array_equal(result.indices, indices)
+    np.testing.assert_allclose(result.variance, variances, rtol=1e-4, atol=0)
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_matches_the_published_algorithm(seed):
+    x, t, n_texts, rank = random_case(seed)
+    indices, variances, _ = published_text_span(x, t, n_texts, rank)
+    assert_same(text_span(x, t, n_texts=n_texts, rank=rank), indices, variances)
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_statistics_accumulated_in_batches_match(seed):
+    x, t, n_texts, rank = random_case(100 + seed)
+    rng = np.random.default_rng(seed)
+    cuts = np.sort(rng.choice(np.arange(1, len(x)), size=4, replace=False))
+    parts = np.split(x, cuts)
+    # Two "workers" each stream their batches, then their statistics are merged.
+    left = HeadStats.zeros(x.shape[1])
+    for part in parts[:2]:
+        left.update(part)
+    right = HeadStats.zeros(x.shape[1])
+    for part in parts[2:]:
+        right.update(part)
+    stats = left + right
+    assert stats.count == len(x)
+    np.testing.assert_allclose(stats.mean, x.mean(0), rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(stats.covariance, np.cov(x.T, bias=True), rtol=1e-9, atol=1e-13)
+    indices, variances, _ = published_text_span(x, t, n_texts, rank)
+    assert_same(text_span_from_stats(stats, t, n_texts=n_texts, rank=rank), indices, variances)
+
+
+def test_many_heads_match_one_by_one():
+    rng = np.random.default_rng(7)
+    n, layers, heads, d, m = 400, 2, 3, 48, 250
+    x = np.stack(
+        [
+            np.stack([low_rank_outputs(rng, n, d, 20 + 5 * h) for h in range(heads)], 1)
+            for _ in range(layers)
+        ],
+        1,
+    )
+    t = rng.standard_normal((m, d))
+    results = text_span_heads(x, t, n_texts=12, rank=30, progress=False)
+    assert len(results) == layers and all(len(row) == heads for row in results)
+    for layer in range(layers):
+        for head in range(heads):
+            indices, variances, _ = published_text_span(x[:, layer, head], t, 12, 30)
+            assert_same(results[layer][head], indices, variances)
+    # The same heads as a list of arrays of different lengths, and as statistics.
+    per_head = [x[: 100 + 50 * h, 0, h] for h in range(heads)]
+    listed = text_span_heads(per_head, t, n_texts=8, rank=30, progress=False)
+    from_stats = text_span_heads(
+        [HeadStats.from_outputs(a) for a in per_head], t, n_texts=8, rank=30
+    )
+    for h in range(heads):
+        indices, variances, _ = published_text_span(per_head[h], t, 8, 30)
+        assert_same(listed[h], indices, variances)
+        assert_same(from_stats[h], indices, variances)
+
+
+def test_exactly_low_rank_outputs_use_their_own_rank():
+    # Real heads write into a subspace of about the head width: rank 80 asks for more
+    # directions than exist, and the missing ones are left out rather than filled with noise.
+    rng = np.random.default_rng(3)
+    basis, _ = np.linalg.qr(rng.standard_normal((96, 24)))
+    x = rng.standard_normal((600, 24)) * np.exp(-0.1 * np.arange(24)) @ basis.T
+    t = rng.standard_normal((300, 96))
+    result = text_span(x, t, n_texts=15, rank=80)
+    assert result.rank == 24
+    indices, variances, _ = published_text_span(x, t, 15, 24)
+    assert_same(result, indices, variances)
+
+
+def test_directions_are_orthonormal_and_reconstruct_like_the_paper():
+    rng = np.random.default_rng(11)
+    x = low_rank_outputs(rng, 300, 40, 30)
+    t = rng.standard_normal((120, 40))
+    result = text_span(x, t, n_texts=10, rank=30)
+    np.testing.assert_allclose(result.directions @ result.directions.T, np.eye(10), atol=1e-10)
+    _, _, reconstruction = published_text_span(x, t, 10, 30)
+    np.testing.assert_allclose(result.reconstruct(x), reconstruction, rtol=1e-8, atol=1e-10)
+    assert result.variance.sum() <= result.total_variance * (1 + 1e-12)
+    np.testing.assert_allclose(result.total_variance, x.var(0).sum(), rtol=1e-10)
+
+
+def test_float32_and_non_contiguous_inputs_are_accepted():
+    rng = np.random.default_rng(5)
+    x = low_rank_outputs(rng, 500, 64, 40)
+    t = rng.standard_normal((200, 64))
+    reference = text_span(x, t, n_texts=10, rank=40)
+    wide = np.zeros((500, 128))
+    wide[:, ::2] = x
+    strided = text_span(wide[:, ::2], np.asfortranarray(t), n_texts=10, rank=40)
+    np.testing.assert_array_equal(strided.indices, reference.indices)
+    np.testing.assert_allclose(strided.variance, reference.variance, rtol=1e-12)
+    single = text_span(x.astype(np.float32), t.astype(np.float32), n_texts=10, rank=40)
+    np.testing.assert_array_equal(single.indices, reference.indices)
+    np.testing.assert_allclose(single.variance, reference.variance, rtol=1e-4)
+
+
+def test_zero_norm_texts_are_never_chosen():
+    rng = np.random.default_rng(9)
+    x = low_rank_outputs(rng, 300, 32, 20)
+    t = rng.standard_normal((50, 32))
+    with_zeros = np.insert(t, [0, 10, 50], 0.0, axis=0)
+    result = text_span(x, with_zeros, n_texts=10, rank=20)
+    kept = np.flatnonzero(np.linalg.norm(with_zeros, axis=1) > 0)
+    indices, variances, _ = published_text_span(x, t, 10, 20)
+    assert_same(result, kept[indices], variances)
+
+
+def test_texts_are_reported_with_the_result():
+    rng = np.random.default_rng(2)
+    x = low_rank_outputs(rng, 200, 16, 10)
+    t = rng.standard_normal((30, 16))
+    names = [f"text {i}" for i in range(30)]
+    result = text_span(x, t, n_texts=4, rank=10, texts=names)
+    assert result.texts == [names[i] for i in result.indices]
+    assert result.table().splitlines()[0].startswith("  1. text ")
+
+
+def test_exhausting_the_span_warns_and_returns_what_exists():
+    rng = np.random.default_rng(4)
+    x = low_rank_outputs(rng, 300, 32, 32)
+    t = rng.standard_normal((100, 32))
+    with pytest.warns(RuntimeWarning, match="fewer than n_texts=12"):
+        result = text_span(x, t, n_texts=12, rank=5)
+    assert len(result) == 5
+
+
+def test_same_result_with_one_and_two_threads():
+    # Large enough for several row blocks and text chunks.
+    rng = np.random.default_rng(8)
+    x = low_rank_outputs(rng, 9000, 48, 40).astype(np.float32)
+    t = rng.standard_normal((2500, 48)).astype(np.float32)
+    before = textspan.get_num_threads()
+    try:
+        runs = []
+        for threads in (1, 2):
+            textspan.set_num_threads(threads)
+            assert textspan.get_num_threads() == threads
+            runs.append(text_span(x, t, n_texts=20, rank=40))
+    finally:
+        textspan.set_num_threads(0 if before > 2 else before)
+    np.testing.assert_array_equal(runs[0].indices, runs[1].indices)
+    np.testing.assert_array_equal(runs[0].variance, runs[1].variance)
+    np.testing.assert_array_equal(runs[0].directions, runs[1].directions)
+
+
+def _span_in_child(queue):
+    rng = np.random.default_rng(1)
+    x = low_rank_outputs(rng, 5000, 32, 20)
+    queue.put(text_span(x, rng.standard_normal((2000, 32)), n_texts=5, rank=20).indices.tolist())
+
+
+def test_runs_in_a_process_forked_after_the_pool_was_used():
+    rng = np.random.default_rng(1)
+    x = low_rank_outputs(rng, 5000, 32, 20)
+    expected = text_span(x, rng.standard_normal((2000, 32)), n_texts=5, rank=20).indices.tolist()
+    ctx = mp.get_context("fork")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_span_in_child, args=(queue,))
+    child.start()
+    child.join(timeout=60)
+    alive = child.is_alive()
+    if alive:
+        child.kill()
+    assert not alive, "the forked child hung: the thread pool is not fork-safe"
+    assert queue.get(timeout=5) == expected
+
+
+BAD_INPUTS = [
+    # (outputs, texts, kwargs, exception, message)
+    (np.ones((10, 8)), np.ones((5, 6)), {}, ValueError, "expected the same D, got 8 .* and 6"),
+    (np.ones((1, 8)), np.ones((5, 8)), {}, ValueError, "N >= 2 .* got 1"),
+    (np.ones((10, 8)), np.ones((0, 8)), {}, ValueError, "at least one text, got an empty"),
+    (
+        np.ones((10, 8)),
+        np.ones((5, 8)),
+        {"n_texts": 6},
+        ValueError,
+        "between 1 and the pool size 5, got 6",
+    ),
+    (np.ones((10, 8)), np.ones((5, 8)), {"n_texts": 0}, ValueError, "pool size 5, got 0"),
+    (
+        np.ones((10, 8)),
+        np.ones((5, 8)),
+        {"rank": 0},
+        ValueError,
+        r"rank: expected an integer >= 1, got 0",
+    ),
+    (
+        np.ones((10, 8, 2)),
+        np.ones((5, 8)),
+        {},
+        ValueError,
+        r"expected shape \[N, D\], got \[10, 8, 2\]",
+    ),
+    (
+        np.ones((10, 8), dtype=np.int64),
+        np.ones((5, 8)),
+        {},
+        TypeError,
+        "float32 or float64 .* int64",
+    ),
+]
+
+
+@pytest.mark.parametrize(("outputs", "texts", "kwargs", "exc", "message"), BAD_INPUTS)
+def test_bad_input_is_named(outputs, texts, kwargs, exc, message):
+    kwargs = {"n_texts": 2, "rank": 4, **kwargs}
+    with pytest.raises(exc, match=message):
+        text_span(outputs, texts, **kwargs)
+
+
+@pytest.mark.parametrize("where", ["outputs", "texts"])
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_non_finite_input_is_refused(where, bad):
+    rng = np.random.default_rng(0)
+    x, t = rng.standard_normal((20, 8)), rng.standard_normal((6, 8))
+    (x if where == "outputs" else t)[3, 5] = bad
+    with pytest.raises(ValueError, match=r"expected finite values, got NaN or Inf at index \[3,"):
+        text_span(x, t, n_texts=2, rank=4)
+
+
+def test_head_stats_shapes_and_persistence(tmp_path):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((50, 2, 3, 8))
+    stats = HeadStats.from_outputs(x)
+    assert stats.shape == (2, 3) and stats.dim == 8 and stats.count == 50
+    np.testing.assert_allclose(stats[1, 2].covariance, np.cov(x[:, 1, 2].T, bias=True), atol=1e-12)
+    np.testing.assert_allclose(
+        stats.second_moment[0, 1], x[:, 0, 1].T @ x[:, 0, 1] / 50, rtol=1e-10
+    )
+    stats.save(tmp_path / "stats.npz")
+    loaded = HeadStats.load(tmp_path / "stats.npz")
+    np.testing.assert_array_equal(loaded.covariance, stats.covariance)
+    with pytest.raises(ValueError, match=r"expected shape \[n, 2, 3, 8\], got \[5, 2, 8\]"):
+        stats.update(np.ones((5, 2, 8)))
