@@ -15,7 +15,7 @@ use crate::parallel;
 use crate::scalar::Real;
 
 /// Rows centred and multiplied at a time: bounds the float64 copy of the rows.
-pub const ROW_BLOCK: usize = 2048;
+pub const ROW_BLOCK: usize = 1024;
 /// Columns centred together by one task.
 const COLUMN_GROUP: usize = 16;
 

@@ -41,6 +41,9 @@ pub fn set_num_threads(n: usize) {
 
 /// The current pool, built on first use, after a fork, or after the thread count changed.
 fn pool() -> Arc<ThreadPool> {
+    // faer's own operators (products, decompositions) run on one thread each: the crate
+    // parallelises over heads, texts and row blocks itself, in thread-independent pieces.
+    faer::set_global_parallelism(faer::Par::Seq);
     let pid = std::process::id();
     let threads = requested_threads();
     let mut slot = POOL.lock().unwrap_or_else(|e| e.into_inner());

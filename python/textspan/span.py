@@ -47,8 +47,10 @@ class HeadStats:
     """
 
     def __init__(self, count: int, mean: Any, covariance: Any) -> None:
-        mean = np.array(as_float_array(mean, "mean"), dtype=np.float64)
-        covariance = np.array(as_float_array(covariance, "covariance"), dtype=np.float64)
+        # Views, not copies: indexing the heads of a large HeadStats must stay cheap. Nothing
+        # writes into these arrays; `update` replaces them.
+        mean = np.asarray(as_float_array(mean, "mean"), dtype=np.float64)
+        covariance = np.asarray(as_float_array(covariance, "covariance"), dtype=np.float64)
         if mean.ndim < 1 or covariance.shape != (*mean.shape, mean.shape[-1]):
             raise ValueError(
                 f"HeadStats: expected mean [..., D] and covariance [..., D, D], got mean "

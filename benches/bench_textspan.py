@@ -1,0 +1,138 @@
+"""TextSpan benchmark: the Rust core beside the published algorithm, in one process.
+
+The published algorithm runs as the paper's code runs it on a CPU: a NumPy SVD of the head's
+outputs, then float32 PyTorch matrix products over all images and texts at every step.
+Head outputs are synthetic and low rank like real ones (96 directions with a decaying
+spectrum in D = 768), in float32. Prints figures and ratios; asserts nothing about time.
+
+    python benches/bench_textspan.py           # everything (about 5 minutes here)
+    python benches/bench_textspan.py --quick   # skips the 50,000-image published run
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import numpy as np
+import torch
+
+import textspan
+from textspan import HeadStats, text_span, text_span_heads
+from textspan.synthetic import low_rank_outputs, low_rank_stats
+
+D, M, RANK, N_TEXTS = 768, 3498, 80, 20
+
+
+def published(outputs: np.ndarray, texts: np.ndarray, n_texts: int, rank: int) -> list[int]:
+    _, _, vh = np.linalg.svd(outputs, full_matrices=False)
+    vh = vh[:rank]
+    projected = vh.T.dot(np.linalg.inv(vh.dot(vh.T)).dot(vh).dot(texts.T)).T
+    data = torch.from_numpy(outputs).float()
+    data = data - data.mean(dim=0, keepdim=True)
+    text = torch.from_numpy(projected).float()
+    chosen = []
+    for _ in range(n_texts):
+        best = int(torch.argmax((data @ text.T).std(dim=0)))
+        chosen.append(best)
+        t = text[best]
+        norm = t @ t
+        data = data - (data @ t / norm)[:, None] * t[None, :]
+        text = text - (text @ t / norm)[:, None] * t[None, :]
+    return chosen
+
+
+def timed(fn, repeat: int = 1):
+    best, out = float("inf"), None
+    for _ in range(repeat):
+        start = time.perf_counter()
+        out = fn()
+        best = min(best, time.perf_counter() - start)
+    return best, out
+
+
+def pool(rng: np.random.Generator, m: int) -> np.ndarray:
+    t = np.empty((m, D), dtype=np.float32)
+    for start in range(0, m, 10_000):  # in chunks: no float64 copy of a large pool
+        chunk = rng.standard_normal((min(10_000, m - start), D), dtype=np.float32)
+        t[start : start + len(chunk)] = chunk / np.linalg.norm(chunk, axis=1, keepdims=True)
+    return t
+
+
+def one_head(rng, n: int, texts: np.ndarray, run_published: bool, noise: float = 0.0):
+    x = low_rank_outputs(rng, n, D, 96, noise=noise, decay=0.03, dtype=np.float32)
+    ours_s, ours = timed(lambda: text_span(x, texts, n_texts=N_TEXTS, rank=RANK), repeat=3)
+    label = f"N = {n:,}, M = {len(texts):,}, D = {D}, {N_TEXTS} texts, rank {RANK}"
+    if noise:
+        label += f", full rank (noise {noise})"
+    print(f"\none head from raw outputs: {label}")
+    print(f"  textspan   {ours_s:9.3f} s")
+    if not run_published:
+        return ours_s, None
+    pub_s, chosen = timed(lambda: published(x, texts, N_TEXTS, RANK))
+    same = chosen == ours.indices.tolist()
+    print(f"  published  {pub_s:9.3f} s")
+    print(f"  speed-up   {pub_s / ours_s:9.1f}x   same selections: {same}")
+    return ours_s, pub_s
+
+
+def rss_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(field)
+
+
+def many_heads_from_stats(rng, m: int, texts: np.ndarray, published_per_head: float | None):
+    layers, heads = 4, 16
+    stats = [low_rank_stats(rng, 50_000, D, 96, noise=0.0, decay=0.03) for _ in range(64)]
+    stacked = HeadStats(
+        50_000,
+        np.stack([s.mean for s in stats]).reshape(layers, heads, D),
+        np.stack([s.covariance for s in stats]).reshape(layers, heads, D, D),
+    )
+    measure_memory = os.path.exists("/proc/self/clear_refs")
+    if measure_memory:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets the peak resident size to the current one
+    before = rss_kib("VmRSS") if measure_memory else 0
+    seconds, _ = timed(
+        lambda: text_span_heads(stacked, texts, n_texts=N_TEXTS, rank=RANK, progress=False)
+    )
+    print(f"\n64 heads (4 layers x 16) from statistics, M = {m:,}, {N_TEXTS} texts each")
+    print(f"  textspan   {seconds:9.3f} s in all")
+    if published_per_head is not None:
+        estimate = 64 * published_per_head
+        print(f"  published  {estimate:9.1f} s (64 x the one-head run above, N = 10,000)")
+        print(f"  speed-up   {estimate / seconds:9.1f}x")
+    if measure_memory:
+        peak = (rss_kib("VmHWM") - before) / 1024
+        size = texts.nbytes / 2**20
+        print(
+            f"  pool {size:,.0f} MiB; peak memory above the inputs {peak:,.0f} MiB "
+            f"({peak / size:.2f}x the pool)"
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="skip the slowest published run")
+    args = parser.parse_args()
+    torch.set_num_threads(os.cpu_count() or 1)
+    print(
+        f"textspan {textspan.__version__}: {textspan.get_num_threads()} threads; "
+        f"torch {torch.__version__}: {torch.get_num_threads()} threads"
+    )
+    rng = np.random.default_rng(0)
+    texts = pool(rng, M)
+    _, published_10k = one_head(rng, 10_000, texts, run_published=True)
+    one_head(rng, 10_000, texts, run_published=True, noise=1e-3)
+    one_head(rng, 50_000, texts, run_published=not args.quick)
+    many_heads_from_stats(rng, M, texts, published_10k)
+    many_heads_from_stats(rng, 200_000, pool(rng, 200_000), None)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,40 @@
+"""The release wheel installs into a fresh virtual environment and works there."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_wheel_installs_into_a_fresh_environment(tmp_path):
+    dist = tmp_path / "dist"
+    maturin = Path(sys.executable).with_name("maturin")
+    subprocess.run(
+        [str(maturin), "build", "--release", "--quiet", "--out", str(dist)],
+        cwd=ROOT,
+        check=True,
+    )
+    (wheel,) = dist.glob("textspan-*.whl")
+    env_dir = tmp_path / "env"
+    venv.create(env_dir, with_pip=True)
+    python = env_dir / "bin" / "python"
+    subprocess.run([str(python), "-m", "pip", "install", "--quiet", str(wheel)], check=True)
+    script = (
+        "import numpy as np, textspan\n"
+        "rng = np.random.default_rng(0)\n"
+        "r = textspan.text_span(rng.standard_normal((50, 8)), rng.standard_normal((6, 8)), 3, 8)\n"
+        "print(textspan.__file__, len(r))\n"
+    )
+    out = subprocess.run(
+        [str(python), "-c", script], cwd=tmp_path, check=True, capture_output=True, text=True
+    ).stdout
+    location, count = out.split()
+    assert str(env_dir) in location, "imported the development copy, not the wheel"
+    assert count == "3"
