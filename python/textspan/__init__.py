@@ -12,6 +12,7 @@ Representation via Text-Based Decomposition" (ICLR 2024).
 """
 
 from ._core import get_num_threads, set_num_threads
+from .decompose import Decomposer, Decomposition, UnsupportedModelError
 from .span import (
     HeadStats,
     SpanResult,
@@ -24,9 +25,12 @@ from .span import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "Decomposer",
+    "Decomposition",
     "HeadStats",
     "SpanResult",
     "TextPool",
+    "UnsupportedModelError",
     "__version__",
     "get_num_threads",
     "set_num_threads",

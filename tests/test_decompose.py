@@ -1,0 +1,134 @@
+"""The decomposition identity on randomly initialised open_clip models (any weights will do)."""
+
+from __future__ import annotations
+
+import open_clip
+import pytest
+import torch
+
+from textspan import Decomposer, UnsupportedModelError
+
+# (config, image size): small images keep the stock configs fast on a CPU.
+CONFIGS = [
+    ("ViT-B-32", 64),
+    ("ViT-B-16", 48),
+    ("ViT-B-32-quickgelu", 64),
+    ("ViT-S-16", 48),
+    ("ViT-M-16-alt", 48),  # LayerScale
+]
+TINY = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "layers": 3, "width": 64, "patch_size": 8, "head_width": 16},
+    "text_cfg": {"context_length": 16, "vocab_size": 100, "width": 32, "heads": 2, "layers": 1},
+}
+
+
+def make_model(name: str, image_size: int) -> torch.nn.Module:
+    torch.manual_seed(0)
+    if name == "tiny":
+        model = open_clip.CLIP(**TINY)
+    else:
+        model = open_clip.create_model(name, force_image_size=image_size)
+    model.eval()
+    # Random weights with larger biases and LayerNorm affines than the defaults, so that every
+    # convention (bias sharing, γ, β, LayerScale) is exercised.
+    with torch.no_grad():
+        for n, p in model.visual.named_parameters():
+            if n.endswith("bias") or "ln" in n or "gamma" in n:
+                p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+def images(size: int, batch: int = 3) -> torch.Tensor:
+    return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(1))
+
+
+def relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.mark.parametrize(("name", "size"), [*CONFIGS, ("tiny", 32)])
+def test_parts_sum_to_the_representation(name, size):
+    model = make_model(name, size)
+    x = images(size)
+    with Decomposer(model) as decomposer:
+        parts = decomposer.decompose(x, spatial=True)
+    with torch.no_grad():
+        expected = model.encode_image(x, normalize=False)
+    b, layers = x.shape[0], len(model.visual.transformer.resblocks)
+    heads = model.visual.transformer.resblocks[0].attn.num_heads
+    assert parts.heads.shape == (b, layers, heads, expected.shape[-1])
+    assert parts.mlps.shape == (b, layers + 1, expected.shape[-1])
+    torch.testing.assert_close(parts.representation, expected)
+    total = parts.heads.sum((1, 2)) + parts.mlps.sum(1)
+    assert relative(total, expected) < 1e-4
+    spatial = parts.spatial
+    tokens = (size // model.visual.patch_size[0]) ** 2 + 1
+    assert spatial.shape == (b, layers, tokens, heads, expected.shape[-1])
+    assert relative(spatial.sum(2), parts.heads) < 1e-4
+    directions = torch.randn(4, expected.shape[-1])
+    torch.testing.assert_close(
+        parts.scores(directions), spatial @ directions.T, rtol=1e-4, atol=1e-5
+    )
+
+
+def test_bfloat16_autocast_within_a_looser_tolerance():
+    model = make_model("ViT-B-32", 64)
+    x = images(64)
+    with Decomposer(model) as decomposer, torch.autocast("cpu", dtype=torch.bfloat16):
+        parts = decomposer.decompose(x)
+    total = parts.heads.sum((1, 2)) + parts.mlps.sum(1)
+    # bfloat16 keeps 8 bits of mantissa: the model's own forward differs from float32 by
+    # about 1%, and the parts (float32 from bfloat16 activations) follow it to a few percent.
+    assert relative(total, parts.representation) < 5e-2
+
+
+def test_hooks_are_removed_on_exit_and_close():
+    model = make_model("tiny", 32)
+    modules = [model.visual.ln_pre, model.visual.ln_post]
+    modules += [m for b in model.visual.transformer.resblocks for m in (b.ln_1, b.ls_2)]
+    with Decomposer(model) as decomposer:
+        assert all(m._forward_hooks or m._forward_pre_hooks for m in modules)
+        decomposer.decompose(images(32))
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in modules)
+    decomposer = Decomposer(model)
+    decomposer.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        decomposer.decompose(images(32))
+
+
+def test_a_hook_that_never_fired_is_an_error():
+    model = make_model("tiny", 32)
+    with Decomposer(model) as decomposer:
+        # A forward that skips the last block: its hooks never fire.
+        blocks = model.visual.transformer.resblocks
+        model.visual.transformer.resblocks = blocks[:-1]
+        try:
+            with pytest.raises(RuntimeError, match=r"never fired on resblocks\[2\]\.ln_1"):
+                decomposer.decompose(images(32))
+        finally:
+            model.visual.transformer.resblocks = blocks
+
+
+def test_non_spatial_decomposition_cannot_score_tokens():
+    model = make_model("tiny", 32)
+    with Decomposer(model) as decomposer:
+        parts = decomposer.decompose(images(32))
+    with pytest.raises(ValueError, match="spatial=True"):
+        parts.scores(torch.randn(2, 32))
+
+
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [("RN50", "only open_clip's own VisionTransformer"), ("coca_ViT-B-32", "attentional pooling")],
+)
+def test_unsupported_towers_are_refused_by_name(name, message):
+    model = open_clip.create_model(name)
+    with pytest.raises(UnsupportedModelError, match=message):
+        Decomposer(model)
+
+
+def test_average_pooling_is_refused():
+    cfg = {**TINY, "vision_cfg": {**TINY["vision_cfg"], "pool_type": "avg"}}
+    with pytest.raises(UnsupportedModelError, match="pool_type 'avg'"):
+        Decomposer(open_clip.CLIP(**cfg))
