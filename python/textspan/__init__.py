@@ -13,6 +13,7 @@ Representation via Text-Based Decomposition" (ICLR 2024).
 
 from ._core import get_num_threads, set_num_threads
 from .decompose import Decomposer, Decomposition, UnsupportedModelError
+from .models import encode_texts, load, zero_shot_classifier
 from .span import (
     HeadStats,
     SpanResult,
@@ -21,6 +22,7 @@ from .span import (
     text_span_from_stats,
     text_span_heads,
 )
+from .store import Store, StoreError, extract, open_store
 
 __version__ = "0.1.0"
 
@@ -29,12 +31,19 @@ __all__ = [
     "Decomposition",
     "HeadStats",
     "SpanResult",
+    "Store",
+    "StoreError",
     "TextPool",
     "UnsupportedModelError",
     "__version__",
+    "encode_texts",
+    "extract",
     "get_num_threads",
+    "load",
+    "open_store",
     "set_num_threads",
     "text_span",
     "text_span_from_stats",
     "text_span_heads",
+    "zero_shot_classifier",
 ]

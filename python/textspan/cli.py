@@ -35,6 +35,25 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _extract(args: argparse.Namespace) -> int:
+    from .store import extract
+
+    store = extract(
+        args.images,
+        args.out,
+        model=args.model,
+        pretrained=args.pretrained,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        device=args.device,
+        dtype=args.dtype,
+        precision=args.precision,
+        checkpoint_every=args.checkpoint_every,
+    )
+    print(f"store: {store.path} ({len(store)} images, heads {list(store.heads.shape)})")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="textspan",
@@ -51,6 +70,27 @@ def main(argv: list[str] | None = None) -> int:
     )
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(run=_demo)
+
+    ex = commands.add_parser(
+        "extract",
+        help="decompose an image folder into a store (resumes when rerun)",
+        description="Decompose every image of a folder (ImageFolder layout or flat) into an "
+        "on-disk store of head and MLP contributions with per-head statistics. Interrupted "
+        "and rerun with the same arguments, it resumes where it stopped.",
+    )
+    ex.add_argument("images", help="image folder: one sub-folder per class, or flat")
+    ex.add_argument("out", help="output folder of the store")
+    ex.add_argument("--model", default="ViT-B-16", help="open_clip model name or config .json")
+    ex.add_argument(
+        "--pretrained", default=None, help="open_clip pretrained tag or checkpoint path"
+    )
+    ex.add_argument("--batch-size", type=int, default=64)
+    ex.add_argument("--workers", type=int, default=2, help="DataLoader worker processes")
+    ex.add_argument("--device", default=None, help="cuda when available, else cpu")
+    ex.add_argument("--dtype", choices=["float16", "float32"], default="float16", help="storage")
+    ex.add_argument("--precision", default="fp32", help="model precision (open_clip's names)")
+    ex.add_argument("--checkpoint-every", type=int, default=4096, help="images between checkpoints")
+    ex.set_defaults(run=_extract)
     args = parser.parse_args(argv)
     return args.run(args)
 
