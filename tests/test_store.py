@@ -105,7 +105,7 @@ def reference(image_folder, tiny, tmp_path_factory):
 
 def test_load_from_a_checkpoint_path_gives_the_saved_weights(tiny):
     config, checkpoint = tiny
-    model, preprocess, tokenizer = textspan.load(config, pretrained=checkpoint, device="cpu")
+    model, _, tokenizer = textspan.load(config, pretrained=checkpoint, device="cpu")
     saved = torch.load(checkpoint)
     for name, p in model.state_dict().items():
         torch.testing.assert_close(p, saved[name])
@@ -208,7 +208,7 @@ def test_corrupt_or_truncated_stores_are_detected(reference, tmp_path):
     truncated = copy("truncated")
     with open(truncated / "heads.npy", "r+b") as f:
         f.truncate(os.path.getsize(truncated / "heads.npy") // 2)
-    with pytest.raises(StoreError, match="heads.npy is truncated or corrupt"):
+    with pytest.raises(StoreError, match=r"heads\.npy is truncated or corrupt"):
         open_store(truncated)
 
     flipped = copy("flipped")
@@ -221,7 +221,7 @@ def test_corrupt_or_truncated_stores_are_detected(reference, tmp_path):
 
     manifest = copy("manifest")
     (manifest / "manifest.json").write_text("{not json")
-    with pytest.raises(StoreError, match="manifest.json is corrupt"):
+    with pytest.raises(StoreError, match=r"manifest\.json is corrupt"):
         open_store(manifest)
 
     stats = copy("stats")
