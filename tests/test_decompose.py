@@ -132,3 +132,16 @@ def test_average_pooling_is_refused():
     cfg = {**TINY, "vision_cfg": {**TINY["vision_cfg"], "pool_type": "avg"}}
     with pytest.raises(UnsupportedModelError, match="pool_type 'avg'"):
         Decomposer(open_clip.CLIP(**cfg))
+
+
+def test_weights_changed_while_attached_are_picked_up():
+    model = make_model("tiny", 32)
+    x = images(32)
+    with Decomposer(model) as decomposer:
+        decomposer.decompose(x)  # read-out maps cached here
+        with torch.no_grad():
+            model.visual.proj.mul_(2.0)
+            model.visual.transformer.resblocks[1].attn.out_proj.weight.add_(0.5)
+        parts = decomposer.decompose(x)
+    total = parts.heads.sum((1, 2)) + parts.mlps.sum(1)
+    assert relative(total, parts.representation) < 1e-4

@@ -175,6 +175,7 @@ class Decomposer:
         self._batch_first = getattr(self.visual.transformer, "batch_first", True)
         self._capture: dict[str, Any] | None = None
         self._handles: list[Any] = []
+        self._cached: tuple[tuple[int, ...], Any] | None = None
         self._attach()
 
     # hooks ---------------------------------------------------------------------------------
@@ -236,8 +237,12 @@ class Decomposer:
                 return out if bias is None else out + bias[part * w : (part + 1) * w]
 
             q = project(x[:, 0], 0).view(b, h, dh)
-            k = project(x, 1).view(b, t, h, dh)
-            v = project(x, 2).view(b, t, h, dh)
+            # Keys and values of every token in one product.
+            kv = x @ weight[w:].T
+            if bias is not None:
+                kv = kv + bias[w:]
+            k = kv[..., :w].reshape(b, t, h, dh)
+            v = kv[..., w:].reshape(b, t, h, dh)
             a = torch.softmax(torch.einsum("bhe,bjhe->bhj", q, k) * dh**-0.5, dim=-1)
             if self._capture["spatial"]:
                 self._capture["attention"][i] = a
@@ -328,9 +333,18 @@ class Decomposer:
                 )
             return self._assemble(cap, representation.float())
 
+    def _readout_weights(self) -> tuple[torch.Tensor, torch.Tensor, list[_Readout]]:
+        """The read-out maps, recomputed only when a parameter of the tower changed."""
+        key = tuple(p._version for p in self.visual.parameters()) + tuple(
+            p.data_ptr() for p in self.visual.parameters()
+        )
+        if self._cached is None or self._cached[0] != key:
+            centred, offset = self._post()
+            self._cached = (key, (centred, offset, self._readouts(centred)))
+        return self._cached[1]
+
     def _assemble(self, cap: dict[str, Any], representation: torch.Tensor) -> Decomposition:
-        centred, offset = self._post()
-        readouts = self._readouts(centred)
+        centred, offset, readouts = self._readout_weights()
         z = cap["final"]
         eps = self.visual.ln_post.eps
         sigma = torch.sqrt(z.var(dim=-1, unbiased=False) + eps)  # [B]

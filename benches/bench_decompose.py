@@ -1,0 +1,121 @@
+"""Decomposition benchmark: each figure beside plain `encode_image`, in one process.
+
+Randomly initialised ViT-B-16 at 224 px, batch 16, on the CPU, float32. Prints times, ratios
+and peak memory; asserts nothing about time.
+
+    python benches/bench_decompose.py                 # 1,000 images for the store
+    python benches/bench_decompose.py --images 200    # a quicker extraction figure
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import open_clip
+import torch
+from PIL import Image
+
+from textspan import Decomposer, extract
+
+BATCH, SIZE, K = 16, 224, 10
+
+
+def peak_rss_mib(fn) -> tuple[float, object]:
+    """Peak resident memory above the starting point while `fn` runs (Linux)."""
+
+    def field(name: str) -> int:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith(name + ":"))
+
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    before = field("VmRSS")
+    out = fn()
+    return (field("VmHWM") - before) / 1024, out
+
+
+def best_of(fn, repeat: int = 3) -> float:
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=1000, help="images for the store figure")
+    parser.add_argument("--workers", type=int, default=2)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    model = open_clip.create_model("ViT-B-16").eval()
+    x = torch.randn(BATCH, 3, SIZE, SIZE)
+    directions = torch.randn(K, model.visual.output_dim)
+    print(f"ViT-B-16 (random weights), {SIZE} px, batch {BATCH}, {torch.get_num_threads()} threads")
+
+    with torch.no_grad(), Decomposer(model) as decomposer:
+        plain = lambda: model.encode_image(x)  # noqa: E731
+        heads = lambda: decomposer.decompose(x)  # noqa: E731
+        scores = lambda: decomposer.decompose(x, spatial=True).scores(directions)  # noqa: E731
+        for fn in (plain, heads, scores):
+            fn()  # warm-up
+        t_plain, t_heads, t_scores = (best_of(f) for f in (plain, heads, scores))
+        m_plain, _ = peak_rss_mib(plain)
+        m_scores, s = peak_rss_mib(scores)
+    print(f"  encode_image                     {t_plain:7.3f} s")
+    print(f"  decompose (heads, MLPs)          {t_heads:7.3f} s   {t_heads / t_plain:5.2f}x")
+    print(f"  decompose + scores, K = {K}       {t_scores:7.3f} s   {t_scores / t_plain:5.2f}x")
+    print(
+        f"  peak memory: encode_image {m_plain:,.0f} MiB, decompose + scores {m_scores:,.0f} MiB "
+        f"(scores {list(s.shape)})"
+    )
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp) / "images"
+        root.mkdir()
+        rng = np.random.default_rng(0)
+        for i in range(args.images):
+            Image.fromarray(rng.integers(0, 256, (256, 256, 3), dtype=np.uint8)).save(
+                root / f"{i:05d}.jpg"
+            )
+        checkpoint = Path(tmp) / "random-vit-b-16.pt"
+        torch.save(model.state_dict(), checkpoint)
+        _, _, preprocess = open_clip.create_model_and_transforms("ViT-B-16")
+        from textspan.store import _ImageDataset, list_images
+
+        files, _, _ = list_images(root)
+        loader = torch.utils.data.DataLoader(
+            _ImageDataset(root, files, preprocess, 0), batch_size=BATCH, num_workers=args.workers
+        )
+        start = time.perf_counter()
+        with torch.no_grad():
+            for batch in loader:
+                model.encode_image(batch)
+        plain_rate = len(files) / (time.perf_counter() - start)
+        start = time.perf_counter()
+        store = extract(
+            root,
+            Path(tmp) / "store",
+            model="ViT-B-16",
+            pretrained=str(checkpoint),
+            batch_size=BATCH,
+            workers=args.workers,
+            device="cpu",
+            dtype="float16",
+        )
+        store_rate = len(store) / (time.perf_counter() - start)
+    print(f"\n{args.images} images from a folder, batch {BATCH}, {args.workers} loader workers")
+    print(f"  encode_image          {plain_rate:7.2f} images/s")
+    print(
+        f"  extract to a store    {store_rate:7.2f} images/s"
+        f"   {plain_rate / store_rate:5.2f}x the time"
+    )
+
+
+if __name__ == "__main__":
+    main()
