@@ -91,6 +91,12 @@ class _Readout:
 
     heads: torch.Tensor  # [H, d_h, D]
     bias: torch.Tensor  # [H, D]
+    value_weight: torch.Tensor  # [H, d_h, W]: v^h = value_weight[h] @ x + value_bias[h]
+    value_bias: torch.Tensor  # [H, d_h]
+
+    def values(self, x: torch.Tensor) -> torch.Tensor:
+        """Every token's value [B, T, H, d_h] from the block's LayerNorm output x [B, T, W]."""
+        return torch.einsum("btw,hew->bthe", x, self.value_weight) + self.value_bias
 
 
 @dataclass
@@ -112,7 +118,7 @@ class Decomposition:
     mlps: torch.Tensor
     representation: torch.Tensor
     _attention: list[torch.Tensor] = field(default_factory=list, repr=False)  # [B, H, T] per layer
-    _values: list[torch.Tensor] = field(
+    _inputs: list[torch.Tensor] = field(
         default_factory=list, repr=False
     )  # [B, T, H, d_h] per layer
     _readouts: list[_Readout] = field(default_factory=list, repr=False)
@@ -131,10 +137,9 @@ class Decomposition:
         Materialised on each access (B·L·T·H·D floats); `scores` avoids that."""
         self._need_tokens()
         layers = []
-        for a, v, r in zip(self._attention, self._values, self._readouts, strict=True):
+        for a, x, r in zip(self._attention, self._inputs, self._readouts, strict=True):
             t = a.shape[-1]
-            x = torch.einsum("bhj,bjhe,hed->bjhd", a, v, r.heads) + r.bias / t
-            layers.append(x)
+            layers.append(torch.einsum("bhj,bjhe,hed->bjhd", a, r.values(x), r.heads) + r.bias / t)
         return torch.stack(layers, 1) / self._sigma[:, None, None, None, None]
 
     def scores(self, directions: Any) -> torch.Tensor:
@@ -149,9 +154,14 @@ class Decomposition:
                 f"directions: expected shape [K, {self.heads.shape[-1]}], got {list(d.shape)}"
             )
         layers = []
-        for a, v, r in zip(self._attention, self._values, self._readouts, strict=True):
+        for a, x, r in zip(self._attention, self._inputs, self._readouts, strict=True):
             t = a.shape[-1]
-            scored = torch.einsum("bhj,bjhe,hek->bjhk", a, v, r.heads @ d.T)
+            read = r.heads @ d.T  # [H, d_h, K]
+            # Fold the value projection into the read-out: tokens meet K columns per head.
+            through_values = torch.einsum("hew,hek->hwk", r.value_weight, read)
+            per_token = torch.einsum("btw,hwk->bthk", x, through_values)
+            per_token = per_token + torch.einsum("he,hek->hk", r.value_bias, read)
+            scored = per_token * a.transpose(1, 2)[..., None]
             layers.append(scored + (r.bias @ d.T) / t)
         return torch.stack(layers, 1) / self._sigma[:, None, None, None, None]
 
@@ -226,28 +236,27 @@ class Decomposer:
             if self._capture is None:
                 return
             x = self._tokens(output).float()  # [B, T, W], the attention's input
-            b, t, w = x.shape
+            w = x.shape[-1]
             h = attn.num_heads
             dh = w // h
-            weight = attn.in_proj_weight.float()
-            bias = attn.in_proj_bias.float() if attn.in_proj_bias is not None else None
-
-            def project(rows: torch.Tensor, part: int) -> torch.Tensor:
-                out = rows @ weight[part * w : (part + 1) * w].T
-                return out if bias is None else out + bias[part * w : (part + 1) * w]
-
-            q = project(x[:, 0], 0).view(b, h, dh)
-            # Keys and values of every token in one product.
-            kv = x @ weight[w:].T
-            if bias is not None:
-                kv = kv + bias[w:]
-            k = kv[..., :w].reshape(b, t, h, dh)
-            v = kv[..., w:].reshape(b, t, h, dh)
-            a = torch.softmax(torch.einsum("bhe,bjhe->bhj", q, k) * dh**-0.5, dim=-1)
+            weight = attn.in_proj_weight.float().view(3, h, dh, w)
+            bias = attn.in_proj_bias
+            if bias is None:
+                bias = torch.zeros(3, h, dh, device=x.device)
+            else:
+                bias = bias.float().view(3, h, dh)
+            # Only the class token's query row is needed, and neither keys nor values of every
+            # token: q·(W_K x_j + b_K) = (W_Kᵀ q)·x_j + q·b_K, and Σ_j a_j (W_V x_j + b_V) =
+            # W_V (Σ_j a_j x_j) + b_V since the row sums to one. O(B·H·T·W) per layer.
+            q = torch.einsum("bw,hew->bhe", x[:, 0], weight[0]) + bias[0]
+            keyed = torch.einsum("bhe,hew->bhw", q, weight[1])
+            logits = torch.einsum("bhw,btw->bht", keyed, x) + (q * bias[1]).sum(-1)[..., None]
+            a = torch.softmax(logits * dh**-0.5, dim=-1)  # [B, H, T]
+            pooled = torch.einsum("bht,btw->bhw", a, x)
+            self._capture["weighted"][i] = torch.einsum("bhw,hew->bhe", pooled, weight[2]) + bias[2]
             if self._capture["spatial"]:
                 self._capture["attention"][i] = a
-                self._capture["values"][i] = v
-            self._capture["weighted"][i] = torch.einsum("bhj,bjhe->bhe", a, v)
+                self._capture["inputs"][i] = x
 
         return hook
 
@@ -285,7 +294,20 @@ class Decomposer:
             bias_w = (
                 b.detach().float() / h if b is not None else torch.zeros(w, device=centred.device)
             )
-            readouts.append(_Readout(heads=heads, bias=(bias_w @ layer).expand(h, -1)))
+            in_w = attn.in_proj_weight.detach().float()[2 * w :].view(h, dh, w)
+            in_b = attn.in_proj_bias
+            if in_b is None:
+                value_bias = torch.zeros(h, dh, device=centred.device)
+            else:
+                value_bias = in_b.detach().float()[2 * w :].view(h, dh)
+            readouts.append(
+                _Readout(
+                    heads=heads,
+                    bias=(bias_w @ layer).expand(h, -1),
+                    value_weight=in_w,
+                    value_bias=value_bias,
+                )
+            )
         return readouts
 
     # decomposition -------------------------------------------------------------------------
@@ -300,7 +322,7 @@ class Decomposer:
             "mlp": [None] * n,
             "weighted": [None] * n,
             "attention": [None] * n,
-            "values": [None] * n,
+            "inputs": [None] * n,
         }
         try:
             yield self._capture
@@ -363,7 +385,7 @@ class Decomposer:
             mlps=mlps * inv[:, None, None],
             representation=representation,
             _attention=[a for a in cap["attention"] if a is not None],
-            _values=[v for v in cap["values"] if v is not None],
+            _inputs=[x for x in cap["inputs"] if x is not None],
             _readouts=readouts if cap["spatial"] else [],
             _sigma=sigma,
         )
