@@ -59,6 +59,7 @@ test-fast: setup
 bench: setup
 	LD_LIBRARY_PATH=$(PYLIBDIR) cargo bench --bench textspan
 	$(PY) benches/bench_textspan.py
+	$(PY) benches/bench_decompose.py
 
 wheel: setup
 	$(VENV)/bin/maturin build --release --out dist

@@ -78,9 +78,9 @@ def test_bfloat16_autocast_within_a_looser_tolerance():
     with Decomposer(model) as decomposer, torch.autocast("cpu", dtype=torch.bfloat16):
         parts = decomposer.decompose(x)
     total = parts.heads.sum((1, 2)) + parts.mlps.sum(1)
-    # bfloat16 keeps 8 bits of mantissa: the model's own forward differs from float32 by
-    # about 1%, and the parts (float32 from bfloat16 activations) follow it to a few percent.
-    assert relative(total, parts.representation) < 5e-2
+    # bfloat16 keeps 8 bits of mantissa: the parts (float32, from bfloat16 activations) sum to
+    # the bfloat16 representation within about 1% (0.4% to 0.8% measured on these configs).
+    assert relative(total, parts.representation) < 2e-2
 
 
 def test_hooks_are_removed_on_exit_and_close():

@@ -7,7 +7,8 @@ A store is a folder:
     mlps.npy         [N, L+1, D]   embedding term and every MLP
     representation.npy [N, D]
     labels.npy       [N]           class index (ImageFolder layout) or -1
-    stats-<n>.npz    per-head HeadStats of the first n images, accumulated in float64
+    stats-<n>.npz    per-head float64 sums over the first n images, about a fixed shift s:
+                     count, s, Σ(x − s), Σ(x − s)(x − s)ᵀ (`Store.stats` is their HeadStats)
     progress.json    how many images are done, with a checksum of each finished range
 
 The arrays are preallocated and written in place, in image order. Progress only moves
@@ -31,7 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .span import HeadStats, merge_moments
+from .span import HeadStats
 
 __all__ = ["Store", "StoreError", "extract", "list_images", "open_store"]
 
@@ -91,27 +92,46 @@ class _ImageDataset(torch.utils.data.Dataset):
 
 
 class _DeviceStats:
-    """Per-head count, mean and covariance in float64 on the model's device."""
+    """Per-head sums about a fixed shift s, in float64 on the model's device: the count,
+    Σ(x − s) and Σ(x − s)(x − s)ᵀ. One in-place batched product per batch. The shift is the
+    first batch's mean, close to the final mean, so the covariance recovered at the end does
+    not cancel catastrophically."""
 
-    def __init__(self, stats: HeadStats, device: torch.device) -> None:
-        self.count = stats.count
-        self.mean = torch.as_tensor(stats.mean, dtype=torch.float64, device=device)
-        self.cov = torch.as_tensor(stats.covariance, dtype=torch.float64, device=device)
+    def __init__(self, shape: tuple[int, int], dim: int, device: torch.device) -> None:
+        self.shape, self.dim, self.device = shape, dim, device
+        self.count = 0
+        self.shift = torch.zeros(*shape, dim, dtype=torch.float64, device=device)
+        self.sum1 = torch.zeros_like(self.shift)
+        self.sum2 = torch.zeros(*shape, dim, dim, dtype=torch.float64, device=device)
 
     def update(self, heads: torch.Tensor) -> None:
         x = heads.to(torch.float64)
         n = x.shape[0]
-        mean = x.mean(0)
-        xc = x - mean
-        cov = torch.einsum("blhd,blhe->lhde", xc, xc) / n
         if self.count == 0:
-            self.mean, self.cov = mean, cov
-        else:
-            self.mean, self.cov = merge_moments(self.count, self.mean, self.cov, n, mean, cov)
+            self.shift = x.mean(0)
+        centred = (x - self.shift).reshape(n, -1, self.dim).transpose(0, 1)  # [LH, n, D]
+        self.sum1 += centred.sum(1).view_as(self.sum1)
+        self.sum2.view(-1, self.dim, self.dim).baddbmm_(centred.transpose(1, 2), centred)
         self.count += n
 
-    def to_stats(self) -> HeadStats:
-        return HeadStats(self.count, self.mean.cpu().numpy(), self.cov.cpu().numpy())
+    def state(self) -> dict[str, np.ndarray]:
+        return {
+            "count": np.array(self.count),
+            **{k: getattr(self, k).cpu().numpy() for k in ("shift", "sum1", "sum2")},
+        }
+
+    def load(self, state: dict[str, np.ndarray]) -> None:
+        self.count = int(state["count"])
+        for k in ("shift", "sum1", "sum2"):
+            setattr(self, k, torch.as_tensor(state[k], dtype=torch.float64, device=self.device))
+
+
+def _stats_from_sums(state: dict[str, np.ndarray]) -> HeadStats:
+    """HeadStats from the count, shift and shifted sums that `_DeviceStats` keeps."""
+    n = int(state["count"])
+    offset = state["sum1"] / n
+    covariance = state["sum2"] / n - offset[..., :, None] * offset[..., None, :]
+    return HeadStats(n, state["shift"] + offset, covariance)
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
@@ -123,9 +143,9 @@ def _write_atomic(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def _save_stats(path: Path, stats: HeadStats) -> None:
+def _save_sums(path: Path, state: dict[str, np.ndarray]) -> None:
     tmp = path.with_name(path.name + ".tmp.npz")
-    stats.save(tmp)
+    np.savez(tmp, **state)
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -200,23 +220,26 @@ def _open_arrays(path: Path, manifest: dict[str, Any], mode: str) -> dict[str, n
     return arrays
 
 
-def _load_progress(path: Path, manifest: dict[str, Any]) -> tuple[dict[str, Any], HeadStats]:
+def _load_progress(
+    path: Path, manifest: dict[str, Any]
+) -> tuple[dict[str, Any], dict[str, np.ndarray] | None]:
     progress = _read_json(path / "progress.json", f"store {path}: progress.json")
     done = progress.get("done")
     if not isinstance(done, int) or not 0 <= done <= manifest["count"]:
         raise StoreError(f"store {path}: progress.json is corrupt (done = {done!r})")
-    shape = (manifest["layers"], manifest["heads"])
     if done == 0:
-        return progress, HeadStats.zeros(manifest["dim"], shape)
+        return progress, None
+    shape = (manifest["layers"], manifest["heads"], manifest["dim"])
     try:
-        stats = HeadStats.load(path / f"stats-{done}.npz")
+        with np.load(path / f"stats-{done}.npz") as f:
+            sums = {k: f[k] for k in ("count", "shift", "sum1", "sum2")}
     except FileNotFoundError:
         raise StoreError(f"store {path}: stats-{done}.npz is missing") from None
-    except (ValueError, OSError, KeyError) as e:
+    except (ValueError, OSError, KeyError, EOFError) as e:
         raise StoreError(f"store {path}: stats-{done}.npz is corrupt ({e})") from None
-    if stats.count != done or stats.shape != shape or stats.dim != manifest["dim"]:
+    if int(sums["count"]) != done or sums["sum1"].shape != shape:
         raise StoreError(f"store {path}: stats-{done}.npz does not match the progress record")
-    return progress, stats
+    return progress, sums
 
 
 def open_store(path: str | os.PathLike, verify: bool = False) -> Store:
@@ -231,8 +254,8 @@ def open_store(path: str | os.PathLike, verify: bool = False) -> Store:
         raise StoreError(
             f"store {path}: version {manifest.get('version')!r}, expected {STORE_VERSION}"
         )
-    progress, stats = _load_progress(path, manifest)
-    if progress["done"] < manifest["count"]:
+    progress, sums = _load_progress(path, manifest)
+    if sums is None or progress["done"] < manifest["count"]:
         raise StoreError(
             f"store {path} is incomplete: {progress['done']} of {manifest['count']} images "
             "extracted. Rerun the same extract command to finish it."
@@ -242,7 +265,7 @@ def open_store(path: str | os.PathLike, verify: bool = False) -> Store:
         for start, end, digest in progress["ranges"]:
             if _checksum(arrays, start, end) != digest:
                 raise StoreError(f"store {path}: rows {start}..{end} do not match their checksum")
-    return Store(path, manifest, stats=stats, **arrays)
+    return Store(path, manifest, stats=_stats_from_sums(sums), **arrays)
 
 
 def _manifest(
@@ -351,7 +374,7 @@ def extract(
         old = _read_json(out / "manifest.json", f"store {out}: manifest.json")
         _same_arguments(old, manifest, out)
         arrays = _open_arrays(out, manifest, "r+")
-        state, stats = _load_progress(out, manifest)
+        state, sums = _load_progress(out, manifest)
     else:
         arrays = {
             name: np.lib.format.open_memmap(out / f"{name}.npy", mode="w+", dtype=dt, shape=shape)
@@ -359,13 +382,15 @@ def extract(
         }
         arrays["labels"][:] = labels
         state = {"done": 0, "ranges": []}
-        stats = HeadStats.zeros(dim, (layers, heads))
+        sums = None
         _write_atomic(out / "progress.json", json.dumps(state).encode())
         _write_atomic(out / "manifest.json", json.dumps(manifest, indent=1).encode())
     done = state["done"]
     print(f"textspan extract: {len(files)} images into {out} ({done} done before)", flush=True)
     device_ = next(net.parameters()).device
-    acc = _DeviceStats(stats, device_)
+    acc = _DeviceStats((layers, heads), dim, device_)
+    if sums is not None:
+        acc.load(sums)
     every = max(1, -(-checkpoint_every // batch_size)) * batch_size
     fault = int(os.environ[FAULT_ENV]) if FAULT_ENV in os.environ else None
 
@@ -375,7 +400,7 @@ def extract(
             return
         for a in arrays.values():
             a.flush()
-        _save_stats(out / f"stats-{upto}.npz", acc.to_stats())
+        _save_sums(out / f"stats-{upto}.npz", acc.state())
         state["ranges"].append([done, upto, _checksum(arrays, done, upto)])
         state["done"] = upto
         _write_atomic(out / "progress.json", json.dumps(state).encode())

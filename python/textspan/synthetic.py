@@ -17,6 +17,15 @@ import numpy as np
 from .span import HeadStats
 
 
+def _spectrum(
+    rng: np.random.Generator, d: int, signal_rank: int, decay: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """An orthonormal basis [d, k] of the signal directions and their scales [k]."""
+    k = min(signal_rank, d)
+    basis, _ = np.linalg.qr(rng.standard_normal((d, k)))
+    return basis, np.exp(-decay * np.arange(k)) * (1 + 0.02 * rng.standard_normal(k))
+
+
 def low_rank_outputs(
     rng: np.random.Generator,
     n: int,
@@ -28,10 +37,8 @@ def low_rank_outputs(
 ) -> np.ndarray:
     """N outputs [n, d]: `signal_rank` directions with a spectrum decaying as exp(-decay·i),
     a mean offset, and isotropic noise of scale `noise` (0 for exactly low-rank outputs)."""
-    k = min(signal_rank, d)
-    basis, _ = np.linalg.qr(rng.standard_normal((d, k)))
-    scales = np.exp(-decay * np.arange(k)) * (1 + 0.02 * rng.standard_normal(k))
-    x = (rng.standard_normal((n, k)) * scales) @ basis.T + 0.5 * rng.standard_normal(d)
+    basis, scales = _spectrum(rng, d, signal_rank, decay)
+    x = (rng.standard_normal((n, len(scales))) * scales) @ basis.T + 0.5 * rng.standard_normal(d)
     if noise:
         x += noise * rng.standard_normal((n, d))
     return x.astype(dtype)
@@ -47,9 +54,7 @@ def low_rank_stats(
 ) -> HeadStats:
     """The exact statistics of the distribution `low_rank_outputs` samples from, as if
     `count` outputs had been seen: for benchmarks over many heads without the outputs."""
-    k = min(signal_rank, d)
-    basis, _ = np.linalg.qr(rng.standard_normal((d, k)))
-    scales = np.exp(-decay * np.arange(k)) * (1 + 0.02 * rng.standard_normal(k))
+    basis, scales = _spectrum(rng, d, signal_rank, decay)
     covariance = (basis * scales**2) @ basis.T + noise**2 * np.eye(d)
     return HeadStats(count, 0.5 * rng.standard_normal(d), covariance)
 
