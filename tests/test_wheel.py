@@ -1,4 +1,7 @@
-"""The release wheel installs into a fresh virtual environment and works there."""
+"""The release wheel installs into a fresh virtual environment and works there.
+
+The base install has NumPy and tqdm only: TextSpan works, and the PyTorch side says how to
+get it."""
 
 from __future__ import annotations
 
@@ -31,10 +34,15 @@ def test_wheel_installs_into_a_fresh_environment(tmp_path):
         "rng = np.random.default_rng(0)\n"
         "r = textspan.text_span(rng.standard_normal((50, 8)), rng.standard_normal((6, 8)), 3, 8)\n"
         "print(textspan.__file__, len(r))\n"
+        "try:\n"
+        "    textspan.Decomposer\n"
+        "except ImportError as e:\n"
+        "    print('textspan[torch]' in str(e))\n"
     )
     out = subprocess.run(
         [str(python), "-c", script], cwd=tmp_path, check=True, capture_output=True, text=True
     ).stdout
-    location, count = out.split()
+    location, count, names_the_extra = out.split()
     assert str(env_dir) in location, "imported the development copy, not the wheel"
     assert count == "3"
+    assert names_the_extra == "True", "the PyTorch side should say how to install it"

@@ -9,11 +9,18 @@ Representation via Text-Based Decomposition" (ICLR 2024).
     >>> result = textspan.text_span(outputs, pool, n_texts=5, rank=32)
     >>> len(result.indices)
     5
+
+TextSpan needs only NumPy. The model side (`Decomposer`, `load`, `encode_texts`,
+`zero_shot_classifier`, `extract`, `open_store`) needs PyTorch and open_clip
+(`pip install 'textspan[torch]'`) and is imported on first use.
 """
 
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from ._core import get_num_threads, set_num_threads
-from .decompose import Decomposer, Decomposition, UnsupportedModelError
-from .models import encode_texts, load, zero_shot_classifier
 from .span import (
     HeadStats,
     SpanResult,
@@ -22,9 +29,47 @@ from .span import (
     text_span_from_stats,
     text_span_heads,
 )
-from .store import Store, StoreError, extract, open_store
+
+if TYPE_CHECKING:
+    from .decompose import Decomposer, Decomposition, UnsupportedModelError
+    from .models import encode_texts, load, zero_shot_classifier
+    from .store import Store, StoreError, extract, open_store
 
 __version__ = "0.1.0"
+
+# Names whose modules import PyTorch: loaded on first access.
+_TORCH_SIDE = {
+    "Decomposer": "decompose",
+    "Decomposition": "decompose",
+    "UnsupportedModelError": "decompose",
+    "encode_texts": "models",
+    "load": "models",
+    "zero_shot_classifier": "models",
+    "Store": "store",
+    "StoreError": "store",
+    "extract": "store",
+    "open_store": "store",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _TORCH_SIDE:
+        raise AttributeError(f"module 'textspan' has no attribute {name!r}")
+    try:
+        module = importlib.import_module(f".{_TORCH_SIDE[name]}", __name__)
+    except ModuleNotFoundError as e:
+        if e.name in ("torch", "torchvision", "open_clip", "PIL"):
+            raise ImportError(
+                f"textspan.{name} needs PyTorch and open_clip ({e.name} is missing): "
+                "pip install 'textspan[torch]'"
+            ) from e
+        raise
+    return getattr(module, name)
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
+
 
 __all__ = [
     "Decomposer",
