@@ -33,20 +33,6 @@ __all__ = [
 TextPool = _core.TextPool
 
 
-def merge_moments(na: int, mean_a: Any, cov_a: Any, nb: int, mean_b: Any, cov_b: Any):
-    """Mean and population covariance of two sets of na and nb outputs together (Chan, Golub
-    and LeVeque's pairwise update). Works on NumPy arrays and on PyTorch tensors alike."""
-    n = float(na + nb)
-    delta = mean_b - mean_a
-    mean = mean_a + delta * (nb / n)
-    cov = (
-        cov_a * (na / n)
-        + cov_b * (nb / n)
-        + delta[..., :, None] * delta[..., None, :] * (float(na) * nb / n / n)
-    )
-    return mean, cov
-
-
 class HeadStats:
     """Exact streaming statistics of attention-head outputs, in float64.
 
@@ -120,8 +106,15 @@ class HeadStats:
             return HeadStats(self.count, self.mean, self.covariance)
         if self.count == 0:
             return HeadStats(other.count, other.mean, other.covariance)
-        mean, covariance = merge_moments(
-            self.count, self.mean, self.covariance, other.count, other.mean, other.covariance
+        # Chan, Golub and LeVeque's pairwise update of mean and covariance.
+        na, nb = float(self.count), float(other.count)
+        n = na + nb
+        delta = other.mean - self.mean
+        mean = self.mean + delta * (nb / n)
+        covariance = (
+            self.covariance * (na / n)
+            + other.covariance * (nb / n)
+            + delta[..., :, None] * delta[..., None, :] * (na * nb / n / n)
         )
         return HeadStats(self.count + other.count, mean, covariance)
 
