@@ -98,6 +98,11 @@ class _Readout:
         """Every token's value [B, T, H, d_h] from the block's LayerNorm output x [B, T, W]."""
         return torch.einsum("btw,hew->bthe", x, self.value_weight) + self.value_bias
 
+    def pooled_values(self, pooled: torch.Tensor) -> torch.Tensor:
+        """Each head's attention-weighted value [B, H, d_h] from its attention-weighted input
+        [B, H, W] (the weights sum to one, so the bias enters once)."""
+        return torch.einsum("bhw,hew->bhe", pooled, self.value_weight) + self.value_bias
+
 
 @dataclass
 class Decomposition:
@@ -118,9 +123,8 @@ class Decomposition:
     mlps: torch.Tensor
     representation: torch.Tensor
     _attention: list[torch.Tensor] = field(default_factory=list, repr=False)  # [B, H, T] per layer
-    _inputs: list[torch.Tensor] = field(
-        default_factory=list, repr=False
-    )  # [B, T, H, d_h] per layer
+    # Each layer's attention input (ln_1 output) [B, T, W].
+    _inputs: list[torch.Tensor] = field(default_factory=list, repr=False)
     _readouts: list[_Readout] = field(default_factory=list, repr=False)
     _sigma: torch.Tensor | None = field(default=None, repr=False)  # [B]
 
@@ -247,13 +251,13 @@ class Decomposer:
                 bias = bias.float().view(3, h, dh)
             # Only the class token's query row is needed, and neither keys nor values of every
             # token: q·(W_K x_j + b_K) = (W_Kᵀ q)·x_j + q·b_K, and Σ_j a_j (W_V x_j + b_V) =
-            # W_V (Σ_j a_j x_j) + b_V since the row sums to one. O(B·H·T·W) per layer.
+            # W_V (Σ_j a_j x_j) + b_V since the row sums to one; the value projection of the
+            # pooled input is the read-out's (`_assemble`). O(B·H·T·W) per layer.
             q = torch.einsum("bw,hew->bhe", x[:, 0], weight[0]) + bias[0]
             keyed = torch.einsum("bhe,hew->bhw", q, weight[1])
             logits = torch.einsum("bhw,btw->bht", keyed, x) + (q * bias[1]).sum(-1)[..., None]
             a = torch.softmax(logits * dh**-0.5, dim=-1)  # [B, H, T]
-            pooled = torch.einsum("bht,btw->bhw", a, x)
-            self._capture["weighted"][i] = torch.einsum("bhw,hew->bhe", pooled, weight[2]) + bias[2]
+            self._capture["pooled"][i] = torch.einsum("bht,btw->bhw", a, x)
             if self._capture["spatial"]:
                 self._capture["attention"][i] = a
                 self._capture["inputs"][i] = x
@@ -320,7 +324,7 @@ class Decomposer:
         self._capture = {
             "spatial": spatial,
             "mlp": [None] * n,
-            "weighted": [None] * n,
+            "pooled": [None] * n,
             "attention": [None] * n,
             "inputs": [None] * n,
         }
@@ -344,7 +348,7 @@ class Decomposer:
             missing = [
                 name
                 for name, got in [("ln_pre", "embedding" in cap), ("ln_post", "final" in cap)]
-                + [(f"resblocks[{i}].ln_1", x is not None) for i, x in enumerate(cap["weighted"])]
+                + [(f"resblocks[{i}].ln_1", x is not None) for i, x in enumerate(cap["pooled"])]
                 + [(f"resblocks[{i}].ls_2", x is not None) for i, x in enumerate(cap["mlp"])]
                 if not got
             ]
@@ -372,8 +376,8 @@ class Decomposer:
         sigma = torch.sqrt(z.var(dim=-1, unbiased=False) + eps)  # [B]
         heads = torch.stack(
             [
-                torch.einsum("bhe,hed->bhd", u, r.heads) + r.bias
-                for u, r in zip(cap["weighted"], readouts, strict=True)
+                torch.einsum("bhe,hed->bhd", r.pooled_values(pooled), r.heads) + r.bias
+                for pooled, r in zip(cap["pooled"], readouts, strict=True)
             ],
             1,
         )

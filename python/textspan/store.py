@@ -340,7 +340,7 @@ def extract(
     from tqdm.auto import tqdm
 
     from .decompose import Decomposer
-    from .models import load, resolve_model_name
+    from .models import load
 
     if dtype not in ("float16", "float32"):
         raise ValueError(f"dtype: expected 'float16' or 'float32', got {dtype!r}")
@@ -351,8 +351,7 @@ def extract(
         )
     root, out = Path(images), Path(out)
     files, labels, classes = list_images(root)
-    model_name = resolve_model_name(model)
-    net, preprocess, _ = load(model_name, pretrained=pretrained, device=device, precision=precision)
+    net, preprocess, _ = load(model, pretrained=pretrained, device=device, precision=precision)
     visual = net.visual
     layers = len(visual.transformer.resblocks)
     heads = visual.transformer.resblocks[0].attn.num_heads
