@@ -12,6 +12,7 @@ use crate::error::Error;
 use crate::moments;
 use crate::parallel;
 use crate::textspan::{self, HeadMoments, Span, SpanParams, TextPool};
+use crate::{metrics, patchmap};
 
 impl From<Error> for PyErr {
     fn from(e: Error) -> PyErr {
@@ -168,6 +169,48 @@ fn batch_moments<'py>(py: Python<'py>, x: &Bound<'py, PyAny>) -> PyResult<Moment
     }
 }
 
+/// Each image's heatmap [N, P] from its patch scores [N, P, C] against C class texts: its
+/// class's score minus the mean over classes.
+#[pyfunction]
+fn class_heatmaps<'py>(
+    py: Python<'py>,
+    scores: PyReadonlyArray3<'py, f32>,
+    classes: PyReadonlyArray1<'py, i64>,
+) -> PyResult<Bound<'py, PyArray2<f64>>> {
+    let scores = scores.as_array().to_owned();
+    let classes = classes.as_array().to_vec();
+    let maps = py.detach(|| patchmap::class_heatmaps(scores.view(), &classes))?;
+    Ok(maps.into_pyarray(py))
+}
+
+/// Patch-resolution maps [N, h, w] upsampled bilinearly to [N, height, width], negatives
+/// clipped, each min–max normalised to [0, 1].
+#[pyfunction]
+fn normalised_heatmaps<'py>(
+    py: Python<'py>,
+    maps: PyReadonlyArray3<'py, f64>,
+    height: usize,
+    width: usize,
+) -> PyResult<Bound<'py, PyArray3<f64>>> {
+    let maps = maps.as_array().to_owned();
+    let out = py.detach(|| patchmap::normalised_heatmaps(maps.view(), height, width))?;
+    Ok(out.into_pyarray(py))
+}
+
+/// (pixel_accuracy, miou, map) of patch-resolution maps [N, h, w] against binary masks
+/// [N, H, W], by the ImageNet-segmentation protocol.
+#[pyfunction]
+fn segmentation_scores(
+    py: Python<'_>,
+    maps: PyReadonlyArray3<'_, f64>,
+    masks: PyReadonlyArray3<'_, u8>,
+) -> PyResult<(f64, f64, f64)> {
+    let maps = maps.as_array().to_owned();
+    let masks = masks.as_array().to_owned();
+    let s = py.detach(|| metrics::segmentation_scores(maps.view(), masks.view()))?;
+    Ok((s.pixel_accuracy, s.miou, s.map))
+}
+
 /// Sets the number of threads of the Rust core's pool (0: one per core). The environment
 /// variable TEXTSPAN_NUM_THREADS sets the default.
 #[pyfunction]
@@ -185,6 +228,9 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyTextPool>()?;
     m.add_function(wrap_pyfunction!(text_span_heads, m)?)?;
     m.add_function(wrap_pyfunction!(batch_moments, m)?)?;
+    m.add_function(wrap_pyfunction!(class_heatmaps, m)?)?;
+    m.add_function(wrap_pyfunction!(normalised_heatmaps, m)?)?;
+    m.add_function(wrap_pyfunction!(segmentation_scores, m)?)?;
     m.add_function(wrap_pyfunction!(set_num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(get_num_threads, m)?)?;
     m.add("RANK_TOLERANCE", textspan::RANK_TOLERANCE)?;

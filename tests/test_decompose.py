@@ -145,3 +145,17 @@ def test_weights_changed_while_attached_are_picked_up():
         parts = decomposer.decompose(x)
     total = parts.heads.sum((1, 2)) + parts.mlps.sum(1)
     assert relative(total, parts.representation) < 1e-4
+
+
+@pytest.mark.parametrize(("name", "size"), [("ViT-B-32", 64), ("tiny", 32)])
+def test_class_token_and_token_scores_agree_with_the_spatial_terms(name, size):
+    model = make_model(name, size)
+    with Decomposer(model) as decomposer:
+        parts = decomposer.decompose(images(size), spatial=True)
+    spatial = parts.spatial
+    assert relative(parts.class_token, spatial[:, :, 0].sum(2)) < 1e-5
+    directions = torch.randn(5, spatial.shape[-1], generator=torch.Generator().manual_seed(2))
+    expected = parts.scores(directions).sum((1, 3))
+    assert relative(parts.token_scores(directions), expected) < 1e-5
+    with pytest.raises(ValueError, match=r"directions: expected shape \[K, "):
+        parts.token_scores(directions[:, :3])

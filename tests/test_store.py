@@ -92,7 +92,7 @@ def cli(images, out, tiny, env=None):
 
 
 def assert_same_store(a, b):
-    for name in ("heads", "mlps", "representation", "labels"):
+    for name in ("heads", "mlps", "class_token", "representation", "labels"):
         np.testing.assert_array_equal(getattr(a, name), getattr(b, name), err_msg=name)
     assert a.stats.count == b.stats.count
     np.testing.assert_array_equal(a.stats.covariance, b.stats.covariance)

@@ -10,7 +10,8 @@ Representation via Text-Based Decomposition" (ICLR 2024).
     >>> len(result.indices)
     5
 
-TextSpan needs only NumPy. The model side (`Decomposer`, `load`, `encode_texts`,
+TextSpan, the analyses on stores (`ablation`, `replacement`, `repair`, `retrieve`) and the
+segmentation metrics need only NumPy. The model side (`Decomposer`, `load`, `encode_texts`,
 `zero_shot_classifier`, `extract`, `open_store`) needs PyTorch and open_clip
 (`pip install 'textspan[torch]'`) and is imported on first use.
 """
@@ -20,7 +21,24 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from . import experiments
 from ._core import get_num_threads, set_num_threads
+from .analysis import (
+    Contributions,
+    ablation,
+    rank_heads,
+    repair,
+    replacement,
+    retrieve,
+    term_means,
+)
+from .heatmaps import (
+    class_heatmaps,
+    normalised_heatmaps,
+    segment,
+    segmentation_scores,
+)
+from .pools import common_words, default_pool, load_texts
 from .span import (
     HeadStats,
     SpanResult,
@@ -72,6 +90,7 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
+    "Contributions",
     "Decomposer",
     "Decomposition",
     "HeadStats",
@@ -81,12 +100,26 @@ __all__ = [
     "TextPool",
     "UnsupportedModelError",
     "__version__",
+    "ablation",
+    "class_heatmaps",
+    "common_words",
+    "default_pool",
     "encode_texts",
+    "experiments",
     "extract",
     "get_num_threads",
     "load",
+    "load_texts",
+    "normalised_heatmaps",
     "open_store",
+    "rank_heads",
+    "repair",
+    "replacement",
+    "retrieve",
+    "segment",
+    "segmentation_scores",
     "set_num_threads",
+    "term_means",
     "text_span",
     "text_span_from_stats",
     "text_span_heads",

@@ -54,6 +54,154 @@ def _extract(args: argparse.Namespace) -> int:
     return 0
 
 
+def _open(path: str):
+    from .store import open_store
+
+    return open_store(path)
+
+
+def _out(args: argparse.Namespace, default: str) -> str:
+    return args.out or f"{args.store.rstrip('/')}-{default}"
+
+
+def _ablate(args: argparse.Namespace) -> int:
+    from .experiments import ablation_study
+
+    store = _open(args.store)
+    means = _open(args.means) if args.means else None
+    ablation_study(
+        store,
+        _out(args, "ablation"),
+        means=means,
+        classes_file=args.classes,
+        templates=args.templates,
+        device=args.device,
+    )
+    return 0
+
+
+def _span(args: argparse.Namespace) -> int:
+    from .experiments import span_study
+
+    span_study(
+        _open(args.store),
+        _out(args, "span"),
+        layers=args.layers,
+        n_texts=args.texts,
+        rank=args.rank,
+        pool=args.pool,
+        words=args.words,
+        max_texts=args.max_texts,
+        replace=not args.no_replacement,
+        classes_file=args.classes,
+        templates=args.templates,
+        device=args.device,
+        seed=args.seed,
+    )
+    return 0
+
+
+def _repair(args: argparse.Namespace) -> int:
+    from .experiments import load_attribute, repair_study
+    from .pools import load_texts
+
+    store = _open(args.store)
+    keywords = args.keywords.split(",") if args.keywords else None
+    examples = load_texts(args.examples) if args.examples else None
+    repair_study(
+        store,
+        _out(args, "repair"),
+        load_attribute(args.attribute, len(store)),
+        keywords=keywords,
+        examples=examples,
+        layers=args.layers,
+        top=args.top,
+        min_score=args.min_score,
+        n_texts=args.texts,
+        rank=args.rank,
+        pool=args.pool,
+        draws=args.draws,
+        classes_file=args.classes,
+        templates=args.templates,
+        device=args.device,
+        seed=args.seed,
+    )
+    return 0
+
+
+def _retrieve(args: argparse.Namespace) -> int:
+    from .experiments import parse_head, retrieval
+
+    retrieval(
+        _open(args.store),
+        _out(args, "retrieval"),
+        [parse_head(h) for h in args.head],
+        image=args.image,
+        text=args.text,
+        k=args.k,
+        project=args.project,
+        rank=args.rank,
+        pool=args.pool,
+        device=args.device,
+    )
+    return 0
+
+
+def _segment(args: argparse.Namespace) -> int:
+    from .experiments import segmentation
+
+    segmentation(
+        args.images,
+        args.out or "segmentation",
+        model=args.model,
+        pretrained=args.pretrained,
+        classes_file=args.classes,
+        templates=args.templates,
+        masks=args.masks,
+        given_class=args.given_class,
+        method=args.method,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        overlays=args.overlays,
+        device=args.device,
+        precision=args.precision,
+    )
+    return 0
+
+
+def _model_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="ViT-B-16", help="open_clip model name or config .json")
+    p.add_argument("--pretrained", default=None, help="open_clip pretrained tag or checkpoint path")
+    p.add_argument("--precision", default="fp32", help="model precision (open_clip's names)")
+
+
+def _common(p: argparse.ArgumentParser, store: bool = True) -> None:
+    if store:
+        p.add_argument("store", help="a store made by `textspan extract`")
+    p.add_argument("--out", default=None, help="output folder (default: next to the store)")
+    p.add_argument("--device", default=None, help="cuda when available, else cpu")
+    p.add_argument(
+        "--classes",
+        default=None,
+        help="class names, one per line ('imagenet': ImageNet's); default: the class folder names",
+    )
+    p.add_argument(
+        "--templates",
+        default="openai",
+        help="'openai' (80 ImageNet templates), 'simple', or a file of templates with {}",
+    )
+
+
+def _span_options(p: argparse.ArgumentParser, texts: int) -> None:
+    p.add_argument("--layers", type=int, default=4, help="the last K layers' heads")
+    p.add_argument("--texts", type=int, default=texts, help="texts per head")
+    p.add_argument("--rank", type=int, default=80, help="rank of the span of each head")
+    p.add_argument(
+        "--pool", default=None, help="text pool, one per line (default: the built-in descriptions)"
+    )
+    p.add_argument("--seed", type=int, default=0)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="textspan",
@@ -91,6 +239,89 @@ def main(argv: list[str] | None = None) -> int:
     ex.add_argument("--precision", default="fp32", help="model precision (open_clip's names)")
     ex.add_argument("--checkpoint-every", type=int, default=4096, help="images between checkpoints")
     ex.set_defaults(run=_extract)
+
+    ab = commands.add_parser(
+        "ablate", help="mean-ablation study: accuracy without MLPs, class token, early layers"
+    )
+    _common(ab)
+    ab.add_argument(
+        "--means",
+        default=None,
+        help="a store to take the means from (default: the same store, as in the paper)",
+    )
+    ab.set_defaults(run=_ablate)
+
+    sp = commands.add_parser(
+        "span", help="TextSpan for the last layers' heads, and the replacement study"
+    )
+    _common(sp)
+    _span_options(sp, texts=10)
+    sp.add_argument(
+        "--words",
+        default=None,
+        help="word pool of the baseline (default: the built-in pool's vocabulary)",
+    )
+    sp.add_argument("--max-texts", type=int, default=60, help="replacement: up to n texts per head")
+    sp.add_argument("--no-replacement", action="store_true", help="TextSpan only")
+    sp.set_defaults(run=_span)
+
+    rp = commands.add_parser("repair", help="remove a spurious feature by ablating heads")
+    _common(rp)
+    _span_options(rp, texts=10)
+    rp.add_argument(
+        "--attribute",
+        required=True,
+        help="spurious attribute per image: .npy of ints or one int per line",
+    )
+    what = rp.add_mutually_exclusive_group(required=True)
+    what.add_argument("--keywords", help="comma-separated words naming the property")
+    what.add_argument("--examples", help="file of example texts about the property")
+    rp.add_argument("--top", type=int, default=None, help="ablate the N best-scoring heads")
+    rp.add_argument(
+        "--min-score",
+        type=float,
+        default=0.5,
+        help="else ablate heads scoring at least this (default 0.5)",
+    )
+    rp.add_argument("--draws", type=int, default=10, help="random-heads baseline draws")
+    rp.set_defaults(run=_repair)
+
+    rt = commands.add_parser("retrieve", help="images by a head's property")
+    _common(rt)
+    rt.add_argument("--head", action="append", required=True, help="LAYER.HEAD (repeatable)")
+    query = rt.add_mutually_exclusive_group(required=True)
+    query.add_argument("--image", type=int, help="index of the query image in the store")
+    query.add_argument("--text", help="a text query")
+    rt.add_argument("--k", type=int, default=9, help="results")
+    rt.add_argument(
+        "--project",
+        type=int,
+        default=0,
+        help="project on the span of each head's first N TextSpan directions",
+    )
+    rt.add_argument("--rank", type=int, default=80)
+    rt.add_argument("--pool", default=None, help="text pool for --project")
+    rt.set_defaults(run=_retrieve)
+
+    sg = commands.add_parser("segment", help="zero-shot segmentation of an image folder")
+    sg.add_argument("images", help="image folder: one sub-folder per class, or flat")
+    _common(sg, store=False)
+    _model_options(sg)
+    sg.add_argument(
+        "--masks",
+        default=None,
+        help="folder of binary mask PNGs named like the images: adds metrics",
+    )
+    sg.add_argument(
+        "--given-class",
+        action="store_true",
+        help="use each image's class folder instead of the predicted class",
+    )
+    sg.add_argument("--method", choices=["decomposition", "attention"], default="decomposition")
+    sg.add_argument("--batch-size", type=int, default=16)
+    sg.add_argument("--workers", type=int, default=0)
+    sg.add_argument("--overlays", type=int, default=8, help="images shown in overlays.png")
+    sg.set_defaults(run=_segment)
     args = parser.parse_args(argv)
     return args.run(args)
 

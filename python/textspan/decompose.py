@@ -117,11 +117,14 @@ class Decomposition:
         mlps: [B, L+1, D], the embedding term (index 0: class embedding, positional
             embedding and `ln_pre`, plus `ln_post`'s bias) then each layer's MLP.
         representation: [B, D].
+        class_token: [B, L, D], the part of each layer's attention term (all heads) that
+            flows from the class token's own position: `spatial[:, :, 0].sum(2)`.
     """
 
     heads: torch.Tensor
     mlps: torch.Tensor
     representation: torch.Tensor
+    class_token: torch.Tensor
     _attention: list[torch.Tensor] = field(default_factory=list, repr=False)  # [B, H, T] per layer
     # Each layer's attention input (ln_1 output) [B, T, W].
     _inputs: list[torch.Tensor] = field(default_factory=list, repr=False)
@@ -146,17 +149,39 @@ class Decomposition:
             layers.append(torch.einsum("bhj,bjhe,hed->bjhd", a, r.values(x), r.heads) + r.bias / t)
         return torch.stack(layers, 1) / self._sigma[:, None, None, None, None]
 
+    def _directions(self, directions: Any) -> torch.Tensor:
+        d = torch.as_tensor(directions, dtype=torch.float32, device=self.heads.device)
+        if d.ndim != 2 or d.shape[1] != self.heads.shape[-1]:
+            raise ValueError(
+                f"directions: expected shape [K, {self.heads.shape[-1]}], got {list(d.shape)}"
+            )
+        return d
+
+    def token_scores(self, directions: Any) -> torch.Tensor:
+        """Each token's contribution, summed over layers and heads, scored against K
+        directions [K, D] → [B, T, K] (token 0 is the class token). Equals
+        `scores(directions).sum((1, 3))` without its O(B·L·T·H·K) memory."""
+        self._need_tokens()
+        d = self._directions(directions)
+        total = None
+        for a, x, r in zip(self._attention, self._inputs, self._readouts, strict=True):
+            b, t, _ = x.shape
+            read = r.heads @ d.T  # [H, d_h, K]
+            through_values = torch.einsum("hew,hek->hwk", r.value_weight, read)
+            weighted = torch.einsum("btw,bht->bthw", x, a).reshape(b, t, -1)
+            layer = weighted @ through_values.reshape(-1, d.shape[0])
+            layer = layer + a.transpose(1, 2) @ torch.einsum("he,hek->hk", r.value_bias, read)
+            layer = layer + (r.bias @ d.T).sum(0) / t
+            total = layer if total is None else total + layer
+        return total / self._sigma[:, None, None]
+
     def scores(self, directions: Any) -> torch.Tensor:
         """Token-by-head contributions scored against K directions [K, D] → [B, L, T, H, K].
 
         Contracted in each head's value space, so memory is O(B·L·T·H·K), never
         O(B·L·T·H·D)."""
         self._need_tokens()
-        d = torch.as_tensor(directions, dtype=torch.float32, device=self.heads.device)
-        if d.ndim != 2 or d.shape[1] != self.heads.shape[-1]:
-            raise ValueError(
-                f"directions: expected shape [K, {self.heads.shape[-1]}], got {list(d.shape)}"
-            )
+        d = self._directions(directions)
         layers = []
         for a, x, r in zip(self._attention, self._inputs, self._readouts, strict=True):
             t = a.shape[-1]
@@ -258,6 +283,7 @@ class Decomposer:
             logits = torch.einsum("bhw,btw->bht", keyed, x) + (q * bias[1]).sum(-1)[..., None]
             a = torch.softmax(logits * dh**-0.5, dim=-1)  # [B, H, T]
             self._capture["pooled"][i] = torch.einsum("bht,btw->bhw", a, x)
+            self._capture["own"][i] = (a[:, :, 0], x[:, 0], x.shape[1])
             if self._capture["spatial"]:
                 self._capture["attention"][i] = a
                 self._capture["inputs"][i] = x
@@ -325,6 +351,7 @@ class Decomposer:
             "spatial": spatial,
             "mlp": [None] * n,
             "pooled": [None] * n,
+            "own": [None] * n,
             "attention": [None] * n,
             "inputs": [None] * n,
         }
@@ -381,6 +408,16 @@ class Decomposer:
             ],
             1,
         )
+        # The class token's own share of each attention term: its attention weight times
+        # its value, plus its 1/T share of the output bias.
+        class_token = torch.stack(
+            [
+                torch.einsum("bh,bhe,hed->bd", weight, r.values(x0[:, None])[:, 0], r.heads)
+                + r.bias.sum(0) / t
+                for (weight, x0, t), r in zip(cap["own"], readouts, strict=True)
+            ],
+            1,
+        )
         mlps = torch.stack([cap["embedding"], *cap["mlp"]], 1) @ centred
         mlps[:, 0] += offset * sigma[:, None]
         inv = 1.0 / sigma
@@ -388,6 +425,7 @@ class Decomposer:
             heads=heads * inv[:, None, None, None],
             mlps=mlps * inv[:, None, None],
             representation=representation,
+            class_token=class_token * inv[:, None, None],
             _attention=[a for a in cap["attention"] if a is not None],
             _inputs=[x for x in cap["inputs"] if x is not None],
             _readouts=readouts if cap["spatial"] else [],

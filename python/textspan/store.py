@@ -5,6 +5,7 @@ A store is a folder:
     manifest.json    what was extracted and how (model, weights, images, dtype, shapes)
     heads.npy        [N, L, H, D]  direct contribution of every head (float16 or float32)
     mlps.npy         [N, L+1, D]   embedding term and every MLP
+    class_token.npy  [N, L, D]     the class token's own share of each attention layer
     representation.npy [N, D]
     labels.npy       [N]           class index (ImageFolder layout) or -1
     stats-<n>.npz    per-head float64 sums over the first n images, about a fixed shift s:
@@ -36,9 +37,9 @@ from .span import HeadStats
 
 __all__ = ["Store", "StoreError", "extract", "list_images", "open_store"]
 
-STORE_VERSION = 1
+STORE_VERSION = 2
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
-ARRAYS = ("heads", "mlps", "representation", "labels")
+ARRAYS = ("heads", "mlps", "class_token", "representation", "labels")
 # Set by tests only: the process kills itself (SIGKILL) once this many rows are written.
 FAULT_ENV = "TEXTSPAN_TEST_KILL_AFTER_ROWS"
 
@@ -175,6 +176,7 @@ class Store:
     manifest: dict[str, Any]
     heads: np.ndarray
     mlps: np.ndarray
+    class_token: np.ndarray
     representation: np.ndarray
     labels: np.ndarray
     stats: HeadStats
@@ -196,6 +198,7 @@ def _expected_shapes(m: dict[str, Any]) -> dict[str, tuple[tuple[int, ...], str]
     return {
         "heads": ((n, layers, heads, dim), m["dtype"]),
         "mlps": ((n, layers + 1, dim), m["dtype"]),
+        "class_token": ((n, layers, dim), m["dtype"]),
         "representation": ((n, dim), m["dtype"]),
         "labels": ((n,), "int64"),
     }
@@ -252,7 +255,8 @@ def open_store(path: str | os.PathLike, verify: bool = False) -> Store:
     manifest = _read_json(path / "manifest.json", f"store {path}: manifest.json")
     if manifest.get("version") != STORE_VERSION:
         raise StoreError(
-            f"store {path}: version {manifest.get('version')!r}, expected {STORE_VERSION}"
+            f"store {path}: version {manifest.get('version')!r}, expected {STORE_VERSION} "
+            "(stores of other versions hold other arrays: extract the images again)"
         )
     progress, sums = _load_progress(path, manifest)
     if sums is None or progress["done"] < manifest["count"]:
@@ -425,6 +429,7 @@ def extract(
                 acc.update(parts.heads)
                 arrays["heads"][row:end] = parts.heads.cpu().numpy()
                 arrays["mlps"][row:end] = parts.mlps.cpu().numpy()
+                arrays["class_token"][row:end] = parts.class_token.cpu().numpy()
                 arrays["representation"][row:end] = parts.representation.cpu().numpy()
                 row = end
                 bar.update(len(batch))
