@@ -60,6 +60,7 @@ bench: setup
 	LD_LIBRARY_PATH=$(PYLIBDIR) cargo bench --bench textspan
 	$(PY) benches/bench_textspan.py
 	$(PY) benches/bench_decompose.py
+	$(PY) benches/bench_segmentation.py
 
 wheel: setup
 	$(VENV)/bin/maturin build --release --out dist

@@ -1,11 +1,13 @@
-//! Criterion benches of the pure Rust API: one head, many heads, and the head statistics.
-//! Synthetic low-rank heads (96 directions in D = 768) and a pool of M = 3,498 texts.
+//! Criterion benches of the pure Rust API: one head, many heads, the head statistics, and
+//! the segmentation metrics. Synthetic low-rank heads (96 directions in D = 768), a pool of
+//! M = 3,498 texts, and 16×16 heatmaps scored at 224×224.
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use numpy::ndarray::{Array1, Array2, Array3};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use rand_distr::StandardNormal;
+use textspan::metrics::segmentation_scores;
 use textspan::moments::batch_moments;
 use textspan::textspan::{text_span, text_span_heads, HeadMoments, SpanParams, TextPool};
 
@@ -56,6 +58,15 @@ fn benches(c: &mut Criterion) {
         Array3::from_shape_simple_fn((10_000, 1, D), || rng.sample::<f32, _>(StandardNormal));
     group.bench_function("head statistics of 10,000 outputs (D 768)", |b| {
         b.iter(|| batch_moments(outputs.view()).unwrap())
+    });
+    group.finish();
+
+    let mut group = c.benchmark_group("segmentation");
+    group.sample_size(10);
+    let maps = Array3::from_shape_simple_fn((64, 16, 16), || rng.sample::<f64, _>(StandardNormal));
+    let masks = Array3::from_shape_simple_fn((64, 224, 224), || rng.random_bool(0.3) as u8);
+    group.bench_function("metrics of 64 heatmaps 16×16 at 224×224", |b| {
+        b.iter(|| segmentation_scores(maps.view(), masks.view()).unwrap())
     });
     group.finish();
 }

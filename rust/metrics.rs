@@ -12,7 +12,7 @@ use rayon::prelude::*;
 
 use crate::error::{Error, Result};
 use crate::parallel;
-use crate::patchmap::{check_maps, clip_and_normalise, foreground, Upsampler};
+use crate::patchmap::{check_maps, clip_and_normalise, mean_threshold, Upsampler};
 
 /// The three metrics over a set of images.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -84,54 +84,80 @@ fn sort_non_negative(values: &mut [f64], scratch: &mut Vec<u64>, keys: &mut Vec<
     }
 }
 
-/// Merges two ascending lists into one descending list: `a` as is and `b` mapped by 1 − x
-/// (which reverses its order).
-fn merge_descending(a: &[f64], b: &[f64], out: &mut Vec<f64>) {
+/// Appends `values` sorted ascending between sentinels: [−∞, zeros…, values…, +∞], where
+/// `zeros` exact zeros (the clipped pixels) are counted rather than sorted.
+fn padded_ascending(values: &mut [f64], zeros: usize, s: &mut SortScratch, out: &mut Vec<f64>) {
+    sort_non_negative(values, &mut s.scratch, &mut s.keys);
     out.clear();
-    let (mut i, mut j) = (a.len(), 0);
-    while i > 0 || j < b.len() {
-        let from_a = i > 0 && (j == b.len() || a[i - 1] >= 1.0 - b[j]);
-        if from_a {
-            i -= 1;
-            out.push(a[i]);
-        } else {
-            out.push(1.0 - b[j]);
-            j += 1;
-        }
-    }
+    out.push(f64::NEG_INFINITY);
+    out.resize(1 + zeros, 0.0);
+    out.extend_from_slice(values);
+    out.push(f64::INFINITY);
 }
 
-/// Average precision of scores split into positives and negatives, each sorted descending,
-/// with tied scores forming one threshold (scikit-learn's `average_precision_score`).
-pub fn average_precision_sorted(positives: &[f64], negatives: &[f64]) -> f64 {
-    let total = positives.len() as f64;
-    if positives.is_empty() {
-        return f64::NAN;
+/// The descending merge of `a`'s values and `b`'s values mapped by 1 − x (which reverses
+/// their order), both given padded by `padded_ascending`, followed by a −∞ sentinel.
+/// Branch-free, and from both ends at once: the largest values from the front, the smallest
+/// from the back, two independent chains of loads and compares. (With ties, either end may
+/// take either of two equal values; the merged values are the same.)
+fn merge_descending(a: &[f64], b: &[f64], out: &mut Vec<f64>) {
+    let (na, nb) = (a.len() - 2, b.len() - 2);
+    let total = na + nb;
+    out.clear();
+    out.resize(total, 0.0);
+    let (mut i, mut j) = (na, 1); // the front: a's largest left, b's smallest left
+    let (mut k, mut l) = (1, nb); // the back: a's smallest left, b's largest left
+    let half = total / 2;
+    for step in 0..half {
+        let (x, y) = (a[i], 1.0 - b[j]);
+        let front_a = x >= y;
+        out[step] = if front_a { x } else { y };
+        i -= front_a as usize;
+        j += !front_a as usize;
+        let (x, y) = (a[k], 1.0 - b[l]);
+        let back_a = x < y;
+        out[total - 1 - step] = if back_a { x } else { y };
+        k += back_a as usize;
+        l -= !back_a as usize;
     }
-    let (mut i, mut j) = (0, 0);
-    let (mut tp, mut fp) = (0_u64, 0_u64);
-    let mut ap = 0.0;
-    while i < positives.len() || j < negatives.len() {
-        let threshold = match (positives.get(i), negatives.get(j)) {
-            (Some(&p), Some(&n)) => p.max(n),
-            (Some(&p), None) => p,
-            (None, Some(&n)) => n,
-            (None, None) => unreachable!(),
-        };
-        let tp_before = tp;
-        while i < positives.len() && positives[i] == threshold {
-            tp += 1;
+    if total % 2 == 1 {
+        out[half] = a[i].max(1.0 - b[j]);
+    }
+    out.push(f64::NEG_INFINITY);
+}
+
+/// Average precision of the two-channel score against the one-hot mask, from the padded
+/// ascending heatmap values on the mask (`fg`) and off it (`bg`). Positives are fg's s and
+/// bg's 1 − s (`positives`: their descending merge, −∞ last); negatives are bg's s and fg's
+/// 1 − s, counted above each threshold by two pointers. Tied scores form one threshold:
+/// AP = Σ_thresholds (ΔTP / P) · TP / (TP + FP), scikit-learn's `average_precision_score`.
+fn two_channel_average_precision(fg: &[f64], bg: &[f64], positives: &[f64]) -> f64 {
+    let total = positives.len() - 1;
+    let n_bg = bg.len() - 2;
+    let (mut i, mut high_bg, mut low_fg) = (0, n_bg, 1);
+    let mut sum = 0.0;
+    while i < total {
+        let t = positives[i];
+        let start = i;
+        while positives[i] == t {
             i += 1;
         }
-        while j < negatives.len() && negatives[j] == threshold {
-            fp += 1;
-            j += 1;
+        while bg[high_bg] >= t {
+            high_bg -= 1;
         }
-        if tp > tp_before {
-            ap += (tp - tp_before) as f64 / total * (tp as f64 / (tp + fp) as f64);
+        while 1.0 - fg[low_fg] >= t {
+            low_fg += 1;
         }
+        let false_positives = (n_bg - high_bg) + (low_fg - 1);
+        sum += (i - start) as f64 * (i as f64 / (i + false_positives) as f64);
     }
-    ap
+    sum / total as f64
+}
+
+#[derive(Default)]
+struct SortScratch {
+    keys: Vec<u64>,
+    scratch: Vec<u64>,
 }
 
 #[derive(Default)]
@@ -140,50 +166,45 @@ struct Scratch {
     heat: Vec<f64>,
     fg: Vec<f64>,
     bg: Vec<f64>,
+    fg_padded: Vec<f64>,
+    bg_padded: Vec<f64>,
     positives: Vec<f64>,
-    negatives: Vec<f64>,
-    keys: Vec<u64>,
-    scratch: Vec<u64>,
+    sort: SortScratch,
 }
 
 fn image_counts(heat: &[f64], mask: &[u8], s: &mut Scratch) -> ImageCounts {
+    let n = heat.len();
+    let threshold = mean_threshold(heat);
+    // counts[predicted][truth]; the non-zero values on and off the mask, gathered without
+    // branches (clipped pixels are exact zeros, often half of them: counted, not sorted).
+    let mut counts = [[0_u64; 2]; 2];
+    s.fg.resize(n, 0.0);
+    s.bg.resize(n, 0.0);
+    let (mut nf, mut nb) = (0, 0);
+    for (&v, &m) in heat.iter().zip(mask) {
+        let (p, t) = ((v > threshold) as usize, (m != 0) as usize);
+        counts[p][t] += 1;
+        let positive = v > 0.0;
+        s.fg[nf] = v;
+        nf += (positive & (t == 1)) as usize;
+        s.bg[nb] = v;
+        nb += (positive & (t == 0)) as usize;
+    }
+    let mask_area = [counts[0][0] + counts[1][0], counts[0][1] + counts[1][1]];
     let mut c = ImageCounts {
-        pixels: heat.len() as u64,
+        pixels: n as u64,
+        correct: counts[0][0] + counts[1][1],
+        intersection: [counts[0][0], counts[1][1]],
         ..Default::default()
     };
-    let mut predicted_area = [0_u64; 2];
-    let mut mask_area = [0_u64; 2];
-    s.fg.clear();
-    s.bg.clear();
-    for ((&v, &m), predicted) in heat.iter().zip(mask).zip(foreground(heat)) {
-        let (p, t) = (predicted as usize, (m != 0) as usize);
-        predicted_area[p] += 1;
-        mask_area[t] += 1;
-        if p == t {
-            c.correct += 1;
-            c.intersection[t] += 1;
-        }
-        // Clipped pixels are exact zeros, often half of them: they are counted, not sorted.
-        if v > 0.0 {
-            if t == 1 {
-                s.fg.push(v);
-            } else {
-                s.bg.push(v);
-            }
-        }
-    }
     for k in 0..2 {
-        c.union[k] = predicted_area[k] + mask_area[k] - c.intersection[k];
+        c.union[k] = counts[k][0] + counts[k][1] + mask_area[k] - c.intersection[k];
     }
-    for (list, zeros) in [(&mut s.fg, mask_area[1]), (&mut s.bg, mask_area[0])] {
-        let positive = list.len();
-        sort_non_negative(list, &mut s.scratch, &mut s.keys);
-        list.splice(0..0, std::iter::repeat_n(0.0, zeros as usize - positive));
-    }
-    // Positives: s on the mask and 1 − s off it; negatives: s off the mask and 1 − s on it.
-    merge_descending(&s.fg, &s.bg, &mut s.positives);
-    merge_descending(&s.bg, &s.fg, &mut s.negatives);
-    c.average_precision = average_precision_sorted(&s.positives, &s.negatives);
+    let on = mask_area[1] as usize;
+    padded_ascending(&mut s.fg[..nf], on - nf, &mut s.sort, &mut s.fg_padded);
+    padded_ascending(&mut s.bg[..nb], n - on - nb, &mut s.sort, &mut s.bg_padded);
+    merge_descending(&s.fg_padded, &s.bg_padded, &mut s.positives);
+    c.average_precision = two_channel_average_precision(&s.fg_padded, &s.bg_padded, &s.positives);
     c
 }
 
@@ -204,12 +225,15 @@ pub fn segmentation_scores(
         ));
     }
     check_maps(&maps, height, width)?;
-    if let Some(((i, y, x), v)) = masks.indexed_iter().find(|(_, &v)| v > 1) {
-        return Err(Error::value(
-            format!("masks[{i}, {y}, {x}]"),
-            "a binary mask (0 or 1)",
-            v.to_string(),
-        ));
+    // A fast scan first; the index of the offending value only on failure.
+    if masks.iter().fold(0, |acc, &v| acc | v) > 1 {
+        if let Some(((i, y, x), v)) = masks.indexed_iter().find(|(_, &v)| v > 1) {
+            return Err(Error::value(
+                format!("masks[{i}, {y}, {x}]"),
+                "a binary mask (0 or 1)",
+                v.to_string(),
+            ));
+        }
     }
     let up = Upsampler::new(h, w, height, width);
     let per_image: Vec<ImageCounts> = parallel::install(|| {
@@ -285,6 +309,23 @@ mod tests {
         expected.sort_by(f64::total_cmp);
         sort_non_negative(&mut v, &mut Vec::new(), &mut Vec::new());
         assert_eq!(v, expected);
+    }
+
+    #[test]
+    fn merging_from_both_ends_equals_sorting_with_ties_and_odd_lengths() {
+        for (na, nb) in [(0, 1), (1, 0), (3, 4), (7, 7), (10, 3)] {
+            let mut a: Vec<f64> = (0..na).map(|i| ((i * 5 % 7) / 2) as f64 / 4.0).collect();
+            let mut b: Vec<f64> = (0..nb).map(|i| ((i * 3 % 5) / 2) as f64 / 4.0).collect();
+            let mut expected: Vec<f64> =
+                a.iter().copied().chain(b.iter().map(|v| 1.0 - v)).collect();
+            expected.sort_by(|x, y| y.total_cmp(x));
+            let (mut pa, mut pb, mut out) = (Vec::new(), Vec::new(), Vec::new());
+            padded_ascending(&mut a, 0, &mut SortScratch::default(), &mut pa);
+            padded_ascending(&mut b, 0, &mut SortScratch::default(), &mut pb);
+            merge_descending(&pa, &pb, &mut out);
+            assert_eq!(out.pop(), Some(f64::NEG_INFINITY));
+            assert_eq!(out, expected, "{na} + {nb}");
+        }
     }
 
     #[test]

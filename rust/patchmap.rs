@@ -148,10 +148,9 @@ pub fn clip_and_normalise(values: &mut [f64]) {
     }
 }
 
-/// The foreground of a normalised heatmap: the pixels above its mean.
-pub fn foreground(values: &[f64]) -> impl Iterator<Item = bool> + '_ {
-    let mean = values.iter().sum::<f64>() / values.len().max(1) as f64;
-    values.iter().map(move |&v| v > mean)
+/// The threshold of a normalised heatmap: its mean; the foreground is the pixels above it.
+pub fn mean_threshold(values: &[f64]) -> f64 {
+    values.iter().sum::<f64>() / values.len().max(1) as f64
 }
 
 pub(crate) fn check_maps(maps: &ArrayView3<f64>, height: usize, width: usize) -> Result<()> {
@@ -227,10 +226,7 @@ mod tests {
         let mut flat = vec![-3.0; 5];
         clip_and_normalise(&mut flat);
         assert!(flat.iter().all(|&x| x == 0.0 && x.is_sign_positive()));
-        assert_eq!(
-            foreground(&v).collect::<Vec<_>>(),
-            vec![false, false, true, true]
-        );
+        assert_eq!(mean_threshold(&v), 0.4375);
     }
 
     #[test]

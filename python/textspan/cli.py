@@ -323,7 +323,15 @@ def main(argv: list[str] | None = None) -> int:
     sg.add_argument("--overlays", type=int, default=8, help="images shown in overlays.png")
     sg.set_defaults(run=_segment)
     args = parser.parse_args(argv)
-    return args.run(args)
+    try:
+        return args.run(args)
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        # Bad input and broken stores end in one line that says what is wrong, not a trace;
+        # any other RuntimeError is a bug and keeps its traceback.
+        if isinstance(e, RuntimeError) and type(e).__name__ != "StoreError":
+            raise
+        print(f"textspan {args.command}: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

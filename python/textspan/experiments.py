@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -155,9 +156,13 @@ def _spans(
     progress: bool,
 ) -> dict[tuple[int, int], SpanResult]:
     stats = [store.stats[layer, head] for layer, head in heads]
-    found = text_span_heads(
-        stats, embeddings, n_texts=n_texts, rank=rank, texts=texts, progress=progress
-    )
+    with warnings.catch_warnings():
+        # A head spans at most its value width (64 in ViT-B/16), so asking for more texts
+        # than that is expected here; the tables show how many each head yielded.
+        warnings.simplefilter("ignore", RuntimeWarning)
+        found = text_span_heads(
+            stats, embeddings, n_texts=n_texts, rank=rank, texts=texts, progress=progress
+        )
     return dict(zip(heads, found, strict=True))
 
 
@@ -192,6 +197,8 @@ def span_study(
     and the replacement study for the text pool, common words and random directions →
     replacement.csv, replacement.png."""
     span_layers = _check_layers(store, layers)
+    if n_texts < 1 or max_texts < 1:
+        raise ValueError(f"n_texts and max_texts: expected >= 1, got {n_texts} and {max_texts}")
     if replace:
         _check_labels(store)
     texts = _pool(pool)
@@ -229,6 +236,8 @@ def span_study(
             ),
             "random directions": _spans(store, keys, random_dirs, None, depth, rank, progress),
         }
+        # Up to the texts every pool yielded (a head's span may be narrower than `depth`).
+        depth = min(max(len(r) for r in s.values()) for s in pools.values())
         curves = {
             name: analysis.replacement(store, w, s, max_texts=depth, progress=progress)
             for name, s in pools.items()
@@ -454,7 +463,9 @@ def retrieval(
     )
     head_names = ", ".join(f"L{a}.H{b}" for a, b in heads)
     shown = ([root / store.files[image]] if image is not None else []) + [root / f for f in files]
-    captions = (["query"] if image is not None else []) + [f"{s:.3f}" for s in found.scores]
+    captions = (["query"] if image is not None else []) + [
+        f"#{i}  {s:.3f}" for i, s in zip(found.indices, found.scores, strict=True)
+    ]
     try:
         report.image_grid(
             folder / "retrieval.png",
@@ -540,6 +551,9 @@ def segmentation(
     net, preprocess, tokenizer = load(
         model, pretrained=pretrained, device=device, precision=precision
     )
+    size = tuple(int(v) for v in net.visual.image_size)
+    # Masks are read (and checked) before the long work starts.
+    truth = None if mask_files is None else np.stack([_mask_for(p, size) for p in mask_files])
     w = _classifier(net, tokenizer, names, templates)
     loader = torch.utils.data.DataLoader(
         _ImageDataset(root, files, preprocess, 0), batch_size=batch_size, num_workers=workers
@@ -572,8 +586,7 @@ def segmentation(
             [names[c] for c in result.classes[:shown]],
         )
     out_data: dict[str, Any] = {"segmentation": result}
-    if mask_files is not None:
-        truth = np.stack([_mask_for(p, result.image_size) for p in mask_files])
+    if truth is not None:
         scores = segmentation_scores(result.heatmaps, truth)
         report.write_json(
             folder / "metrics.json", {"method": method, "images": len(files), **scores}

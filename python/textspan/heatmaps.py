@@ -42,8 +42,12 @@ def _binary_masks(masks: Any) -> np.ndarray:
         return np.ascontiguousarray(m, dtype=np.uint8)
     if not (np.issubdtype(m.dtype, np.integer) or np.issubdtype(m.dtype, np.floating)):
         raise TypeError(f"masks: expected a boolean or numeric array, got dtype {m.dtype}")
-    values = np.unique(m)
-    if not np.isin(values, (0, 1)).all():
+    if np.issubdtype(m.dtype, np.integer):
+        binary = m.size == 0 or (m.min() >= 0 and m.max() <= 1)
+    else:
+        binary = bool(((m == 0) | (m == 1)).all())
+    if not binary:
+        values = np.unique(m)
         shown = ", ".join(str(v) for v in values[:6]) + (" …" if len(values) > 6 else "")
         raise ValueError(f"masks: expected binary masks (values 0 and 1), got values {shown}")
     return np.ascontiguousarray(m, dtype=np.uint8)
