@@ -49,6 +49,10 @@ def _extract(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         precision=args.precision,
         checkpoint_every=args.checkpoint_every,
+        engine=args.engine,
+        address=args.address,
+        num_gpus_per_worker=args.num_gpus_per_worker,
+        shard_size=args.shard_size,
     )
     print(f"store: {store.path} ({len(store)} images, heads {list(store.heads.shape)})")
     return 0
@@ -233,11 +237,35 @@ def main(argv: list[str] | None = None) -> int:
         "--pretrained", default=None, help="open_clip pretrained tag or checkpoint path"
     )
     ex.add_argument("--batch-size", type=int, default=64)
-    ex.add_argument("--workers", type=int, default=2, help="DataLoader worker processes")
+    ex.add_argument(
+        "--workers",
+        type=int,
+        default=2,
+        help="DataLoader worker processes (local engine) or Ray actors (ray engine)",
+    )
     ex.add_argument("--device", default=None, help="cuda when available, else cpu")
     ex.add_argument("--dtype", choices=["float16", "float32"], default="float16", help="storage")
     ex.add_argument("--precision", default="fp32", help="model precision (open_clip's names)")
     ex.add_argument("--checkpoint-every", type=int, default=4096, help="images between checkpoints")
+    ex.add_argument(
+        "--engine",
+        choices=["local", "ray"],
+        default="local",
+        help="local: this process; ray: a Ray Data pipeline (pip install 'textspan[ray]')",
+    )
+    ex.add_argument("--address", default=None, help="Ray cluster address (ray engine)")
+    ex.add_argument(
+        "--num-gpus-per-worker",
+        type=float,
+        default=None,
+        help="GPUs per Ray actor (default: 1 when the cluster has GPUs)",
+    )
+    ex.add_argument(
+        "--shard-size",
+        type=int,
+        default=1024,
+        help="images per shard, the unit of work and of resumption (ray engine)",
+    )
     ex.set_defaults(run=_extract)
 
     ab = commands.add_parser(
@@ -325,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.run(args)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
+    except (ValueError, FileNotFoundError, ImportError, RuntimeError) as e:
         # Bad input and broken stores end in one line that says what is wrong, not a trace;
         # any other RuntimeError is a bug and keeps its traceback.
         if isinstance(e, RuntimeError) and type(e).__name__ != "StoreError":

@@ -87,8 +87,16 @@ def encode_texts(
     texts: Sequence[str],
     batch_size: int = 256,
     progress: bool = True,
+    engine: str = "local",
+    workers: int = 2,
+    address: str | None = None,
+    num_gpus_per_worker: float | None = None,
 ) -> np.ndarray:
-    """Unit-norm text embeddings [M, D] (float32), in batches, with a progress bar."""
+    """Unit-norm text embeddings [M, D] (float32), in batches, with a progress bar.
+
+    With `engine="ray"` the pool is encoded in chunks by `workers` Ray actors, each holding
+    the model (on a GPU when the cluster has them), and joined in the pool's order; `address`
+    and `num_gpus_per_worker` as in `textspan.extract`."""
     from tqdm.auto import tqdm
 
     texts = list(texts)
@@ -99,6 +107,21 @@ def encode_texts(
         raise TypeError(f"texts: expected strings, got {type(bad).__name__}")
     if batch_size < 1:
         raise ValueError(f"batch_size: expected an integer >= 1, got {batch_size}")
+    if engine == "ray":
+        from .distributed import encode_texts_ray
+
+        return encode_texts_ray(
+            model,
+            tokenizer,
+            texts,
+            batch_size,
+            workers,
+            address=address,
+            num_gpus_per_worker=num_gpus_per_worker,
+            progress=progress,
+        )
+    if engine != "local":
+        raise ValueError(f"engine: expected 'local' or 'ray', got {engine!r}")
     device = _model_device(model)
     out = []
     bar = tqdm(total=len(texts), desc="encoding texts", unit="text", disable=not progress)

@@ -328,6 +328,10 @@ def extract(
     precision: str = "fp32",
     checkpoint_every: int = 4096,
     progress: bool = True,
+    engine: str = "local",
+    address: str | None = None,
+    num_gpus_per_worker: float | None = None,
+    shard_size: int = 1024,
 ) -> Store:
     """Decomposes every image under `images` into a store in `out`, resuming if it exists.
 
@@ -335,11 +339,19 @@ def extract(
         images: an ImageFolder-layout folder (labels from sub-folders) or a flat folder.
         out: the store's folder.
         model, pretrained, precision: as in `textspan.load`.
-        batch_size, workers: the DataLoader's.
-        device: "cuda" when available, else "cpu", unless given.
+        batch_size: images per forward pass.
+        workers: DataLoader worker processes ("local"), or Ray actors each holding the
+            model ("ray").
+        device: "cuda" when available, else "cpu", unless given ("local" only).
         dtype: "float16" or "float32" storage of the contributions (statistics are always
             accumulated in float64 from the float32 contributions).
-        checkpoint_every: images between checkpoints (rounded up to whole batches).
+        checkpoint_every: images between checkpoints (rounded up to whole batches; "local").
+        engine: "local" (this process) or "ray": a Ray Data pipeline over a cluster (see
+            `textspan.distributed`); `pip install 'textspan[ray]'`.
+        address: the Ray cluster to join ("auto", "ray://host:10001", …); by default the
+            instance running in this process, or a new local one.
+        num_gpus_per_worker: GPUs per Ray actor (default: 1 when the cluster has GPUs).
+        shard_size: images per Ray shard, the unit of work and of resumption.
     """
     from tqdm.auto import tqdm
 
@@ -353,6 +365,25 @@ def extract(
             f"batch_size >= 1, workers >= 0 and checkpoint_every >= 1 expected, got "
             f"{batch_size}, {workers} and {checkpoint_every}"
         )
+    if engine == "ray":
+        from .distributed import extract_ray
+
+        return extract_ray(
+            images,
+            out,
+            model,
+            pretrained,
+            batch_size,
+            workers,
+            dtype,
+            precision,
+            address=address,
+            num_gpus_per_worker=num_gpus_per_worker,
+            shard_size=shard_size,
+            progress=progress,
+        )
+    if engine != "local":
+        raise ValueError(f"engine: expected 'local' or 'ray', got {engine!r}")
     root, out = Path(images), Path(out)
     files, labels, classes = list_images(root)
     net, preprocess, _ = load(model, pretrained=pretrained, device=device, precision=precision)

@@ -1,0 +1,423 @@
+"""Extraction and text encoding on a Ray cluster (`engine="ray"`; `pip install 'textspan[ray]'`).
+
+Extraction is a Ray Data pipeline over *shards*, fixed ranges of image rows. Each row of the
+dataset names one shard; `map_batches` sends it to an actor of a pool in which every actor
+holds the model on its device (a GPU when it was given one). The actor reads the shard's
+images, decomposes them, and writes the shard — its contributions and the float64 statistics
+of its heads — to a temporary folder that it renames into `out/shards/` when complete, so a
+shard is there whole or not at all. Ray restarts an actor that dies and retries its shard
+(writing a shard twice gives the same files). When every shard is there, the driver merges
+them, in row order, into one ordinary store (`open_store` reads it) and merges the shards'
+`HeadStats`; then it removes the shards. A driver killed anywhere resumes when rerun with the
+same arguments: shards already written are not computed again.
+
+The store must be on storage every worker and the driver can reach (a shared file system).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .span import HeadStats
+
+__all__ = ["encode_texts_ray", "extract_ray"]
+
+SHARDS = "shards"
+# Set by tests only (read by the driver, handed to the actors): the actor that first reaches
+# the shard starting at row KILL_SHARD kills itself (SIGKILL), once — the marker file records
+# that it did; the driver kills itself once KILL_DRIVER_AFTER_SHARDS shards are written.
+KILL_SHARD_ENV = "TEXTSPAN_TEST_KILL_SHARD"
+KILL_MARKER_ENV = "TEXTSPAN_TEST_KILL_MARKER"
+KILL_DRIVER_ENV = "TEXTSPAN_TEST_KILL_DRIVER_AFTER_SHARDS"
+
+
+def _ray():
+    try:
+        import ray
+    except ModuleNotFoundError:
+        raise ImportError(
+            "engine='ray' needs Ray Data: pip install 'textspan[ray]' (or the default "
+            "engine, which needs nothing more)"
+        ) from None
+    return ray
+
+
+def _connect(ray: Any, address: str | None) -> None:
+    """Joins the cluster at `address`, or the instance already running in this process, or
+    starts a local one."""
+    if ray.is_initialized():
+        return
+    ray.init(
+        address=address, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True
+    )
+
+
+def _worker_resources(ray: Any, workers: int, gpus: float) -> dict[str, float]:
+    if gpus > 0:
+        return {"num_gpus": gpus, "num_cpus": 1}
+    cpus = ray.available_resources().get("CPU", 1)
+    return {"num_cpus": max(1, int(cpus // workers))}
+
+
+def _shard_name(start: int, end: int) -> str:
+    return f"{start:010d}-{end:010d}"
+
+
+def _plan(count: int, shard_size: int) -> list[tuple[int, int]]:
+    return [(s, min(count, s + shard_size)) for s in range(0, count, shard_size)]
+
+
+class _ShardWriter:
+    """A Ray Data actor: holds the model, writes the shards it is given."""
+
+    def __init__(
+        self,
+        model: str,
+        pretrained: str | None,
+        precision: str,
+        root: str,
+        files: Any,
+        out: str,
+        dtype: str,
+        batch_size: int,
+        use_gpu: bool,
+        fault: tuple[int, str] | None = None,
+    ) -> None:
+        import ray
+        import torch
+
+        from .decompose import Decomposer
+        from .models import load
+
+        cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
+        torch.set_num_threads(max(1, int(cpus)))
+        device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
+        net, self.preprocess, _ = load(
+            model, pretrained=pretrained, device=device, precision=precision
+        )
+        self.device = next(net.parameters()).device
+        self.decomposer = Decomposer(net)
+        self.files = ray.get(files) if isinstance(files, ray.ObjectRef) else files
+        self.root, self.out = Path(root), Path(out)
+        self.dtype, self.batch_size = np.dtype(dtype), batch_size
+        self.fault = fault
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        for start, end in zip(batch["start"], batch["end"], strict=True):
+            self._write(int(start), int(end))
+        return {"start": batch["start"], "end": batch["end"]}
+
+    def _write(self, start: int, end: int) -> None:
+        import torch
+
+        from .store import _DeviceStats, _ImageDataset, _stats_from_sums
+
+        final = self.out / SHARDS / _shard_name(start, end)
+        if final.is_dir():
+            return
+        if self.fault is not None and self.fault[0] == start:
+            marker = Path(self.fault[1])
+            if not marker.exists():
+                marker.write_text(str(os.getpid()))
+                os.kill(os.getpid(), signal.SIGKILL)
+        loader = torch.utils.data.DataLoader(
+            _ImageDataset(self.root, self.files[:end], self.preprocess, start),
+            batch_size=self.batch_size,
+            num_workers=0,
+        )
+        parts: dict[str, list[np.ndarray]] = {
+            k: [] for k in ("heads", "mlps", "class_token", "representation")
+        }
+        acc = None
+        for images in loader:
+            d = self.decomposer.decompose(images.to(self.device))
+            if acc is None:
+                acc = _DeviceStats(tuple(d.heads.shape[1:3]), d.heads.shape[-1], self.device)
+            acc.update(d.heads)
+            for k, v in parts.items():
+                v.append(getattr(d, k).cpu().numpy().astype(self.dtype))
+        tmp = final.with_name(final.name + f".tmp-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        for k, v in parts.items():
+            np.save(tmp / f"{k}.npy", np.concatenate(v))
+        _stats_from_sums(acc.state()).save(tmp / "stats.npz")
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        try:
+            os.rename(tmp, final)
+        except OSError:  # another attempt of the same shard finished first: same content
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _prepare(out: Path, manifest: dict[str, Any], shard_size: int) -> tuple[Path, bool]:
+    """Writes or checks the manifest and the shard plan; True when the store is complete."""
+    from .store import _read_json, _same_arguments, _write_atomic
+
+    shards = out / SHARDS
+    if (out / "manifest.json").exists():
+        old = _read_json(out / "manifest.json", f"store {out}: manifest.json")
+        _same_arguments(old, manifest, out)
+        progress = out / "progress.json"
+        if progress.exists():
+            done = _read_json(progress, f"store {out}: progress.json").get("done")
+            if done == manifest["count"]:
+                return shards, True
+            if done:
+                raise ValueError(
+                    f"{out} holds a store begun by the default engine ({done} images done): "
+                    "finish it with the default engine, or use another output folder"
+                )
+        plan = _read_json(shards / "plan.json", f"store {out}: shards/plan.json")
+        if plan.get("shard_size") != shard_size:
+            raise ValueError(
+                f"{out} was begun with shard_size={plan.get('shard_size')}, not {shard_size}: "
+                "rerun with the same shard size to resume"
+            )
+        return shards, False
+    shards.mkdir(parents=True, exist_ok=True)
+    _write_atomic(shards / "plan.json", json.dumps({"shard_size": shard_size}).encode())
+    _write_atomic(out / "manifest.json", json.dumps(manifest, indent=1).encode())
+    return shards, False
+
+
+def _merge(
+    out: Path, manifest: dict[str, Any], labels: list[int], plan: list[tuple[int, int]]
+) -> None:
+    """The shards, in row order, into one store; their statistics merged (Chan et al.)."""
+    from .store import _checksum, _expected_shapes, _save_sums, _write_atomic
+
+    arrays = {
+        name: np.lib.format.open_memmap(out / f"{name}.npy", mode="w+", dtype=dt, shape=shape)
+        for name, (shape, dt) in _expected_shapes(manifest).items()
+    }
+    arrays["labels"][:] = labels
+    stats = None
+    ranges = []
+    for start, end in plan:
+        folder = out / SHARDS / _shard_name(start, end)
+        for name in ("heads", "mlps", "class_token", "representation"):
+            arrays[name][start:end] = np.load(folder / f"{name}.npy")
+        shard_stats = HeadStats.load(folder / "stats.npz")
+        stats = shard_stats if stats is None else stats + shard_stats
+        ranges.append([start, end, _checksum(arrays, start, end)])
+    for a in arrays.values():
+        a.flush()
+    n = manifest["count"]
+    # The store keeps sums about a shift; about the mean, the first sum is zero.
+    _save_sums(
+        out / f"stats-{n}.npz",
+        {
+            "count": np.array(n),
+            "shift": stats.mean,
+            "sum1": np.zeros_like(stats.mean),
+            "sum2": stats.covariance * n,
+        },
+    )
+    _write_atomic(out / "progress.json", json.dumps({"done": n, "ranges": ranges}).encode())
+    shutil.rmtree(out / SHARDS)
+
+
+def extract_ray(
+    images: str | os.PathLike,
+    out: str | os.PathLike,
+    model: str,
+    pretrained: str | None,
+    batch_size: int,
+    workers: int,
+    dtype: str,
+    precision: str,
+    address: str | None = None,
+    num_gpus_per_worker: float | None = None,
+    shard_size: int = 1024,
+    progress: bool = True,
+) -> Any:
+    """`textspan.extract(..., engine="ray")`: see the module docstring."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from .decompose import _vision_tower
+    from .models import resolve_model_name
+    from .store import _manifest, list_images, open_store
+
+    ray = _ray()
+    if workers < 1 or shard_size < 1:
+        raise ValueError(f"workers and shard_size: expected >= 1, got {workers} and {shard_size}")
+    root, out = Path(images), Path(out)
+    files, labels, classes = list_images(root)
+    name = resolve_model_name(model)
+    import open_clip
+
+    with torch.device("meta"):  # shapes and support checked without any weights
+        skeleton = open_clip.create_model(name, device="meta")
+    visual = _vision_tower(skeleton)
+    shape = (
+        len(visual.transformer.resblocks),
+        visual.transformer.resblocks[0].attn.num_heads,
+        visual.output_dim,
+    )
+    manifest = _manifest(
+        str(model),
+        None if pretrained is None else str(pretrained),
+        precision,
+        dtype,
+        root,
+        files,
+        labels,
+        classes,
+        shape,
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    shards, complete = _prepare(out, manifest, shard_size)
+    if complete:
+        print(f"textspan extract: {out} is complete", flush=True)
+        return open_store(out)
+    plan = _plan(len(files), shard_size)
+    todo = [(s, e) for s, e in plan if not (shards / _shard_name(s, e)).is_dir()]
+    print(
+        f"textspan extract (ray): {len(files)} images into {out}, {len(plan)} shards, "
+        f"{len(plan) - len(todo)} done before",
+        flush=True,
+    )
+    if todo:
+        _connect(ray, address)
+        gpus = num_gpus_per_worker
+        if gpus is None:
+            gpus = 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
+        dataset = ray.data.from_items([{"start": s, "end": e} for s, e in todo])
+        written = dataset.map_batches(
+            _ShardWriter,
+            batch_size=1,
+            concurrency=workers,
+            fn_constructor_kwargs={
+                "model": str(model),
+                "pretrained": manifest["pretrained"],
+                "precision": precision,
+                "root": str(root.resolve()),
+                "files": ray.put(files),
+                "out": str(out.resolve()),
+                "dtype": dtype,
+                "batch_size": batch_size,
+                "use_gpu": gpus > 0,
+                "fault": (int(os.environ[KILL_SHARD_ENV]), os.environ[KILL_MARKER_ENV])
+                if KILL_SHARD_ENV in os.environ
+                else None,
+            },
+            # An actor that dies is restarted and its shard retried, however often.
+            max_restarts=-1,
+            max_task_retries=-1,
+            **_worker_resources(ray, workers, gpus),
+        )
+        kill_after = int(os.environ.get(KILL_DRIVER_ENV, "0"))
+        bar = tqdm(
+            total=len(files),
+            initial=len(files) - sum(e - s for s, e in todo),
+            desc="extracting",
+            unit="img",
+            disable=not progress,
+        )
+        for i, row in enumerate(written.iter_rows(), 1):
+            bar.update(int(row["end"]) - int(row["start"]))
+            if kill_after and i >= kill_after:
+                os.kill(os.getpid(), signal.SIGKILL)
+        bar.close()
+    missing = [(s, e) for s, e in plan if not (shards / _shard_name(s, e)).is_dir()]
+    if missing:
+        raise RuntimeError(f"{len(missing)} shards were not written, e.g. rows {missing[0]}")
+    _merge(out, manifest, labels, plan)
+    print(f"done: {out}", flush=True)
+    return open_store(out)
+
+
+class _TextEncoder:
+    """A Ray Data actor: holds the model's text tower, encodes chunks of the pool."""
+
+    def __init__(self, payload: Any, texts: Any, chunk: int, use_gpu: bool) -> None:
+        import ray
+        import torch
+
+        cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
+        torch.set_num_threads(max(1, int(cpus)))
+        model, self.tokenizer, self.batch_size = ray.get(payload)
+        device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
+        self.model = model.to(device).eval()
+        self.texts, self.chunk = ray.get(texts), chunk
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        from .models import encode_texts
+
+        out = [
+            encode_texts(
+                self.model,
+                self.tokenizer,
+                self.texts[int(i) * self.chunk : (int(i) + 1) * self.chunk],
+                batch_size=self.batch_size,
+                progress=False,
+            )
+            for i in batch["index"]
+        ]
+        # One chunk per call (batch_size=1), so the column holds one [n, D] array.
+        return {"index": batch["index"], "embeddings": np.stack(out)}
+
+
+def _on_cpu(model: Any) -> Any:
+    """The model itself if it is on the CPU, else a CPU copy (the caller's stays put)."""
+    import copy
+
+    if next(model.parameters()).device.type == "cpu":
+        return model
+    return copy.deepcopy(model).cpu()
+
+
+def encode_texts_ray(
+    model: Any,
+    tokenizer: Any,
+    texts: list[str],
+    batch_size: int,
+    workers: int,
+    address: str | None = None,
+    num_gpus_per_worker: float | None = None,
+    chunk: int = 8192,
+    progress: bool = True,
+) -> np.ndarray:
+    """`textspan.encode_texts(..., engine="ray")`: the pool in chunks over an actor pool, each
+    actor holding the model; one array [M, D] in the pool's order."""
+    from tqdm.auto import tqdm
+
+    ray = _ray()
+    if workers < 1 or chunk < 1:
+        raise ValueError(f"workers and chunk: expected >= 1, got {workers} and {chunk}")
+    _connect(ray, address)
+    gpus = num_gpus_per_worker
+    if gpus is None:
+        gpus = 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
+    chunks = -(-len(texts) // chunk)
+    encoded = ray.data.from_items([{"index": i} for i in range(chunks)]).map_batches(
+        _TextEncoder,
+        batch_size=1,
+        concurrency=workers,
+        fn_constructor_kwargs={
+            "payload": ray.put((_on_cpu(model), tokenizer, batch_size)),
+            "texts": ray.put(list(texts)),
+            "chunk": chunk,
+            "use_gpu": gpus > 0,
+        },
+        max_restarts=-1,
+        max_task_retries=-1,
+        **_worker_resources(ray, workers, gpus),
+    )
+    parts: dict[int, np.ndarray] = {}
+    bar = tqdm(total=len(texts), desc="encoding texts", unit="text", disable=not progress)
+    for row in encoded.iter_rows():
+        parts[int(row["index"])] = np.asarray(row["embeddings"])
+        bar.update(len(parts[int(row["index"])]))
+    bar.close()
+    return np.concatenate([parts[i] for i in range(chunks)])
