@@ -175,7 +175,9 @@ def test_bad_input_is_named_before_any_work():
         textspan.ablation(src, w.T, progress=False)
     with pytest.raises(ValueError, match="empty store"):
         textspan.ablation(Contributions(src.heads[:0], src.mlps[:0], labels=src.labels[:0]), w)
-    with pytest.raises(ValueError, match=r"heads: \(4, 0\) is outside the model's 4 layers × 3"):
+    with pytest.raises(
+        ValueError, match=r"heads: head \(4, 0\) is outside the model's 4 layers × 3"
+    ):
         textspan.repair(src, w, np.zeros(N, dtype=int), [(4, 0)], progress=False)
     with pytest.raises(ValueError, match=r"attribute: expected an integer spurious attribute"):
         textspan.repair(src, w, np.zeros(N), [(3, 0)], progress=False)

@@ -259,19 +259,24 @@ class ReplacementResult:
     heads: list[Head]
 
 
-def _head_spans(spans: Mapping[Head, SpanResult], layers: int, h: int, d: int) -> list[Head]:
-    if not spans:
-        raise ValueError("spans: expected TextSpan results for at least one head, got none")
-    keys = []
-    for key, span in spans.items():
-        layer, head = key
-        if not (0 <= layer < layers and 0 <= head < h):
+def _heads(heads: Sequence[Head], layers: int, h: int, what: str) -> list[Head]:
+    """(layer, head) pairs as ints, each checked against the model's layers × heads."""
+    checked = [(int(a), int(b)) for a, b in heads]
+    if not checked:
+        raise ValueError(f"{what}: expected at least one head, got none")
+    for key in checked:
+        if not (0 <= key[0] < layers and 0 <= key[1] < h):
             raise ValueError(
-                f"spans: head {key} is outside the model's {layers} layers × {h} heads"
+                f"{what}: head {key} is outside the model's {layers} layers × {h} heads"
             )
+    return checked
+
+
+def _head_spans(spans: Mapping[Head, SpanResult], layers: int, h: int, d: int) -> list[Head]:
+    keys = _heads(list(spans), layers, h, "spans")
+    for key, span in zip(keys, spans.values(), strict=True):
         if not isinstance(span, SpanResult) or span.directions.shape[-1] != d:
             raise ValueError(f"spans[{key}]: expected a SpanResult with D = {d} directions")
-        keys.append((int(layer), int(head)))
     return keys
 
 
@@ -442,15 +447,10 @@ def repair(
             f"attribute: expected an integer spurious attribute per image [{n}], got "
             f"{attr.dtype} {list(attr.shape)}"
         )
-    chosen = [(int(a), int(b)) for a, b in heads]
-    if not chosen:
-        raise ValueError("heads: expected at least one head to ablate, got none")
-    for k in chosen:
-        if not (0 <= k[0] < layers and 0 <= k[1] < h):
-            raise ValueError(f"heads: {k} is outside the model's {layers} layers × {h} heads")
+    chosen = _heads(heads, layers, h, "heads")
     if candidates is None:
         candidates = [(layer, i) for layer in sorted({k[0] for k in chosen}) for i in range(h)]
-    candidates = [(int(a), int(b)) for a, b in candidates]
+    candidates = _heads(candidates, layers, h, "candidates")
     if len(candidates) < len(chosen):
         raise ValueError(f"candidates: expected at least {len(chosen)} heads to draw from")
     rng = np.random.default_rng(seed)
@@ -502,12 +502,7 @@ def retrieve(
       it (dot product: how much the heads write in that direction).
     """
     n, layers, h, d = _shapes(source)
-    chosen = [(int(a), int(b)) for a, b in heads]
-    if not chosen:
-        raise ValueError("heads: expected at least one head, got none")
-    for key in chosen:
-        if not (0 <= key[0] < layers and 0 <= key[1] < h):
-            raise ValueError(f"heads: {key} is outside the model's {layers} layers × {h} heads")
+    chosen = _heads(heads, layers, h, "heads")
     if not 1 <= k < n:
         raise ValueError(f"k: expected 1..{n - 1} neighbours, got {k}")
     b = None
