@@ -86,6 +86,20 @@ def test_load_from_a_checkpoint_path_gives_the_saved_weights(tiny):
         textspan.load("ViT-Q-99", device="cpu")
 
 
+def test_random_weights_are_the_same_in_every_load(tiny):
+    config, _ = tiny
+    torch.manual_seed(1)
+    first, _, _ = textspan.load(config, device="cpu")
+    state = torch.random.get_rng_state()
+    torch.manual_seed(2)
+    second, _, _ = textspan.load(config, device="cpu")
+    for (name, p), q in zip(first.state_dict().items(), second.state_dict().values(), strict=True):
+        torch.testing.assert_close(p, q, msg=name)
+    torch.manual_seed(1)
+    textspan.load(config, device="cpu")
+    assert torch.equal(torch.random.get_rng_state(), state)  # the caller's RNG is untouched
+
+
 def test_texts_and_zero_shot_classifier(tiny):
     config, checkpoint = tiny
     model, _, tokenizer = textspan.load(config, pretrained=checkpoint, device="cpu")

@@ -46,7 +46,8 @@ def load(
         name: an open_clip model name (`open_clip.list_models()`), or a path to a model
             config JSON of your own.
         pretrained: an open_clip pretrained tag (downloaded from the hub, e.g. "openai" or
-            "laion2b_s34b_b79k"), a path to a local checkpoint, or None for random weights.
+            "laion2b_s34b_b79k"), a path to a local checkpoint, or None for random weights
+            (seeded: the same in every process).
         device: "cuda" when available, else "cpu", unless given.
         precision: "fp32", "fp16", "bf16", "pure_fp16" or "pure_bf16" (open_clip's names).
 
@@ -66,12 +67,17 @@ def load(
         looks_like_a_file = os.sep in str(pretrained) or path.suffix in CHECKPOINT_SUFFIXES
         if looks_like_a_file and not path.is_file():
             raise FileNotFoundError(f"pretrained: no such checkpoint file {pretrained}")
-    model, _, preprocess = open_clip.create_model_and_transforms(
-        model_name,
-        pretrained=None if pretrained is None else str(pretrained),
-        device=device or default_device(),
-        precision=precision,
-    )
+    # Random weights are drawn from a fixed seed (the caller's RNG left as it was), so every
+    # process that loads the same name gets the same model: a store extracted by many
+    # workers stays one model's.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            model_name,
+            pretrained=None if pretrained is None else str(pretrained),
+            device=device or default_device(),
+            precision=precision,
+        )
     model.eval()
     return model, preprocess, open_clip.get_tokenizer(model_name)
 
