@@ -18,7 +18,7 @@ RUST_SOURCES := Cargo.toml Cargo.lock pyproject.toml $(wildcard rust/*.rs)
 help:
 	@echo "make demo   set up, then run the main job on the embedded default"
 	@echo "make test   set up, then run every check and test"
-	@echo "make bench  criterion benches and the Python side-by-side benchmark"
+	@echo "make bench  criterion benches and the Python side-by-side benchmarks"
 	@echo "make wheel  build a release wheel into dist/ (make wheel-check installs it fresh)"
 
 # One install step owns every Python dependency (pinned in requirements-dev.txt).
@@ -61,6 +61,7 @@ bench: setup
 	$(PY) benches/bench_textspan.py
 	$(PY) benches/bench_decompose.py
 	$(PY) benches/bench_segmentation.py
+	$(PY) benches/bench_ray.py
 
 wheel: setup
 	$(VENV)/bin/maturin build --release --out dist
