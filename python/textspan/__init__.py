@@ -21,7 +21,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from . import experiments
+from . import experiments, toyworld
 from ._core import get_num_threads, set_num_threads
 from .analysis import (
     Contributions,
@@ -123,5 +123,6 @@ __all__ = [
     "text_span",
     "text_span_from_stats",
     "text_span_heads",
+    "toyworld",
     "zero_shot_classifier",
 ]
