@@ -59,11 +59,45 @@ def _connect(ray: Any, address: str | None) -> None:
     )
 
 
-def _worker_resources(ray: Any, workers: int, gpus: float) -> dict[str, float]:
+def _actor_pool(
+    ray: Any,
+    dataset: Any,
+    actor: type,
+    workers: int,
+    num_gpus_per_worker: float | None,
+    **constructor_kwargs: Any,
+) -> Any:
+    """`dataset` mapped one row at a time by a pool of `workers` actors of class `actor`.
+
+    Each actor gets `num_gpus_per_worker` GPUs (default: 1 when the cluster has GPUs; its
+    constructor is told by `use_gpu`), else an equal share of the CPUs. An actor that dies
+    is restarted and its row retried, however often."""
+    gpus = num_gpus_per_worker
+    if gpus is None:
+        gpus = 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
     if gpus > 0:
-        return {"num_gpus": gpus, "num_cpus": 1}
-    cpus = ray.available_resources().get("CPU", 1)
-    return {"num_cpus": max(1, int(cpus // workers))}
+        resources = {"num_gpus": gpus, "num_cpus": 1}
+    else:
+        cpus = ray.available_resources().get("CPU", 1)
+        resources = {"num_cpus": max(1, int(cpus // workers))}
+    return dataset.map_batches(
+        actor,
+        batch_size=1,
+        concurrency=workers,
+        fn_constructor_kwargs={**constructor_kwargs, "use_gpu": gpus > 0},
+        max_restarts=-1,
+        max_task_retries=-1,
+        **resources,
+    )
+
+
+def _use_assigned_cpus() -> None:
+    """Inside an actor: as many PyTorch threads as the CPUs Ray assigned to it."""
+    import ray
+    import torch
+
+    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
+    torch.set_num_threads(max(1, int(cpus)))
 
 
 def _shard_name(start: int, end: int) -> str:
@@ -96,8 +130,7 @@ class _ShardWriter:
         from .decompose import Decomposer
         from .models import load
 
-        cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
-        torch.set_num_threads(max(1, int(cpus)))
+        _use_assigned_cpus()
         device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
         net, self.preprocess, _ = load(
             model, pretrained=pretrained, device=device, precision=precision
@@ -289,32 +322,23 @@ def extract_ray(
     )
     if todo:
         _connect(ray, address)
-        gpus = num_gpus_per_worker
-        if gpus is None:
-            gpus = 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
-        dataset = ray.data.from_items([{"start": s, "end": e} for s, e in todo])
-        written = dataset.map_batches(
+        written = _actor_pool(
+            ray,
+            ray.data.from_items([{"start": s, "end": e} for s, e in todo]),
             _ShardWriter,
-            batch_size=1,
-            concurrency=workers,
-            fn_constructor_kwargs={
-                "model": str(model),
-                "pretrained": manifest["pretrained"],
-                "precision": precision,
-                "root": str(root.resolve()),
-                "files": ray.put(files),
-                "out": str(out.resolve()),
-                "dtype": dtype,
-                "batch_size": batch_size,
-                "use_gpu": gpus > 0,
-                "fault": (int(os.environ[KILL_SHARD_ENV]), os.environ[KILL_MARKER_ENV])
-                if KILL_SHARD_ENV in os.environ
-                else None,
-            },
-            # An actor that dies is restarted and its shard retried, however often.
-            max_restarts=-1,
-            max_task_retries=-1,
-            **_worker_resources(ray, workers, gpus),
+            workers,
+            num_gpus_per_worker,
+            model=str(model),
+            pretrained=manifest["pretrained"],
+            precision=precision,
+            root=str(root.resolve()),
+            files=ray.put(files),
+            out=str(out.resolve()),
+            dtype=dtype,
+            batch_size=batch_size,
+            fault=(int(os.environ[KILL_SHARD_ENV]), os.environ[KILL_MARKER_ENV])
+            if KILL_SHARD_ENV in os.environ
+            else None,
         )
         kill_after = int(os.environ.get(KILL_DRIVER_ENV, "0"))
         bar = tqdm(
@@ -344,8 +368,7 @@ class _TextEncoder:
         import ray
         import torch
 
-        cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
-        torch.set_num_threads(max(1, int(cpus)))
+        _use_assigned_cpus()
         model, self.tokenizer, self.batch_size = ray.get(payload)
         device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
         self.model = model.to(device).eval()
@@ -396,23 +419,16 @@ def encode_texts_ray(
     if workers < 1 or chunk < 1:
         raise ValueError(f"workers and chunk: expected >= 1, got {workers} and {chunk}")
     _connect(ray, address)
-    gpus = num_gpus_per_worker
-    if gpus is None:
-        gpus = 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
     chunks = -(-len(texts) // chunk)
-    encoded = ray.data.from_items([{"index": i} for i in range(chunks)]).map_batches(
+    encoded = _actor_pool(
+        ray,
+        ray.data.from_items([{"index": i} for i in range(chunks)]),
         _TextEncoder,
-        batch_size=1,
-        concurrency=workers,
-        fn_constructor_kwargs={
-            "payload": ray.put((_on_cpu(model), tokenizer, batch_size)),
-            "texts": ray.put(list(texts)),
-            "chunk": chunk,
-            "use_gpu": gpus > 0,
-        },
-        max_restarts=-1,
-        max_task_retries=-1,
-        **_worker_resources(ray, workers, gpus),
+        workers,
+        num_gpus_per_worker,
+        payload=ray.put((_on_cpu(model), tokenizer, batch_size)),
+        texts=ray.put(list(texts)),
+        chunk=chunk,
     )
     parts: dict[int, np.ndarray] = {}
     bar = tqdm(total=len(texts), desc="encoding texts", unit="text", disable=not progress)
