@@ -41,8 +41,8 @@ demo: setup
 lint: setup
 	cargo fmt --check
 	cargo clippy --all-targets --quiet -- -D warnings
-	$(VENV)/bin/ruff check python tests benches toy
-	$(VENV)/bin/ruff format --check python tests benches toy
+	$(VENV)/bin/ruff check python tests benches
+	$(VENV)/bin/ruff format --check python tests benches
 
 rust-test: setup
 	LD_LIBRARY_PATH=$(PYLIBDIR) cargo test --quiet

@@ -378,28 +378,11 @@ def repair_study(
             ],
         },
     )
-    _repair_plot(folder / "repair.png", result)
+    report.repair_plot(folder / "repair.png", result)
     print("heads ablated: " + ", ".join(f"L{a}.H{b}" for a, b in chosen))
     print(result.table())
     print(f"written: {folder}")
     return result
-
-
-def _repair_plot(path: Path, result: analysis.RepairResult) -> None:
-    plt = report._pyplot()
-    names = ["before", "heads ablated", "best random heads"]
-    groups = [result.before, result.after, result.random_best]
-    fig, ax = plt.subplots(figsize=(6.0, 3.6), dpi=120)
-    x = np.arange(len(names))
-    ax.bar(x - 0.2, [g.worst * 100 for g in groups], 0.4, label="worst group")
-    ax.bar(x + 0.2, [g.average * 100 for g in groups], 0.4, label="average")
-    ax.set_xticks(x, names)
-    ax.set_ylabel("zero-shot accuracy (%)")
-    ax.set_title(f"Mean-ablating {len(result.heads)} heads about the spurious property")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
 
 
 # retrieval ------------------------------------------------------------------------------------

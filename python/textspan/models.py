@@ -43,8 +43,9 @@ def load(
     """An open_clip model in eval mode, its image preprocessing and its tokenizer.
 
     Args:
-        name: an open_clip model name (`open_clip.list_models()`), or a path to a model
-            config JSON of your own.
+        name: an open_clip model name (`open_clip.list_models()`), a path to a model
+            config JSON of your own, or "toy": the embedded toy CLIP (`textspan.toyclip`;
+            `pretrained` may then name a folder written by `textspan toy-train`).
         pretrained: an open_clip pretrained tag (downloaded from the hub, e.g. "openai" or
             "laion2b_s34b_b79k"), a path to a local checkpoint, or None for random weights
             (seeded: the same in every process).
@@ -56,6 +57,10 @@ def load(
     """
     import open_clip
 
+    if str(name) == "toy":
+        from .toyclip import load_toy
+
+        return load_toy(pretrained, device=device or default_device())
     model_name = resolve_model_name(name)
     if model_name not in open_clip.list_models():
         raise ValueError(

@@ -18,6 +18,7 @@ __all__ = [
     "line_plot",
     "output_folder",
     "overlays",
+    "repair_plot",
     "span_html",
     "span_markdown",
     "write_csv",
@@ -84,6 +85,26 @@ def line_plot(
     ax.set_ylabel(ylabel + (" (%)" if percent else ""))
     ax.set_title(title)
     ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def repair_plot(path: Path, result: Any) -> Path:
+    """Worst-group and average accuracy before, after ablating the chosen heads, and for the
+    best random heads (an `analysis.RepairResult`)."""
+    plt = _pyplot()
+    names = ["before", "heads ablated", "best random heads"]
+    groups = [result.before, result.after, result.random_best]
+    fig, ax = plt.subplots(figsize=(6.0, 3.6), dpi=120)
+    x = np.arange(len(names))
+    ax.bar(x - 0.2, [g.worst * 100 for g in groups], 0.4, label="worst group")
+    ax.bar(x + 0.2, [g.average * 100 for g in groups], 0.4, label="average")
+    ax.set_xticks(x, names)
+    ax.set_ylabel("zero-shot accuracy (%)")
+    ax.set_title(f"Mean-ablating {len(result.heads)} heads about the spurious property")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path)

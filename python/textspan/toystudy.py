@@ -1,0 +1,369 @@
+"""The paper's claims checked against ground truth, on the toy CLIP and the toy world.
+
+Every function here returns numbers the tests assert on and the demo reports:
+
+- `head_factors`: TextSpan for every head over a pool of descriptions of the world, and for
+  each head the factor most of its top texts describe, with that share (its purity);
+- `segmentation_check`: zero-shot segmentation of held-out images against their exact
+  masks, by the decomposition and by the raw-attention baseline;
+- `spurious_check`: worst-group accuracy of shape on balanced (shape, background) groups
+  before and after mean-ablating the heads `rank_heads` finds to be about the background,
+  beside random heads;
+- `retrieval_check`: images retrieved by one head share that head's factor with the query.
+
+`study` runs them all and writes the demo's report (`textspan demo`).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import analysis
+from . import toyworld as tw
+from .span import SpanResult, text_span_heads
+from .toyclip import SPURIOUS, to_tensor
+
+__all__ = [
+    "HeadFactor",
+    "decompose",
+    "description_pool",
+    "factor_classifier",
+    "head_factors",
+    "retrieval_check",
+    "segmentation_check",
+    "spurious_check",
+    "study",
+]
+
+Head = tuple[int, int]
+
+
+def description_pool() -> tuple[list[str], list[frozenset[str]]]:
+    """Texts about the world, each naming exactly one factor ("a red object", "a circle",
+    "an object at the top left", "a small object", "an object on a water background"), and
+    the factor each names. With two-factor texts in the pool too, TextSpan picks mostly
+    those (their directions carry more of a head's variance), and a head's top texts stop
+    saying which one factor it is about."""
+    texts, named = [], []
+    for factor in tw.FACTORS:
+        for value in range(len(tw._NAMES[factor])):
+            values = dict.fromkeys(tw.FACTORS, 0) | {factor: value}
+            texts.append(tw.caption(values, {factor}))
+            named.append(frozenset([factor]))
+    return texts, named
+
+
+def factor_classifier(model: Any, tokenizer: Any, factor: str) -> np.ndarray:
+    """[D, C] zero-shot classifier of one factor: the captions naming only that factor."""
+    from .models import encode_texts
+
+    texts = []
+    for v in range(len(tw._NAMES[factor])):
+        values = dict.fromkeys(tw.FACTORS, 0) | {factor: v}
+        texts.append(tw.caption(values, {factor}))
+    return encode_texts(model, tokenizer, texts, progress=False).T.copy()
+
+
+def truth(world: tw.World, factor: str) -> np.ndarray:
+    """[N] the factor's value index per image (first object)."""
+    values = world.factors[factor]
+    return values if values.ndim == 1 else values[:, 0]
+
+
+def decompose(model: Any, world: tw.World, batch_size: int = 250) -> analysis.Contributions:
+    """The direct contributions of every head and MLP for the world's images."""
+    import torch
+
+    from .decompose import Decomposer
+
+    parts = []
+    with torch.no_grad(), Decomposer(model) as decomposer:
+        for start in range(0, len(world), batch_size):
+            d = decomposer.decompose(to_tensor(world.images[start : start + batch_size]))
+            parts.append(analysis.Contributions.from_decomposition(d))
+    return analysis.Contributions(
+        heads=np.concatenate([p.heads for p in parts]),
+        mlps=np.concatenate([p.mlps for p in parts]),
+        class_token=np.concatenate([p.class_token for p in parts]),
+    )
+
+
+@dataclass
+class HeadFactor:
+    """A head, the factor its top TextSpan texts are most about, and how much.
+
+    `purity` weights each top text by the share of the head's variance it explains;
+    `text_share` counts them. The count understates heads of factors with few values: a
+    centred four-valued factor spans three directions, so after three texts a position
+    head's variance is spent and its fourth and fifth texts are noise."""
+
+    head: Head
+    factor: str
+    purity: float
+    text_share: float
+    texts: list[str]
+    explained: float  # share of the head's variance its top texts explain
+
+
+def head_factors(
+    spans: dict[Head, SpanResult], named: list[frozenset[str]], top: int = 5
+) -> list[HeadFactor]:
+    """For each head: the factor its first `top` TextSpan texts are most about (weighted by
+    the variance each explains), with its purity and the plain share of those texts."""
+    out = []
+    for key, span in spans.items():
+        picked = [named[i] for i in span.indices[:top]]
+        weights = np.clip(span.explained[:top], 0, None)
+        shares = _factor_shares(picked, weights)
+        factor = max(shares, key=shares.get)
+        out.append(
+            HeadFactor(
+                key,
+                factor,
+                shares[factor],
+                _factor_shares(picked, np.ones(len(picked)))[factor],
+                list(span.texts or [])[:top],
+                float(span.explained[:top].sum()),
+            )
+        )
+    return out
+
+
+def chance_purity(
+    named: list[frozenset[str]], top: int = 5, draws: int = 4000, seed: int = 0
+) -> float:
+    """The plain share of the top factor among `top` texts drawn at random from the pool
+    (mean over draws): what a head TextSpan could not read would score."""
+    rng = np.random.default_rng(seed)
+    scores = []
+    for _ in range(draws):
+        picked = [named[i] for i in rng.choice(len(named), top, replace=False)]
+        scores.append(max(_factor_shares(picked, np.ones(top)).values()))
+    return float(np.mean(scores))
+
+
+def _factor_shares(picked: list[frozenset[str]], weights: np.ndarray) -> dict[str, float]:
+    """Per factor, the weighted share of the texts about it (a text naming k factors counts
+    1/k for each)."""
+    total = max(float(weights.sum()), 1e-30)
+    return {
+        f: float(sum(w / len(p) for p, w in zip(picked, weights, strict=True) if f in p)) / total
+        for f in tw.FACTORS
+    }
+
+
+def spans_for(
+    contributions: analysis.Contributions,
+    embeddings: np.ndarray,
+    texts: list[str],
+    n_texts: int = 10,
+    progress: bool = False,
+) -> dict[Head, SpanResult]:
+    """TextSpan for every head (rank: the embedding width)."""
+    _, layers, heads, d = contributions.heads.shape
+    found = text_span_heads(
+        contributions.heads, embeddings, n_texts=n_texts, rank=d, texts=texts, progress=progress
+    )
+    return {(a, b): found[a][b] for a in range(layers) for b in range(heads)}
+
+
+def segmentation_check(model: Any, tokenizer: Any, world: tw.World) -> dict[str, Any]:
+    """Segmentation of the world's objects, for the true shape's text, by the decomposition
+    and by the last layer's class-token attention → {method: (scores, Segmentation)}."""
+    from .heatmaps import segment, segmentation_scores
+
+    classifier = factor_classifier(model, tokenizer, "shape")
+    images = to_tensor(world.images)
+    out = {}
+    for method in ("decomposition", "attention"):
+        seg = segment(
+            model, images, classifier, classes=truth(world, "shape"), method=method, progress=False
+        )
+        out[method] = (segmentation_scores(seg.heatmaps, world.masks), seg)
+    return out
+
+
+@dataclass
+class SpuriousCheck:
+    ranked: list[tuple[Head, float]]
+    result: analysis.RepairResult
+    classes: tuple[str, str]
+    backgrounds: tuple[str, str]
+
+
+def spurious_check(
+    model: Any,
+    tokenizer: Any,
+    spans: dict[Head, SpanResult],
+    n_per_group: int = 150,
+    min_score: float = 0.5,
+    draws: int = 20,
+    seed: int = 0,
+) -> SpuriousCheck:
+    """Shape (circle vs triangle) on balanced groups of the training world's correlated
+    pair; the heads to ablate are those `rank_heads` scores at least `min_score` for the
+    keyword "background"."""
+    size = int(model.visual.image_size[0])
+    groups = tw.balanced_groups(n_per_group, SPURIOUS, seed=seed + 7, size=size)
+    classes = tuple(SPURIOUS.pairs)
+    backgrounds = tuple(SPURIOUS.pairs.values())
+    shape, background = groups.names("shape"), groups.names("background")
+    labels = np.array([classes.index(s) for s in shape])
+    attribute = np.array([backgrounds.index(b) for b in background])
+    contributions = decompose(model, groups)
+    contributions.labels = labels
+    full = factor_classifier(model, tokenizer, "shape")
+    classifier = full[:, [tw.SHAPES.index(c) for c in classes]]
+    ranked = analysis.rank_heads(spans, keywords=["background"])
+    chosen = [k for k, s in ranked if s >= min_score]
+    if not chosen:
+        raise ValueError(f"no head scored at least {min_score} for the background")
+    result = analysis.repair(
+        contributions,
+        classifier,
+        attribute,
+        chosen,
+        candidates=list(spans),
+        random_draws=draws,
+        seed=seed,
+        progress=False,
+    )
+    return SpuriousCheck(ranked, result, classes, backgrounds)
+
+
+def retrieval_check(
+    contributions: analysis.Contributions,
+    world: tw.World,
+    head: Head,
+    factor: str,
+    span: SpanResult,
+    k: int = 8,
+    directions: int = 2,
+) -> dict[str, Any]:
+    """Nearest neighbours of 50 query images by one head's contribution projected on its
+    first `directions` TextSpan directions (as `textspan retrieve --project`): per factor,
+    how often a neighbour shares the query's value (`by_head`), beside the same by the
+    whole representation (`by_all`) and by chance. A head about `factor` retrieves images
+    alike in that factor more than in the others."""
+    queries = range(min(50, len(world)))
+    layers, heads = contributions.heads.shape[1:3]
+    every = [(a, b) for a in range(layers) for b in range(heads)]
+    basis = span.directions[:directions]
+    by_head = [
+        analysis.retrieve(contributions, [head], q, k, basis=basis, progress=False) for q in queries
+    ]
+    by_all = [analysis.retrieve(contributions, every, q, k, progress=False) for q in queries]
+
+    def agreement(results: list[analysis.Retrieval], f: str) -> float:
+        values = truth(world, f)
+        return float(
+            np.mean([values[r.indices] == values[q] for q, r in zip(queries, results, strict=True)])
+        )
+
+    def chance(f: str) -> float:
+        counts = np.bincount(truth(world, f))
+        return float(((counts / counts.sum()) ** 2).sum())
+
+    return {
+        "head": head,
+        "factor": factor,
+        "by_head": {f: agreement(by_head, f) for f in tw.FACTORS},
+        "by_all": {f: agreement(by_all, f) for f in tw.FACTORS},
+        "chance": {f: chance(f) for f in tw.FACTORS},
+        "example": by_head[0],
+    }
+
+
+def study(
+    out: str | Path,
+    model_dir: str | Path | None = None,
+    images: int = 2000,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Everything above on the toy CLIP → `out/report.html` (self-contained) and PNGs."""
+    from . import toyreport
+    from .models import encode_texts
+    from .toyclip import load_toy, zero_shot
+
+    timings: dict[str, float] = {}
+    clock = time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        timings[name] = now - clock
+        clock = now
+        if progress:
+            print(f"  {name}: {timings[name]:.1f} s", flush=True)
+
+    model, _, tokenizer = load_toy(model_dir)
+    size = int(model.visual.image_size[0])
+    world = tw.generate(images, seed=20_000, size=size)
+    accuracy = zero_shot(model, tokenizer, world)
+    lap("zero-shot accuracy")
+
+    contributions = decompose(model, world)
+    import torch
+
+    with torch.no_grad():
+        expected = model.encode_image(to_tensor(world.images[:200])).numpy()
+    summed = contributions.heads[:200].sum((1, 2)) + contributions.mlps[:200].sum(1)
+    identity_error = float(np.abs(summed - expected).max() / np.abs(expected).max())
+    lap("decomposition")
+
+    texts, named = description_pool()
+    embeddings = encode_texts(model, tokenizer, texts, progress=False)
+    spans = spans_for(contributions, embeddings, texts)
+    factors = head_factors(spans, named)
+    chance = chance_purity(named)
+    lap("TextSpan for every head")
+
+    ablations = {}
+    for factor in tw.FACTORS:
+        contributions.labels = truth(world, factor)
+        ablations[factor] = analysis.ablation(
+            contributions, factor_classifier(model, tokenizer, factor), progress=False
+        )
+    contributions.labels = None
+    lap("mean-ablations")
+
+    held_out = tw.generate(500, seed=30_000, size=size)
+    segmentation = segmentation_check(model, tokenizer, held_out)
+    lap("segmentation")
+
+    spurious = spurious_check(model, tokenizer, spans)
+    lap("spurious-feature repair")
+
+    best = {}
+    for hf in factors:
+        if hf.factor not in best or hf.purity > best[hf.factor].purity:
+            best[hf.factor] = hf
+    retrievals = [
+        retrieval_check(contributions, world, best[f].head, f, spans[best[f].head])
+        for f in ("colour", "shape", "background", "position")
+        if f in best
+    ]
+    lap("retrieval")
+
+    results = {
+        "zero_shot": accuracy,
+        "identity_error": identity_error,
+        "heads": factors,
+        "chance_purity": chance,
+        "ablation": ablations,
+        "segmentation": segmentation,
+        "spurious": spurious,
+        "retrieval": retrievals,
+        "world": world,
+        "held_out": held_out,
+        "timings": timings,
+    }
+    path = toyreport.write(out, results)
+    lap("report")
+    results["report"] = path
+    return results
