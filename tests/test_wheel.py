@@ -8,6 +8,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import venv
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -25,6 +26,9 @@ def test_wheel_installs_into_a_fresh_environment(tmp_path):
         check=True,
     )
     (wheel,) = dist.glob("textspan-*.whl")
+    # The embedded default model travels in the wheel.
+    names = zipfile.ZipFile(wheel).namelist()
+    assert {"textspan/data/toy/toy.pt", "textspan/data/toy/toy.json"} <= set(names)
     env_dir = tmp_path / "env"
     venv.create(env_dir, with_pip=True)
     python = env_dir / "bin" / "python"

@@ -240,11 +240,16 @@ def write(out: str | Path, r: dict[str, Any]) -> Path:
         _inline(pngs["segmentation"]),
         "<h2>6. Removing a spurious feature by ablating heads</h2>",
         "<p>Shape zero-shot (circle or triangle) on test groups where every (shape, background) "
-        "pair is equally frequent. The model leans on the background it saw with each shape, so "
-        "the groups against the training correlation suffer. <code>rank_heads</code> scores "
-        "each head by how much of its TextSpan variance is explained by texts that mention the "
-        f"background; the heads scoring at least 0.5 (<b>{chosen}</b>) are mean-ablated, beside "
-        f"the best of {len(res.random_draws)} random draws of as many heads.</p>",
+        "pair is equally frequent. In training, circles were on grass and triangles on water "
+        "90% of the time; where a model leans on the background it saw with each shape, the "
+        "groups against that correlation suffer, and mean-ablating the heads about the "
+        "background should help. <code>rank_heads</code> scores each head by how much of its "
+        "TextSpan variance is explained by texts that mention the background; the heads "
+        f"scoring at least 0.5 (<b>{chosen}</b>) are mean-ablated, beside the best of "
+        f"{len(res.random_draws)} random draws of as many heads. (This model reads shape well "
+        "enough that no group suffers, so there is little to repair here; a model trained at "
+        "99% fails the two minority groups completely, and ablating its background heads "
+        "lifts one of them from 2% to 25% but not the other.)</p>",
         _table(["group", "before", "background heads ablated", "best random heads"], group_rows),
         _inline(pngs["repair"]),
         "<h2>7. Retrieval by a head's property</h2>",
