@@ -130,11 +130,7 @@ def to_tensor(images: np.ndarray):
 
 def _factor_matrix(world: tw.World) -> np.ndarray:
     """[N, 5] factor indices of the first object, in FACTORS order."""
-    cols = [
-        world.factors[f] if world.factors[f].ndim == 1 else world.factors[f][:, 0]
-        for f in tw.FACTORS
-    ]
-    return np.stack(cols, 1)
+    return np.stack([world.values(f) for f in tw.FACTORS], 1)
 
 
 def zero_shot(model, tokenizer, world: tw.World, batch_size: int = 500) -> dict[str, float]:
@@ -158,18 +154,12 @@ def _zero_shot(model, tokenizer, world, batch_size, torch, F) -> dict[str, float
     truth = _factor_matrix(world)
     scores = {}
     for k, factor in enumerate(tw.FACTORS):
-        texts = [_single_factor_caption(factor, v) for v in range(len(tw._NAMES[factor]))]
+        texts = [tw.factor_caption(factor, v) for v in range(len(tw._NAMES[factor]))]
         text = F.normalize(model.encode_text(tokenizer(texts)), dim=-1)
         predicted = (image @ text.T).argmax(-1).numpy()
         scores[factor] = float((predicted == truth[:, k]).mean())
     model.train(was_training)
     return scores
-
-
-def _single_factor_caption(factor: str, value: int) -> str:
-    values = dict.fromkeys(tw.FACTORS, 0)
-    values[factor] = value
-    return tw.caption(values, {factor})
 
 
 def train(

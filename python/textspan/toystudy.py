@@ -52,8 +52,7 @@ def description_pool() -> tuple[list[str], list[frozenset[str]]]:
     texts, named = [], []
     for factor in tw.FACTORS:
         for value in range(len(tw._NAMES[factor])):
-            values = dict.fromkeys(tw.FACTORS, 0) | {factor: value}
-            texts.append(tw.caption(values, {factor}))
+            texts.append(tw.factor_caption(factor, value))
             named.append(frozenset([factor]))
     return texts, named
 
@@ -62,17 +61,8 @@ def factor_classifier(model: Any, tokenizer: Any, factor: str) -> np.ndarray:
     """[D, C] zero-shot classifier of one factor: the captions naming only that factor."""
     from .models import encode_texts
 
-    texts = []
-    for v in range(len(tw._NAMES[factor])):
-        values = dict.fromkeys(tw.FACTORS, 0) | {factor: v}
-        texts.append(tw.caption(values, {factor}))
+    texts = [tw.factor_caption(factor, v) for v in range(len(tw._NAMES[factor]))]
     return encode_texts(model, tokenizer, texts, progress=False).T.copy()
-
-
-def truth(world: tw.World, factor: str) -> np.ndarray:
-    """[N] the factor's value index per image (first object)."""
-    values = world.factors[factor]
-    return values if values.ndim == 1 else values[:, 0]
 
 
 def decompose(model: Any, world: tw.World, batch_size: int = 250) -> analysis.Contributions:
@@ -182,7 +172,7 @@ def segmentation_check(model: Any, tokenizer: Any, world: tw.World) -> dict[str,
     out = {}
     for method in ("decomposition", "attention"):
         seg = segment(
-            model, images, classifier, classes=truth(world, "shape"), method=method, progress=False
+            model, images, classifier, classes=world.values("shape"), method=method, progress=False
         )
         out[method] = (segmentation_scores(seg.heatmaps, world.masks), seg)
     return out
@@ -260,13 +250,13 @@ def retrieval_check(
     by_all = [analysis.retrieve(contributions, every, q, k, progress=False) for q in queries]
 
     def agreement(results: list[analysis.Retrieval], f: str) -> float:
-        values = truth(world, f)
+        values = world.values(f)
         return float(
             np.mean([values[r.indices] == values[q] for q, r in zip(queries, results, strict=True)])
         )
 
     def chance(f: str) -> float:
-        counts = np.bincount(truth(world, f))
+        counts = np.bincount(world.values(f))
         return float(((counts / counts.sum()) ** 2).sum())
 
     return {
@@ -325,7 +315,7 @@ def study(
 
     ablations = {}
     for factor in tw.FACTORS:
-        contributions.labels = truth(world, factor)
+        contributions.labels = world.values(factor)
         ablations[factor] = analysis.ablation(
             contributions, factor_classifier(model, tokenizer, factor), progress=False
         )

@@ -32,6 +32,7 @@ __all__ = [
     "World",
     "balanced_groups",
     "caption",
+    "factor_caption",
     "generate",
 ]
 
@@ -101,10 +102,14 @@ class World:
     def __len__(self) -> int:
         return len(self.images)
 
+    def values(self, factor: str) -> np.ndarray:
+        """[N] the factor's value index per image (first object for object factors)."""
+        values = self.factors[factor]
+        return values if values.ndim == 1 else values[:, 0]
+
     def names(self, factor: str) -> np.ndarray:
         """The factor's value names per image (first object for object factors)."""
-        values = self.factors[factor]
-        return np.array(_NAMES[factor])[values if values.ndim == 1 else values[:, 0]]
+        return np.array(_NAMES[factor])[self.values(factor)]
 
 
 def _shape_mask(shape: str, dy: np.ndarray, dx: np.ndarray, r: float) -> np.ndarray:
@@ -142,6 +147,12 @@ def caption(values: dict[str, int | list[int]], named: set[str] | None = None) -
     if "background" in named:
         text += f" on a {tuple(BACKGROUNDS)[int(values['background'])]} background"
     return text
+
+
+def factor_caption(factor: str, value: int) -> str:
+    """The caption naming only `factor` at `value` ("a red object", "a circle")."""
+    values = dict.fromkeys(FACTORS, 0) | {factor: value}
+    return caption(values, {factor})
 
 
 def _draw(
