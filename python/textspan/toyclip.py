@@ -139,26 +139,22 @@ def zero_shot(model, tokenizer, world: tw.World, batch_size: int = 500) -> dict[
     import torch.nn.functional as F
 
     with torch.no_grad():
-        return _zero_shot(model, tokenizer, world, batch_size, torch, F)
-
-
-def _zero_shot(model, tokenizer, world, batch_size, torch, F) -> dict[str, float]:
-    was_training = model.training
-    model.eval()
-    image = torch.cat(
-        [
-            F.normalize(model.encode_image(to_tensor(world.images[i : i + batch_size])), dim=-1)
-            for i in range(0, len(world), batch_size)
-        ]
-    )
-    truth = _factor_matrix(world)
-    scores = {}
-    for k, factor in enumerate(tw.FACTORS):
-        texts = [tw.factor_caption(factor, v) for v in range(len(tw._NAMES[factor]))]
-        text = F.normalize(model.encode_text(tokenizer(texts)), dim=-1)
-        predicted = (image @ text.T).argmax(-1).numpy()
-        scores[factor] = float((predicted == truth[:, k]).mean())
-    model.train(was_training)
+        was_training = model.training
+        model.eval()
+        image = torch.cat(
+            [
+                F.normalize(model.encode_image(to_tensor(world.images[i : i + batch_size])), dim=-1)
+                for i in range(0, len(world), batch_size)
+            ]
+        )
+        truth = _factor_matrix(world)
+        scores = {}
+        for k, factor in enumerate(tw.FACTORS):
+            texts = [tw.factor_caption(factor, v) for v in range(len(tw._NAMES[factor]))]
+            text = F.normalize(model.encode_text(tokenizer(texts)), dim=-1)
+            predicted = (image @ text.T).argmax(-1).numpy()
+            scores[factor] = float((predicted == truth[:, k]).mean())
+        model.train(was_training)
     return scores
 
 
