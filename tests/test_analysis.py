@@ -220,3 +220,23 @@ def test_default_pool_is_large_varied_and_deterministic(tmp_path):
     f.write_text("\n \n")
     with pytest.raises(ValueError, match="expected one text per line, got an empty file"):
         textspan.load_texts(f)
+
+
+def test_repair_head_count_keeps_the_count_with_the_best_worst_group():
+    src, w = world(n=400)
+    rng = np.random.default_rng(4)
+    attribute = rng.integers(0, C, len(src.labels))
+    spurious = [(3, 1), (2, 0)]  # they write the attribute's class direction
+    for a, b in spurious:
+        src.heads[:, a, b] += 0.8 * w[:, attribute].T
+    ranked = [*spurious, (3, 0), (2, 2)]  # the last two carry the class: ablating them hurts
+    count, worst = textspan.repair_head_count(src, w, attribute, ranked)
+    assert list(worst) == [1, 2, 3, 4] and count == 2
+    results = {
+        k: textspan.repair(src, w, attribute, ranked[:k], random_draws=0, progress=False)
+        for k in worst
+    }
+    assert worst == {k: r.after.worst for k, r in results.items()}
+    assert worst[2] > worst[1] > results[1].before.worst and worst[2] > worst[4]
+    with pytest.raises(ValueError, match="between 1 and the 4 ranked heads"):
+        textspan.repair_head_count(src, w, attribute, ranked, counts=[5])

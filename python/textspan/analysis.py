@@ -31,6 +31,7 @@ __all__ = [
     "group_accuracy",
     "rank_heads",
     "repair",
+    "repair_head_count",
     "replacement",
     "retrieve",
     "term_means",
@@ -412,12 +413,24 @@ class RepairResult:
     random_best: GroupAccuracy
     random_draws: list[tuple[list[Head], GroupAccuracy]]
 
+    @property
+    def random_mean(self) -> tuple[float, float]:
+        """Worst-group and average accuracy of the random draws, averaged over the draws
+        (what ablating as many heads at random does, not the luckiest draw)."""
+        draws = [g for _, g in self.random_draws] or [self.before]
+        return float(np.mean([g.worst for g in draws])), float(np.mean([g.average for g in draws]))
+
     def table(self) -> str:
-        rows = [("before", self.before), ("heads ablated", self.after)]
-        rows.append((f"best of {len(self.random_draws)} random draws", self.random_best))
+        named = [("before", self.before), ("heads ablated", self.after)]
+        named.append((f"best of {len(self.random_draws)} random draws", self.random_best))
+        rows = [(name, g.worst, g.average) for name, g in named]
+        if self.random_draws:
+            rows.append(("mean of the random draws", *self.random_mean))
         width = max(len(r[0]) for r in rows)
         lines = [f"{'':<{width}}  worst-group  average"]
-        lines += [f"{name:<{width}}  {g.worst:11.2%}  {g.average:7.2%}" for name, g in rows]
+        lines += [
+            f"{name:<{width}}  {worst:11.2%}  {average:7.2%}" for name, worst, average in rows
+        ]
         return "\n".join(lines)
 
 
@@ -473,6 +486,34 @@ def repair(
     random = list(zip(draws, accuracies[2:], strict=True))
     best = max((g for _, g in random), key=lambda g: g.worst) if random else accuracies[0]
     return RepairResult(chosen, accuracies[0], accuracies[1], best, random)
+
+
+def repair_head_count(
+    source: Any,
+    classifier: Any,
+    attribute: Any,
+    ranked: Sequence[Head],
+    counts: Sequence[int] | None = None,
+    means: Any = None,
+) -> tuple[int, dict[int, float]]:
+    """How many of `ranked` (best first, as `rank_heads` orders them) to mean-ablate: the
+    count with the highest worst-group accuracy on `source`, which should be validation
+    images, not those the repair is then scored on. Ties go to fewer heads. Returns the
+    count and the worst-group accuracy of every count tried (default: 1 to all)."""
+    ranked = list(ranked)
+    counts = list(counts) if counts is not None else list(range(1, len(ranked) + 1))
+    if not ranked or not counts or min(counts) < 1 or max(counts) > len(ranked):
+        raise ValueError(
+            f"counts: expected numbers between 1 and the {len(ranked)} ranked heads, got {counts}"
+        )
+    worst = {
+        k: repair(
+            source, classifier, attribute, ranked[:k], ranked, 0, means, progress=False
+        ).after.worst
+        for k in counts
+    }
+    best = max(worst.values())
+    return min(k for k, w in worst.items() if w == best), worst
 
 
 @dataclass

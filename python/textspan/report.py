@@ -94,14 +94,15 @@ def line_plot(
 
 def repair_plot(path: Path, result: Any) -> Path:
     """Worst-group and average accuracy before, after ablating the chosen heads, and for the
-    best random heads (an `analysis.RepairResult`)."""
+    best and the mean of the random draws of as many heads (an `analysis.RepairResult`)."""
     plt = _pyplot()
-    names = ["before", "heads ablated", "best random heads"]
-    groups = [result.before, result.after, result.random_best]
-    fig, ax = plt.subplots(figsize=(6.0, 3.6), dpi=120)
+    names = ["before", "heads ablated", "best random heads", "mean random heads"]
+    bars = [(g.worst, g.average) for g in (result.before, result.after, result.random_best)]
+    bars.append(result.random_mean)
+    fig, ax = plt.subplots(figsize=(6.4, 3.6), dpi=120)
     x = np.arange(len(names))
-    ax.bar(x - 0.2, [g.worst * 100 for g in groups], 0.4, label="worst group")
-    ax.bar(x + 0.2, [g.average * 100 for g in groups], 0.4, label="average")
+    ax.bar(x - 0.2, [worst * 100 for worst, _ in bars], 0.4, label="worst group")
+    ax.bar(x + 0.2, [average * 100 for _, average in bars], 0.4, label="average")
     ax.set_xticks(x, names)
     ax.set_ylabel("zero-shot accuracy (%)")
     ax.set_title(f"Mean-ablating {len(result.heads)} heads about the spurious property")
