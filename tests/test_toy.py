@@ -3,8 +3,6 @@ toy world's ground truth on the committed checkpoint (the embedded default model
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 import torch
@@ -85,14 +83,20 @@ def toy():
     return model, tokenizer, world, contributions, spans, named
 
 
-def test_the_embedded_model_is_the_committed_checkpoint_and_knows_every_factor(toy):
-    model, tokenizer, *_ = toy
-    meta = json.loads((toyclip.TOY_DIR / "toy.json").read_text())
-    assert (toyclip.TOY_DIR / "toy.pt").stat().st_size < 20e6
+@pytest.mark.parametrize("name", ["toy", "toy-spurious"])
+def test_the_embedded_models_are_the_committed_checkpoints(name):
+    model, _, tokenizer = textspan.load(name, device="cpu")
+    folder = {"toy": toyclip.TOY_DIR, "toy-spurious": toyclip.SPURIOUS_DIR}[name]
+    meta = toyclip.toy_meta(folder)
+    assert (folder / "toy.pt").stat().st_size < 20e6
     held_out = tw.generate(1000, seed=meta["train"]["seed"] + 10_000, size=48)
     accuracy = toyclip.zero_shot(model, tokenizer, held_out)
     assert accuracy == pytest.approx(meta["zero_shot"], abs=1e-6)
-    assert min(accuracy.values()) >= 0.8, accuracy
+
+
+def test_the_embedded_model_knows_every_factor():
+    accuracy = toyclip.toy_meta()["zero_shot"]
+    assert set(accuracy) == set(tw.FACTORS) and min(accuracy.values()) >= 0.8, accuracy
 
 
 def test_the_decomposition_identity_holds_on_the_toy_model(toy):
@@ -118,6 +122,17 @@ def test_segmentation_by_the_decomposition_beats_raw_attention():
     scores = {m: s for m, (s, _) in toystudy.segmentation_check(model, tokenizer, held_out).items()}
     ours, baseline = scores["decomposition"], scores["attention"]
     assert ours["miou"] > baseline["miou"] and ours["pixel_accuracy"] > baseline["pixel_accuracy"]
+
+
+def test_ablating_the_background_heads_repairs_the_model_that_leans_on_the_background():
+    check = toystudy.spurious_study()
+    res = check.result
+    assert check.trained["train"]["spurious_strength"] > toyclip.SPURIOUS.strength
+    order = [k for k, _ in check.ranked]
+    assert res.heads == order[: len(res.heads)], "the ablated heads are the most background ones"
+    assert max(res.before.groups.values()) - res.before.worst >= 0.2, res.table()
+    assert res.after.worst - res.before.worst >= 0.10, res.table()
+    assert res.after.worst > res.random_best.worst, res.table()
 
 
 @pytest.mark.parametrize("factor", ["colour", "shape"])

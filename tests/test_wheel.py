@@ -26,9 +26,12 @@ def test_wheel_installs_into_a_fresh_environment(tmp_path):
         check=True,
     )
     (wheel,) = dist.glob("textspan-*.whl")
-    # The embedded default model travels in the wheel.
+    # The embedded toy models travel in the wheel.
     names = zipfile.ZipFile(wheel).namelist()
-    assert {"textspan/data/toy/toy.pt", "textspan/data/toy/toy.json"} <= set(names)
+    embedded = {
+        f"textspan/data/{m}/toy.{e}" for m in ("toy", "toy-spurious") for e in ("pt", "json")
+    }
+    assert embedded <= set(names)
     env_dir = tmp_path / "env"
     venv.create(env_dir, with_pip=True)
     python = env_dir / "bin" / "python"

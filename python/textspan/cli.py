@@ -14,7 +14,7 @@ def _demo(args: argparse.Namespace) -> int:
     print("world's ground truth (decomposition, TextSpan for every head, mean-ablations,")
     print("segmentation, spurious-feature repair, retrieval by a head)")
     start = time.perf_counter()
-    r = study(args.out, model_dir=args.model, images=args.images)
+    r = study(args.out, model_dir=args.model, images=args.images, spurious_dir=args.spurious_model)
     print()
     print("held-out zero-shot: " + ", ".join(f"{k} {v:.1%}" for k, v in r["zero_shot"].items()))
     print(f"decomposition identity: largest relative error {r['identity_error']:.1e}")
@@ -33,9 +33,11 @@ def _demo(args: argparse.Namespace) -> int:
             f"mIoU {scores['miou']:.1%}, mAP {scores['map']:.1%}"
         )
     res = r["spurious"].result
+    strength = r["spurious"].trained["train"]["spurious_strength"]
     print(
-        f"spurious background: worst-group {res.before.worst:.1%} -> {res.after.worst:.1%} "
-        f"ablating {len(res.heads)} background heads (best random: {res.random_best.worst:.1%})"
+        f"spurious background (model trained at {strength:.0%}): worst-group "
+        f"{res.before.worst:.1%} -> {res.after.worst:.1%} ablating {len(res.heads)} background "
+        f"heads (best random: {res.random_best.worst:.1%})"
     )
     print(f"report: {r['report']}  ({time.perf_counter() - start:.0f} s)")
     return 0
@@ -240,6 +242,12 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--images", type=int, default=2000, help="toy images to analyse")
     demo.add_argument(
         "--model", default=None, help="a folder from `textspan toy-train` (default: embedded)"
+    )
+    demo.add_argument(
+        "--spurious-model",
+        default=None,
+        help="the toy-train folder of the model the spurious-feature repair runs on "
+        "(default: the embedded one trained to lean on the background)",
     )
     demo.set_defaults(run=_demo)
 

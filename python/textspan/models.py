@@ -44,8 +44,9 @@ def load(
 
     Args:
         name: an open_clip model name (`open_clip.list_models()`), a path to a model
-            config JSON of your own, or "toy": the embedded toy CLIP (`textspan.toyclip`;
-            `pretrained` may then name a folder written by `textspan toy-train`).
+            config JSON of your own, "toy": the embedded toy CLIP (`textspan.toyclip`;
+            `pretrained` may then name a folder written by `textspan toy-train`), or
+            "toy-spurious": the toy CLIP trained to lean on the background.
         pretrained: an open_clip pretrained tag (downloaded from the hub, e.g. "openai" or
             "laion2b_s34b_b79k"), a path to a local checkpoint, or None for random weights
             (seeded: the same in every process).
@@ -57,9 +58,11 @@ def load(
     """
     import open_clip
 
-    if str(name) == "toy":
-        from .toyclip import load_toy
+    if str(name) in ("toy", "toy-spurious"):
+        from .toyclip import SPURIOUS_DIR, load_toy
 
+        if pretrained is None and str(name) == "toy-spurious":
+            pretrained = SPURIOUS_DIR
         return load_toy(pretrained, device=device or default_device())
     model_name = resolve_model_name(name)
     if model_name not in open_clip.list_models():

@@ -34,9 +34,21 @@ from . import toyworld as tw
 
 # PyTorch is imported inside the functions that need it: the CLI reads ToyConfig without it.
 
-__all__ = ["TOY_DIR", "ToyConfig", "WordTokenizer", "load_toy", "train", "zero_shot"]
+__all__ = [
+    "SPURIOUS_DIR",
+    "TOY_DIR",
+    "ToyConfig",
+    "WordTokenizer",
+    "load_toy",
+    "toy_meta",
+    "train",
+    "zero_shot",
+]
 
 TOY_DIR = Path(__file__).parent / "data" / "toy"
+# The same recipe trained with the correlated pair much stronger: a model that leans on the
+# background, for the spurious-feature repair (`toystudy.spurious_study`).
+SPURIOUS_DIR = Path(__file__).parent / "data" / "toy-spurious"
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
 CONTEXT_LENGTH = 24
 EXTRA_WORDS = ("a", "an", "at", "the", "on", "background", "object", "and", "in")
@@ -313,18 +325,24 @@ def load_toy(path: str | Path | None = None, device: str = "cpu"):
     import torch
 
     folder = Path(path) if path is not None else TOY_DIR
-    meta_path, weights = folder / "toy.json", folder / "toy.pt"
-    if not meta_path.is_file() or not weights.is_file():
-        raise FileNotFoundError(f"toy model: expected toy.json and toy.pt in {folder}")
-    meta = json.loads(meta_path.read_text())
+    meta = toy_meta(folder)
     model = open_clip.CLIP(**meta["model"])
-    model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    model.load_state_dict(torch.load(folder / "toy.pt", map_location="cpu", weights_only=True))
     model.to(device).eval()
     size = meta["model"]["vision_cfg"]["image_size"]
     preprocess = open_clip.image_transform(
         size, is_train=False, mean=tuple(meta["mean"]), std=tuple(meta["std"])
     )
     return model, preprocess, WordTokenizer(meta["vocabulary"])
+
+
+def toy_meta(path: str | Path | None = None) -> dict:
+    """A toy model folder's toy.json (default: the embedded model's): its architecture,
+    vocabulary, training settings and held-out zero-shot accuracy."""
+    folder = Path(path) if path is not None else TOY_DIR
+    if not (folder / "toy.json").is_file() or not (folder / "toy.pt").is_file():
+        raise FileNotFoundError(f"toy model: expected toy.json and toy.pt in {folder}")
+    return json.loads((folder / "toy.json").read_text())
 
 
 def describe(meta: dict) -> str:
