@@ -18,8 +18,9 @@ from textspan import distributed
 ARRAYS = ("heads", "mlps", "class_token", "representation")
 
 # Ray's own noise, not ours, so not errors here: starting a node leaves its handles on
-# /dev/null unclosed (ResourceWarning, reported by pytest as unraisable), and Ray Data reads
-# a deprecated setting of its own (DeprecationWarning from ray.*).
+# /dev/null unclosed (ResourceWarning, reported by pytest as unraisable; pyproject.toml
+# ignores those in every test, as they may be collected later), and Ray Data reads a
+# deprecated setting of its own (DeprecationWarning from ray.*).
 pytestmark = [
     pytest.mark.filterwarnings("ignore::ResourceWarning"),
     pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning"),
