@@ -242,10 +242,10 @@ def write(out: str | Path, r: dict[str, Any]) -> Path:
         _table(["method", "pixel accuracy", "mIoU", "mAP"], seg_rows),
         _inline(pngs["segmentation"]),
         "<h2>6. Removing a spurious feature by ablating heads</h2>",
-        "<p>The model above reads shape well enough that its training correlation costs it "
-        "little: on the balanced groups below its worst-group accuracy is "
-        f"{_pct(r['spurious_on_this_model'].worst)}. To see a spurious feature removed, the "
-        "same recipe was trained with circles on grass and triangles on water "
+        "<p>On balanced groups like those below, the model above has a worst-group accuracy "
+        f"of {_pct(r['spurious_on_this_model'].worst)}: it reads shape despite its training "
+        "correlation. To see a spurious feature removed, the same recipe was trained with "
+        "circles on grass and triangles on water "
         f"<b>{strength:.0%}</b> of the time (<code>textspan toy-train --spurious-strength "
         f"{strength:g}</code>; held-out zero-shot: {trained_accuracy}). Shape zero-shot "
         "(circle or triangle) on test groups where every (shape, background) pair is equally "
@@ -256,8 +256,7 @@ def write(out: str | Path, r: dict[str, Any]) -> Path:
         f"(<b>{len(res.heads)}</b> heads, {_pct(spurious.validation[len(res.heads)])} on that "
         f"draw); <code>repair</code> then scores them (<b>{chosen}</b>) on a fresh draw, beside "
         f"{len(res.random_draws)} random draws of as many heads (their best, and their mean "
-        f"worst-group accuracy: {_pct(random_mean)}). The background's pull is spread over "
-        "many heads and the MLPs of this small model, so a few heads are not enough.</p>",
+        f"worst-group accuracy: {_pct(random_mean)}).</p>",
         _table(["group", "before", "background heads ablated", "best random heads"], group_rows),
         _inline(pngs["repair"]),
         "<h2>7. Retrieval by a head's property</h2>",
