@@ -451,15 +451,7 @@ def repair(
     before and after, beside the best of `random_draws` random sets of as many heads drawn
     from `candidates` (default: every head of the layers `heads` come from).
     """
-    n, layers, h, d = _shapes(source)
-    w = _classifier(classifier, d)
-    labels = _labels(source, n, w.shape[1])
-    attr = np.asarray(attribute)
-    if attr.shape != (n,) or not np.issubdtype(attr.dtype, np.integer):
-        raise ValueError(
-            f"attribute: expected an integer spurious attribute per image [{n}], got "
-            f"{attr.dtype} {list(attr.shape)}"
-        )
+    _, layers, h, _ = _shapes(source)
     chosen = _heads(heads, layers, h, "heads")
     if candidates is None:
         candidates = [(layer, i) for layer in sorted({k[0] for k in chosen}) for i in range(h)]
@@ -471,18 +463,9 @@ def repair(
         [candidates[i] for i in rng.choice(len(candidates), len(chosen), replace=False)]
         for _ in range(random_draws)
     ]
-    sets = [chosen, *draws]
-    mu = _means_for(source, means, progress)
-    correct = np.zeros((1 + len(sets), n), dtype=bool)
-    for rows in _chunks(n, progress, "repair"):
-        x = _f32(source.heads, rows)
-        rep = x.sum((1, 2)) + _f32(source.mlps, rows).sum(1)
-        reps = [rep]
-        for s in sets:
-            idx = tuple(np.array(s).T)
-            reps.append(rep - (x[:, idx[0], idx[1]] - mu.heads[idx].astype(np.float32)).sum(1))
-        correct[:, rows] = (np.stack(reps) @ w).argmax(-1) == labels[rows]
-    accuracies = [group_accuracy(c, labels, attr) for c in correct]
+    accuracies = _ablated_group_accuracies(
+        source, classifier, attribute, [chosen, *draws], means, progress
+    )
     random = list(zip(draws, accuracies[2:], strict=True))
     best = max((g for _, g in random), key=lambda g: g.worst) if random else accuracies[0]
     return RepairResult(chosen, accuracies[0], accuracies[1], best, random)
@@ -495,25 +478,57 @@ def repair_head_count(
     ranked: Sequence[Head],
     counts: Sequence[int] | None = None,
     means: Any = None,
+    progress: bool = False,
 ) -> tuple[int, dict[int, float]]:
     """How many of `ranked` (best first, as `rank_heads` orders them) to mean-ablate: the
     count with the highest worst-group accuracy on `source`, which should be validation
     images, not those the repair is then scored on. Ties go to fewer heads. Returns the
     count and the worst-group accuracy of every count tried (default: 1 to all)."""
-    ranked = list(ranked)
+    _, layers, h, _ = _shapes(source)
+    ranked = _heads(ranked, layers, h, "ranked")
     counts = list(counts) if counts is not None else list(range(1, len(ranked) + 1))
-    if not ranked or not counts or min(counts) < 1 or max(counts) > len(ranked):
+    if not counts or min(counts) < 1 or max(counts) > len(ranked):
         raise ValueError(
             f"counts: expected numbers between 1 and the {len(ranked)} ranked heads, got {counts}"
         )
-    worst = {
-        k: repair(
-            source, classifier, attribute, ranked[:k], ranked, 0, means, progress=False
-        ).after.worst
-        for k in counts
-    }
+    accuracies = _ablated_group_accuracies(
+        source, classifier, attribute, [ranked[:k] for k in counts], means, progress
+    )
+    worst = {k: g.worst for k, g in zip(counts, accuracies[1:], strict=True)}
     best = max(worst.values())
     return min(k for k, w in worst.items() if w == best), worst
+
+
+def _ablated_group_accuracies(
+    source: Any,
+    classifier: Any,
+    attribute: Any,
+    sets: list[list[Head]],
+    means: Any,
+    progress: bool,
+) -> list[GroupAccuracy]:
+    """Group accuracies with nothing ablated, then with each set of heads mean-ablated: one
+    pass over the source for all of them."""
+    n, _, _, d = _shapes(source)
+    w = _classifier(classifier, d)
+    labels = _labels(source, n, w.shape[1])
+    attr = np.asarray(attribute)
+    if attr.shape != (n,) or not np.issubdtype(attr.dtype, np.integer):
+        raise ValueError(
+            f"attribute: expected an integer spurious attribute per image [{n}], got "
+            f"{attr.dtype} {list(attr.shape)}"
+        )
+    mu = _means_for(source, means, progress)
+    correct = np.zeros((1 + len(sets), n), dtype=bool)
+    for rows in _chunks(n, progress, "repair"):
+        x = _f32(source.heads, rows)
+        rep = x.sum((1, 2)) + _f32(source.mlps, rows).sum(1)
+        reps = [rep]
+        for s in sets:
+            idx = tuple(np.array(s).T)
+            reps.append(rep - (x[:, idx[0], idx[1]] - mu.heads[idx].astype(np.float32)).sum(1))
+        correct[:, rows] = (np.stack(reps) @ w).argmax(-1) == labels[rows]
+    return [group_accuracy(c, labels, attr) for c in correct]
 
 
 @dataclass
