@@ -8,6 +8,7 @@ import time
 
 
 def _demo(args: argparse.Namespace) -> int:
+    from .toyclip import describe
     from .toystudy import study
 
     print("textspan demo: the paper's method on the embedded toy CLIP, checked against the toy")
@@ -16,7 +17,7 @@ def _demo(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     r = study(args.out, model_dir=args.model, images=args.images, spurious_dir=args.spurious_model)
     print()
-    print("held-out zero-shot: " + ", ".join(f"{k} {v:.1%}" for k, v in r["zero_shot"].items()))
+    print(describe(r))
     print(f"decomposition identity: largest relative error {r['identity_error']:.1e}")
     specific = sorted((h for h in r["heads"] if h.purity >= 0.8), key=lambda h: -h.purity)
     print(

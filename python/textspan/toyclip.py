@@ -162,8 +162,7 @@ def zero_shot(model, tokenizer, world: tw.World, batch_size: int = 500) -> dict[
         truth = _factor_matrix(world)
         scores = {}
         for k, factor in enumerate(tw.FACTORS):
-            texts = [tw.factor_caption(factor, v) for v in range(len(tw._NAMES[factor]))]
-            text = F.normalize(model.encode_text(tokenizer(texts)), dim=-1)
+            text = F.normalize(model.encode_text(tokenizer(tw.factor_captions(factor))), dim=-1)
             predicted = (image @ text.T).argmax(-1).numpy()
             scores[factor] = float((predicted == truth[:, k]).mean())
         model.train(was_training)
@@ -346,4 +345,6 @@ def toy_meta(path: str | Path | None = None) -> dict:
 
 
 def describe(meta: dict) -> str:
+    """One line of per-factor zero-shot accuracies, from a toy.json or anything with its
+    "zero_shot" entry."""
     return "held-out zero-shot: " + _percent(meta["zero_shot"])

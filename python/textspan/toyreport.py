@@ -12,6 +12,7 @@ import numpy as np
 
 from . import report
 from . import toyworld as tw
+from .toyclip import describe
 
 FACTOR_COLOURS = {
     "shape": "#e07b39",
@@ -155,7 +156,7 @@ def write(out: str | Path, r: dict[str, Any]) -> Path:
     chosen = ", ".join(f"L{a}.H{b}" for a, b in res.heads)
     strength = spurious.trained["train"]["spurious_strength"]
     random_mean, _ = res.random_mean
-    trained_accuracy = ", ".join(f"{k} {_pct(v)}" for k, v in spurious.trained["zero_shot"].items())
+    trained_accuracy = describe(spurious.trained)
     group_rows = [
         [
             f"{spurious.classes[y]} on {spurious.backgrounds[a]}",
@@ -247,7 +248,7 @@ def write(out: str | Path, r: dict[str, Any]) -> Path:
         "correlation. To see a spurious feature removed, the same recipe was trained with "
         "circles on grass and triangles on water "
         f"<b>{strength:.0%}</b> of the time (<code>textspan toy-train --spurious-strength "
-        f"{strength:g}</code>; held-out zero-shot: {trained_accuracy}). Shape zero-shot "
+        f"{strength:g}</code>; {trained_accuracy}). Shape zero-shot "
         "(circle or triangle) on test groups where every (shape, background) pair is equally "
         "frequent: the groups against the correlation suffer. <code>rank_heads</code> orders "
         "this model's heads by how much of their TextSpan variance texts that mention the "

@@ -52,9 +52,9 @@ def description_pool() -> tuple[list[str], list[frozenset[str]]]:
     saying which one factor it is about."""
     texts, named = [], []
     for factor in tw.FACTORS:
-        for value in range(len(tw._NAMES[factor])):
-            texts.append(tw.factor_caption(factor, value))
-            named.append(frozenset([factor]))
+        captions = tw.factor_captions(factor)
+        texts += captions
+        named += [frozenset([factor])] * len(captions)
     return texts, named
 
 
@@ -62,8 +62,7 @@ def factor_classifier(model: Any, tokenizer: Any, factor: str) -> np.ndarray:
     """[D, C] zero-shot classifier of one factor: the captions naming only that factor."""
     from .models import encode_texts
 
-    texts = [tw.factor_caption(factor, v) for v in range(len(tw._NAMES[factor]))]
-    return encode_texts(model, tokenizer, texts, progress=False).T.copy()
+    return encode_texts(model, tokenizer, tw.factor_captions(factor), progress=False).T.copy()
 
 
 def decompose(model: Any, world: tw.World, batch_size: int = 250) -> analysis.Contributions:

@@ -32,7 +32,7 @@ __all__ = [
     "World",
     "balanced_groups",
     "caption",
-    "factor_caption",
+    "factor_captions",
     "generate",
 ]
 
@@ -149,10 +149,13 @@ def caption(values: dict[str, int | list[int]], named: set[str] | None = None) -
     return text
 
 
-def factor_caption(factor: str, value: int) -> str:
-    """The caption naming only `factor` at `value` ("a red object", "a circle")."""
-    values = dict.fromkeys(FACTORS, 0) | {factor: value}
-    return caption(values, {factor})
+def factor_captions(factor: str) -> list[str]:
+    """The captions naming only `factor`, one per value in value order ("a red object",
+    "a green object", …): the zero-shot classes of that factor."""
+    return [
+        caption(dict.fromkeys(FACTORS, 0) | {factor: value}, {factor})
+        for value in range(len(_NAMES[factor]))
+    ]
 
 
 def _draw(
