@@ -6,12 +6,11 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-# cargo test / clippy / bench link libpython through pyo3: point them at the venv's Python.
+# The bindings crate is built by maturin with the venv's Python; clippy checks it with the same.
 export PYO3_PYTHON := $(abspath $(PY))
-PYLIBDIR = $(shell $(PY) -c 'import sysconfig; print(sysconfig.get_config_var("LIBDIR"))')
 DEPS_STAMP := $(VENV)/.deps-installed
 EXT_STAMP := $(VENV)/.extension-built
-RUST_SOURCES := Cargo.toml Cargo.lock pyproject.toml $(wildcard rust/*.rs)
+RUST_SOURCES := Cargo.toml Cargo.lock pyproject.toml $(wildcard rust/*/Cargo.toml rust/*/src/*.rs)
 
 .PHONY: help setup demo test test-fast lint rust-test pytest bench wheel wheel-check clean
 
@@ -39,13 +38,16 @@ demo: setup
 	$(VENV)/bin/textspan demo
 
 lint: setup
-	cargo fmt --check
-	cargo clippy --all-targets --quiet -- -D warnings
+	cargo fmt --all --check
+	cargo clippy --workspace --all-targets --quiet -- -D warnings
 	$(VENV)/bin/ruff check python tests benches
 	$(VENV)/bin/ruff format --check python tests benches
+	$(VENV)/bin/lint-imports
+	$(VENV)/bin/python -m mypy.stubtest textspan._core
 
-rust-test: setup
-	LD_LIBRARY_PATH=$(PYLIBDIR) cargo test --quiet
+# The core crate needs no Python: plain cargo.
+rust-test:
+	cargo test --quiet
 
 pytest: setup
 	$(PY) -m pytest
@@ -57,7 +59,7 @@ test-fast: setup
 	$(PY) -m pytest -m "not slow"
 
 bench: setup
-	LD_LIBRARY_PATH=$(PYLIBDIR) cargo bench --bench textspan
+	cargo bench --bench textspan
 	$(PY) benches/bench_textspan.py
 	$(PY) benches/bench_decompose.py
 	$(PY) benches/bench_segmentation.py

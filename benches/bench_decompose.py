@@ -86,11 +86,11 @@ def main() -> None:
         checkpoint = Path(tmp) / "random-vit-b-16.pt"
         torch.save(model.state_dict(), checkpoint)
         _, _, preprocess = open_clip.create_model_and_transforms("ViT-B-16")
-        from textspan.store import _ImageDataset, list_images
+        from textspan.store import ImageDataset, list_images
 
         files, _, _ = list_images(root)
         loader = torch.utils.data.DataLoader(
-            _ImageDataset(root, files, preprocess, 0), batch_size=BATCH, num_workers=args.workers
+            ImageDataset(root, files, preprocess, 0), batch_size=BATCH, num_workers=args.workers
         )
         start = time.perf_counter()
         with torch.no_grad():

@@ -20,7 +20,7 @@ import torch
 
 import textspan
 from textspan import HeadStats, text_span, text_span_heads
-from textspan.synthetic import low_rank_outputs, low_rank_stats
+from textspan.core.synthetic import low_rank_outputs, low_rank_stats
 
 D, M, RANK, N_TEXTS = 768, 3498, 80, 20
 

@@ -2,6 +2,7 @@
 ImageFolder of random images."""
 
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -45,3 +46,19 @@ def image_folder(tmp_path_factory):
             pixels = rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)
             Image.fromarray(pixels).save(root / c / f"{i:02d}.png")
     return root
+
+
+def extract_killed_after(count: int, images, out, tiny, **options) -> subprocess.CompletedProcess:
+    """`textspan.extract(images, out, **options)` in a fresh process that kills itself
+    (SIGKILL) as soon as its `after_batch` callback reports `count` (rows for the local
+    engine, shards for Ray): an interruption at a known point."""
+    config, checkpoint = tiny
+    arguments = {"model": str(config), "pretrained": str(checkpoint), **options}
+    code = (
+        "import os, signal, textspan\n"
+        "def stop(done):\n"
+        f"    if done >= {count}:\n"
+        "        os.kill(os.getpid(), signal.SIGKILL)\n"
+        f"textspan.extract({str(images)!r}, {str(out)!r}, after_batch=stop, **{arguments!r})\n"
+    )
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)

@@ -14,6 +14,8 @@ from PIL import Image
 
 import textspan
 from textspan.cli import main
+from textspan.experiments.segment import read_mask
+from textspan.store import list_images
 
 
 @pytest.fixture(scope="module")
@@ -237,7 +239,7 @@ def test_retrieve_by_image_and_by_text(store, tmp_path):
 def test_segment_with_masks_writes_overlays_and_metrics(image_folder, tiny, tmp_path):
     config, checkpoint = tiny
     masks = tmp_path / "masks"
-    files, _, _ = textspan.store.list_images(image_folder)
+    files, _, _ = list_images(image_folder)
     rng = np.random.default_rng(0)
     for f in files:
         (masks / f).parent.mkdir(parents=True, exist_ok=True)
@@ -270,9 +272,7 @@ def test_segment_with_masks_writes_overlays_and_metrics(image_folder, tiny, tmp_
     metrics = json.loads((out / "metrics.json").read_text())
     heatmaps = np.load(out / "heatmaps.npy")
     assert heatmaps.shape == (len(files), 4, 4)
-    truth = np.stack(
-        [textspan.experiments._mask_for((masks / f).with_suffix(".png"), (32, 32)) for f in files]
-    )
+    truth = np.stack([read_mask((masks / f).with_suffix(".png"), (32, 32)) for f in files])
     expected = textspan.segmentation_scores(heatmaps, truth)
     assert {k: metrics[k] for k in expected} == pytest.approx(expected)
     assert (out / "overlays.png").stat().st_size > 1000
@@ -305,7 +305,7 @@ def test_bad_input_ends_in_one_line_before_any_work(store, image_folder, tmp_pat
     assert main(["ablate", str(tmp_path / "nowhere")]) == 2
     assert "manifest.json is missing" in capsys.readouterr().err
     bad = tmp_path / "bad_masks"
-    files, _, _ = textspan.store.list_images(image_folder)
+    files, _, _ = list_images(image_folder)
     for f in files:
         (bad / f).parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(np.full((40, 40), 7, np.uint8)).save((bad / f).with_suffix(".png"))

@@ -5,15 +5,18 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import ray
 
 import textspan
-from textspan import distributed
+from conftest import extract_killed_after
+from textspan.engines import ray as ray_engine
 
 ARRAYS = ("heads", "mlps", "class_token", "representation")
 
@@ -36,6 +39,20 @@ def cluster():
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
+
+
+class KillOnce:
+    """Kills the process it is called in (SIGKILL) when it reaches the shard that starts at
+    `row`, once: the marker file records that it did. Handed to the actors as `before_shard`
+    (pickled by value: the actors cannot import this test module)."""
+
+    def __init__(self, row: int, marker: Path) -> None:
+        self.row, self.marker = row, str(marker)
+
+    def __call__(self, start: int) -> None:
+        if start == self.row and not os.path.exists(self.marker):
+            Path(self.marker).write_text(str(os.getpid()))
+            os.kill(os.getpid(), signal.SIGKILL)
 
 
 def options(tiny, **extra):
@@ -79,7 +96,7 @@ def test_ray_store_equals_the_single_process_store(
     )
     assert_same(store, reference)
     textspan.open_store(store.path, verify=True)  # every range's checksum
-    assert not (store.path / distributed.SHARDS).exists()
+    assert not (store.path / ray_engine.SHARDS).exists()
     again = textspan.extract(
         image_folder, tmp_path / "store", engine="ray", workers=2, shard_size=8, **options(tiny)
     )  # complete: nothing to do
@@ -88,13 +105,18 @@ def test_ray_store_equals_the_single_process_store(
 
 @pytest.mark.slow
 def test_an_actor_killed_mid_run_is_retried_and_every_image_lands_once(
-    cluster, image_folder, tiny, reference, tmp_path, monkeypatch
+    cluster, image_folder, tiny, reference, tmp_path
 ):
     marker = tmp_path / "killed"
-    monkeypatch.setenv(distributed.KILL_SHARD_ENV, "8")
-    monkeypatch.setenv(distributed.KILL_MARKER_ENV, str(marker))
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     store = textspan.extract(
-        image_folder, tmp_path / "store", engine="ray", workers=2, shard_size=8, **options(tiny)
+        image_folder,
+        tmp_path / "store",
+        engine="ray",
+        workers=2,
+        shard_size=8,
+        before_shard=KillOnce(8, marker),
+        **options(tiny),
     )
     assert marker.exists(), "the actor never reached the shard it was to die on"
     assert_same(store, reference)
@@ -133,10 +155,21 @@ def test_a_killed_driver_resumes_from_the_shards_already_written(
         "--dtype",
         "float32",
     ]
-    env = {**os.environ, distributed.KILL_DRIVER_ENV: "2"}
-    first = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    # The same extraction, its driver killed once two shards are written.
+    first = extract_killed_after(
+        2,
+        image_folder,
+        out,
+        tiny,
+        engine="ray",
+        address=cluster,
+        workers=2,
+        shard_size=3,
+        batch_size=3,
+        dtype="float32",
+    )
     assert first.returncode == -9, first.stderr[-2000:]
-    written = [p for p in (out / distributed.SHARDS).iterdir() if p.is_dir()]
+    written = [p for p in (out / ray_engine.SHARDS).iterdir() if p.is_dir()]
     assert len(written) >= 2 and not (out / "progress.json").exists()
     second = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert second.returncode == 0, second.stderr[-2000:]
@@ -151,7 +184,7 @@ def test_ray_text_encoding_equals_local(cluster, tiny):
     model, _, tokenizer = textspan.load(config, pretrained=checkpoint, device="cpu")
     texts = textspan.default_pool()[:50]
     local = textspan.encode_texts(model, tokenizer, texts, progress=False)
-    distributed_ = textspan.distributed.encode_texts_ray(
+    distributed_ = ray_engine.encode_texts_ray(
         model, tokenizer, texts, batch_size=8, workers=2, chunk=16, progress=False
     )
     np.testing.assert_allclose(distributed_, local, atol=1e-6)

@@ -14,8 +14,9 @@ import torch
 from PIL import Image
 
 import textspan
+from conftest import extract_killed_after
 from textspan import HeadStats, StoreError, extract, open_store
-from textspan.decompose import Decomposer
+from textspan.models import Decomposer
 
 
 def run_extract(images, out, tiny, **kwargs):
@@ -33,7 +34,7 @@ def run_extract(images, out, tiny, **kwargs):
     return extract(images, out, **{**args, **kwargs})
 
 
-def cli(images, out, tiny, env=None):
+def cli(images, out, tiny):
     config, checkpoint = tiny
     cmd = [
         sys.executable,
@@ -57,7 +58,7 @@ def cli(images, out, tiny, env=None):
         "--checkpoint-every",
         "8",
     ]
-    return subprocess.run(cmd, env={**os.environ, **(env or {})}, capture_output=True, text=True)
+    return subprocess.run(cmd, capture_output=True, text=True)
 
 
 def assert_same_store(a, b):
@@ -143,7 +144,17 @@ def test_store_holds_the_decomposition_and_its_statistics(reference, tiny, image
 def test_resumes_after_kill_9_in_the_middle_of_a_chunk(reference, image_folder, tiny, tmp_path):
     out = tmp_path / "store"
     # Killed after 14 rows: one checkpoint (8 rows) done, the next chunk half written.
-    killed = cli(image_folder, out, tiny, env={"TEXTSPAN_TEST_KILL_AFTER_ROWS": "14"})
+    killed = extract_killed_after(
+        14,
+        image_folder,
+        out,
+        tiny,
+        batch_size=4,
+        workers=0,
+        device="cpu",
+        dtype="float32",
+        checkpoint_every=8,
+    )
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     assert json.loads((out / "progress.json").read_text())["done"] == 8
     with pytest.raises(StoreError, match="incomplete: 8 of 30"):

@@ -10,7 +10,7 @@ import pytest
 import textspan
 from published import published_text_span
 from textspan import HeadStats, text_span, text_span_from_stats, text_span_heads
-from textspan.synthetic import low_rank_outputs
+from textspan.core.synthetic import low_rank_outputs
 
 
 def random_case(seed: int):
@@ -203,8 +203,15 @@ def test_runs_in_a_process_forked_after_the_pool_was_used():
 
 BAD_INPUTS = [
     # (outputs, texts, kwargs, exception, message)
-    (np.ones((10, 8)), np.ones((5, 6)), {}, ValueError, "expected the same D, got 8 .* and 6"),
-    (np.ones((1, 8)), np.ones((5, 8)), {}, ValueError, "N >= 2 .* got 1"),
+    # The Rust core's checks, reported as InputError (a ValueError).
+    (
+        np.ones((10, 8)),
+        np.ones((5, 6)),
+        {},
+        textspan.InputError,
+        r"head 0: mean: expected shape \[6\] \(the texts' D\), got \[8\]",
+    ),
+    (np.ones((1, 8)), np.ones((5, 8)), {}, ValueError, "count: expected at least 2 outputs, got 1"),
     (np.ones((10, 8)), np.ones((0, 8)), {}, ValueError, "at least one text, got an empty"),
     (
         np.ones((10, 8)),

@@ -8,9 +8,11 @@ import pytest
 import torch
 
 import textspan
-from textspan import toyclip, toystudy
-from textspan import toyworld as tw
 from textspan.cli import main as cli
+from textspan.toy import model as toyclip
+from textspan.toy import study as toystudy
+from textspan.toy import train as toytrain
+from textspan.toy import world as tw
 
 
 def test_tokenizer_ends_every_text_with_the_largest_id_and_names_unknown_words():
@@ -37,7 +39,7 @@ def _tiny(**kw) -> toyclip.ToyConfig:
 
 
 def test_training_writes_a_loadable_model_and_resumes_bit_for_bit(tmp_path, monkeypatch):
-    meta = toyclip.train(tmp_path / "a", _tiny(), progress=False, checkpoint_every=2)
+    meta = toytrain.train(tmp_path / "a", _tiny(), progress=False, checkpoint_every=2)
     assert set(meta["zero_shot"]) == set(tw.FACTORS) and meta["steps_done"] == 4
     model, preprocess, tok = textspan.load("toy", pretrained=tmp_path / "a", device="cpu")
     assert model.encode_text(tok(["a red object"])).shape == (1, 64)
@@ -50,7 +52,7 @@ def test_training_writes_a_loadable_model_and_resumes_bit_for_bit(tmp_path, monk
     reference = torch.load(tmp_path / "a" / "toy.pt")
 
     calls = {"n": 0}
-    step = toyclip._step
+    step = toytrain._step
 
     def crash_after_three(*args):
         calls["n"] += 1
@@ -58,12 +60,12 @@ def test_training_writes_a_loadable_model_and_resumes_bit_for_bit(tmp_path, monk
             raise KeyboardInterrupt
         return step(*args)
 
-    monkeypatch.setattr(toyclip, "_step", crash_after_three)
+    monkeypatch.setattr(toytrain, "_step", crash_after_three)
     with pytest.raises(KeyboardInterrupt):
-        toyclip.train(tmp_path / "b", _tiny(), progress=False, checkpoint_every=2)
+        toytrain.train(tmp_path / "b", _tiny(), progress=False, checkpoint_every=2)
     assert (tmp_path / "b" / "resume.pt").exists() and not (tmp_path / "b" / "toy.pt").exists()
-    monkeypatch.setattr(toyclip, "_step", step)
-    toyclip.train(tmp_path / "b", _tiny(), progress=False, checkpoint_every=2)
+    monkeypatch.setattr(toytrain, "_step", step)
+    toytrain.train(tmp_path / "b", _tiny(), progress=False, checkpoint_every=2)
     resumed = torch.load(tmp_path / "b" / "toy.pt")
     assert all(torch.equal(reference[k], resumed[k]) for k in reference)
     assert not (tmp_path / "b" / "resume.pt").exists()
@@ -119,7 +121,8 @@ def test_text_span_finds_heads_specific_to_at_least_three_factors(toy):
 def test_segmentation_by_the_decomposition_beats_raw_attention():
     model, _, tokenizer = textspan.load("toy", device="cpu")
     held_out = tw.generate(500, seed=30_000, size=48)
-    scores = {m: s for m, (s, _) in toystudy.segmentation_check(model, tokenizer, held_out).items()}
+    checks = toystudy.segmentation_check(model, tokenizer, held_out)
+    scores = {m: c.scores for m, c in checks.items()}
     ours, baseline = scores["decomposition"], scores["attention"]
     assert ours["miou"] > baseline["miou"] and ours["pixel_accuracy"] > baseline["pixel_accuracy"]
 
@@ -141,7 +144,7 @@ def test_retrieval_by_a_factor_head_finds_images_alike_in_that_factor(toy, facto
     heads = [h for h in toystudy.head_factors(spans, named) if h.factor == factor]
     best = max(heads, key=lambda h: h.purity)
     found = toystudy.retrieval_check(contributions, world, best.head, factor, spans[best.head])
-    lift = {f: found["by_head"][f] / found["chance"][f] for f in tw.FACTORS}
+    lift = {f: found.by_head[f] / found.chance[f] for f in tw.FACTORS}
     assert lift[factor] > 2 and max(lift, key=lift.get) == factor, lift
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from textspan import toyworld as tw
+from textspan.toy import world as tw
 
 
 def test_a_seed_gives_the_same_world():

@@ -29,7 +29,7 @@ def test_wheel_installs_into_a_fresh_environment(tmp_path):
     # The embedded toy models travel in the wheel.
     names = zipfile.ZipFile(wheel).namelist()
     embedded = {
-        f"textspan/data/{m}/toy.{e}" for m in ("toy", "toy-spurious") for e in ("pt", "json")
+        f"textspan/toy/data/{m}/toy.{e}" for m in ("toy", "toy-spurious") for e in ("pt", "json")
     }
     assert embedded <= set(names)
     env_dir = tmp_path / "env"

@@ -10,10 +10,12 @@ Representation via Text-Based Decomposition" (ICLR 2024).
     >>> len(result.indices)
     5
 
-TextSpan, the analyses on stores (`ablation`, `replacement`, `repair`, `retrieve`) and the
-segmentation metrics need only NumPy. The model side (`Decomposer`, `load`, `encode_texts`,
-`zero_shot_classifier`, `extract`, `open_store`) needs PyTorch and open_clip
-(`pip install 'textspan[torch]'`) and is imported on first use.
+The package is built in tiers, each importing only those below it: `core` (NumPy and the Rust
+extension: TextSpan, statistics, metrics, text pools) → `models` (PyTorch: loading, texts,
+the decomposition) → `store` (the on-disk format) → `engines` (local and Ray extraction) →
+`analysis` → `report` → `toy` → `experiments` → `cli`. This front re-exports the public API;
+TextSpan, the analyses on stores and the segmentation metrics need only NumPy, and the
+model side (`pip install 'textspan[torch]'`) is imported on first use.
 """
 
 from __future__ import annotations
@@ -21,69 +23,79 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from . import experiments, toyworld
 from ._core import get_num_threads, set_num_threads
-from .analysis import (
-    Contributions,
-    ablation,
-    rank_heads,
-    repair,
-    repair_head_count,
-    replacement,
-    retrieve,
-    term_means,
-)
-from .heatmaps import (
-    class_heatmaps,
-    normalised_heatmaps,
-    segment,
-    segmentation_scores,
-)
-from .pools import common_words, default_pool, load_texts
-from .span import (
+from .analysis.ablation import ablation
+from .analysis.repair import rank_heads, repair, repair_head_count
+from .analysis.replacement import replacement
+from .analysis.retrieval import retrieve
+from .analysis.sources import Contributions, term_means
+from .core import (
     HeadStats,
     SpanResult,
     TextPool,
+    class_heatmaps,
+    common_words,
+    default_pool,
+    load_texts,
+    normalised_heatmaps,
+    segmentation_scores,
     text_span,
     text_span_from_stats,
     text_span_heads,
 )
+from .errors import (
+    InputError,
+    InputTypeError,
+    MissingDependencyError,
+    MissingFileError,
+    StoreError,
+    TextspanError,
+    UnsupportedModelError,
+)
 
 if TYPE_CHECKING:
-    from .decompose import Decomposer, Decomposition, UnsupportedModelError
-    from .models import encode_texts, load, zero_shot_classifier
-    from .store import Store, StoreError, extract, open_store
+    from . import experiments
+    from .analysis.segmentation import segment
+    from .engines import encode_texts, extract
+    from .models import Decomposer, Decomposition, load, zero_shot_classifier
+    from .store import Store, open_store
+    from .toy import world as toyworld
 
 __version__ = "0.1.0"
 
-# Names whose modules import PyTorch: loaded on first access.
-_TORCH_SIDE = {
-    "Decomposer": "decompose",
-    "Decomposition": "decompose",
-    "UnsupportedModelError": "decompose",
-    "encode_texts": "models",
-    "load": "models",
-    "zero_shot_classifier": "models",
-    "Store": "store",
-    "StoreError": "store",
-    "extract": "store",
-    "open_store": "store",
+# Names whose modules import PyTorch (or the toy tier): loaded on first access.
+_LAZY = {
+    "Decomposer": ("models", "Decomposer"),
+    "Decomposition": ("models", "Decomposition"),
+    "load": ("models", "load"),
+    "zero_shot_classifier": ("models", "zero_shot_classifier"),
+    "encode_texts": ("engines", "encode_texts"),
+    "extract": ("engines", "extract"),
+    "Store": ("store", "Store"),
+    "open_store": ("store", "open_store"),
+    "segment": ("analysis.segmentation", "segment"),
+    "experiments": ("experiments", None),
+    "toyworld": ("toy.world", None),
 }
+_TORCH_SIDE = ("torch", "torchvision", "open_clip", "PIL", "matplotlib")
 
 
 def __getattr__(name: str) -> Any:
-    if name not in _TORCH_SIDE:
+    if name not in _LAZY:
         raise AttributeError(f"module 'textspan' has no attribute {name!r}")
+    module_name, attribute = _LAZY[name]
     try:
-        module = importlib.import_module(f".{_TORCH_SIDE[name]}", __name__)
+        module = importlib.import_module(f".{module_name}", __name__)
     except ModuleNotFoundError as e:
-        if e.name in ("torch", "torchvision", "open_clip", "PIL"):
-            raise ImportError(
+        if e.name in _TORCH_SIDE:
+            raise MissingDependencyError(
                 f"textspan.{name} needs PyTorch and open_clip ({e.name} is missing): "
                 "pip install 'textspan[torch]'"
             ) from e
         raise
-    return getattr(module, name)
+    value = module if attribute is None else getattr(module, attribute)
+    globals()[name] = value
+    return value
 
 
 def __dir__() -> list[str]:
@@ -95,10 +107,15 @@ __all__ = [
     "Decomposer",
     "Decomposition",
     "HeadStats",
+    "InputError",
+    "InputTypeError",
+    "MissingDependencyError",
+    "MissingFileError",
     "SpanResult",
     "Store",
     "StoreError",
     "TextPool",
+    "TextspanError",
     "UnsupportedModelError",
     "__version__",
     "ablation",

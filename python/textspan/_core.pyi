@@ -1,14 +1,30 @@
-"""Type stubs of the compiled Rust core (`rust/python.rs`)."""
+"""Type stubs of the compiled Rust core (`rust/python/src/lib.rs`), checked against the built
+module by `stubtest` in `make test`."""
+
+from typing import final
 
 import numpy as np
 import numpy.typing as npt
 
+__all__ = [
+    "RANK_TOLERANCE",
+    "TextPool",
+    "batch_moments",
+    "class_heatmaps",
+    "get_num_threads",
+    "normalised_heatmaps",
+    "segmentation_scores",
+    "set_num_threads",
+    "text_span_heads",
+]
+
 RANK_TOLERANCE: float
 
+@final
 class TextPool:
     """A text pool held once on the Rust side: rows copied and scaled to unit norm."""
 
-    def __init__(self, embeddings: npt.NDArray[np.float32] | npt.NDArray[np.float64]) -> None: ...
+    def __new__(cls, embeddings: npt.NDArray[np.float32] | npt.NDArray[np.float64]) -> TextPool: ...
     def __len__(self) -> int: ...
     @property
     def dim(self) -> int: ...
@@ -26,5 +42,14 @@ def text_span_heads(
 def batch_moments(
     x: npt.NDArray[np.float32] | npt.NDArray[np.float64],
 ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]: ...
+def class_heatmaps(
+    scores: npt.NDArray[np.float32], classes: npt.NDArray[np.int64]
+) -> npt.NDArray[np.float64]: ...
+def normalised_heatmaps(
+    maps: npt.NDArray[np.float64], height: int, width: int
+) -> npt.NDArray[np.float64]: ...
+def segmentation_scores(
+    maps: npt.NDArray[np.float64], masks: npt.NDArray[np.uint8]
+) -> tuple[float, float, float]: ...
 def set_num_threads(n: int) -> None: ...
 def get_num_threads() -> int: ...

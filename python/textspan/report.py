@@ -53,7 +53,7 @@ def write_json(path: Path, data: Any) -> Path:
     return path
 
 
-def _pyplot():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
@@ -72,7 +72,7 @@ def line_plot(
     percent: bool = True,
 ) -> Path:
     """One line per series {label: (x, y)}, with labelled horizontal reference lines."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)
     for label, (x, y) in series.items():
         y = np.asarray(y) * (100 if percent else 1)
@@ -95,7 +95,7 @@ def line_plot(
 def repair_plot(path: Path, result: Any) -> Path:
     """Worst-group and average accuracy before, after ablating the chosen heads, and for the
     best and the mean of the random draws of as many heads (an `analysis.RepairResult`)."""
-    plt = _pyplot()
+    plt = pyplot()
     names = ["before", "heads ablated", "best random heads", "mean random heads"]
     bars = [(g.worst, g.average) for g in (result.before, result.after, result.random_best)]
     bars.append(result.random_mean)
@@ -113,7 +113,7 @@ def repair_plot(path: Path, result: Any) -> Path:
     return path
 
 
-def _load_rgb(path: str | os.PathLike, size: int) -> np.ndarray:
+def load_rgb(path: str | os.PathLike, size: int) -> np.ndarray:
     from PIL import Image
 
     with Image.open(path) as im:
@@ -133,7 +133,7 @@ def image_grid(
     size: int = 160,
 ) -> Path:
     """A grid of images (files, centre-cropped, or [H, W, 3] arrays) with captions."""
-    plt = _pyplot()
+    plt = pyplot()
     rows = max(1, -(-len(images) // columns))
     fig, axes = plt.subplots(
         rows, columns, figsize=(2.2 * columns, 2.4 * rows + 0.4), dpi=100, squeeze=False
@@ -141,7 +141,7 @@ def image_grid(
     for ax in axes.flat:
         ax.axis("off")
     for ax, image, caption in zip(axes.flat, images, captions, strict=False):
-        ax.imshow(image if isinstance(image, np.ndarray) else _load_rgb(image, size))
+        ax.imshow(image if isinstance(image, np.ndarray) else load_rgb(image, size))
         ax.set_title(caption, fontsize=8)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
@@ -160,7 +160,7 @@ def overlays(
 ) -> Path:
     """Each image beside its heatmap overlay and its thresholded segmentation (three panels
     per image)."""
-    plt = _pyplot()
+    plt = pyplot()
     rows = len(images)
     fig, axes = plt.subplots(rows, 3, figsize=(6.6, 2.2 * rows + 0.3), dpi=100, squeeze=False)
     for i, (image, heat, mask, caption) in enumerate(

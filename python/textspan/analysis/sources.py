@@ -1,0 +1,182 @@
+"""Sources of contributions and what every analysis checks and reads of them.
+
+Every analysis takes a *source*: a `Store` (memory-mapped, so any size) or `Contributions`
+of in-memory arrays, read in chunks of rows. Accuracy is zero-shot: the argmax of
+representation · classifier (normalising the representation does not change the argmax).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ..core.checks import as_float_array, check_finite
+from ..errors import InputError, InputTypeError
+
+__all__ = [
+    "CHUNK",
+    "Contributions",
+    "Head",
+    "TermMeans",
+    "check_classifier",
+    "check_heads",
+    "check_labels",
+    "chunks",
+    "correct_counts",
+    "means_for",
+    "rows_f32",
+    "shapes",
+    "term_means",
+]
+
+CHUNK = 1024
+Head = tuple[int, int]
+
+
+@dataclass
+class Contributions:
+    """In-memory direct contributions (what a `Store` holds on disk).
+
+    Attributes:
+        heads: [N, L, H, D]; mlps: [N, L+1, D]; class_token: [N, L, D] or None (the class
+        token's own share of each attention layer); labels: [N] class indices or None.
+    """
+
+    heads: Any
+    mlps: Any
+    class_token: Any = None
+    labels: Any = None
+
+    @classmethod
+    def from_decomposition(cls, parts: Any, labels: Any = None) -> Contributions:
+        """From a `Decomposition` (tensors are moved to NumPy)."""
+        return cls(
+            heads=as_float_array(parts.heads, "heads"),
+            mlps=as_float_array(parts.mlps, "mlps"),
+            class_token=as_float_array(parts.class_token, "class_token"),
+            labels=labels,
+        )
+
+
+def shapes(source: Any) -> tuple[int, int, int, int]:
+    heads = getattr(source, "heads", None)
+    mlps = getattr(source, "mlps", None)
+    if heads is None or mlps is None:
+        raise InputTypeError(
+            f"source: expected a Store or Contributions (with heads and mlps), got "
+            f"{type(source).__name__}"
+        )
+    if np.ndim(heads) != 4:
+        raise InputError(f"heads: expected shape [N, L, H, D], got {list(np.shape(heads))}")
+    n, layers, h, d = heads.shape
+    if tuple(mlps.shape) != (n, layers + 1, d):
+        raise InputError(
+            f"mlps: expected shape [{n}, {layers + 1}, {d}] to match heads {list(heads.shape)}, "
+            f"got {list(mlps.shape)}"
+        )
+    ct = getattr(source, "class_token", None)
+    if ct is not None and tuple(ct.shape) != (n, layers, d):
+        raise InputError(f"class_token: expected shape [{n}, {layers}, {d}], got {list(ct.shape)}")
+    if n == 0:
+        raise InputError("source: expected at least one image, got an empty store")
+    return n, layers, h, d
+
+
+def check_labels(source: Any, n: int, classes: int) -> np.ndarray:
+    labels = getattr(source, "labels", None)
+    if labels is None:
+        raise InputError("labels: accuracy needs a class label per image, got none")
+    labels = np.asarray(labels)
+    if labels.shape != (n,):
+        raise InputError(f"labels: expected shape [{n}], got {list(labels.shape)}")
+    bad = np.flatnonzero((labels < 0) | (labels >= classes))
+    if bad.size:
+        raise InputError(
+            f"labels: accuracy needs a class in 0..{classes - 1} for every image, got "
+            f"{labels[bad[0]]} for image {bad[0]} ({bad.size} images without a usable label; "
+            "extract an ImageFolder layout, one sub-folder per class)"
+        )
+    return labels
+
+
+def check_classifier(classifier: Any, dim: int) -> np.ndarray:
+    w = np.asarray(as_float_array(classifier, "classifier"), dtype=np.float32)
+    if w.ndim != 2 or w.shape[0] != dim:
+        raise InputError(f"classifier: expected shape [{dim}, C], got {list(w.shape)}")
+    check_finite(w, "classifier")
+    return w
+
+
+def chunks(n: int, progress: bool, desc: str) -> Iterator[slice]:
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=n, desc=desc, unit="img", disable=not progress)
+    for start in range(0, n, CHUNK):
+        stop = min(n, start + CHUNK)
+        yield slice(start, stop)
+        bar.update(stop - start)
+    bar.close()
+
+
+def rows_f32(a: Any, rows: slice) -> np.ndarray:
+    return np.asarray(a[rows], dtype=np.float32)
+
+
+@dataclass
+class TermMeans:
+    """Each term's mean over a set of images: heads [L, H, D], mlps [L+1, D], class_token
+    [L, D] (None when the source has none)."""
+
+    heads: np.ndarray
+    mlps: np.ndarray
+    class_token: np.ndarray | None
+
+
+def term_means(source: Any, progress: bool = True) -> TermMeans:
+    """The mean of every term over the source's images (float64, in chunks)."""
+    n, *_ = shapes(source)
+    ct = getattr(source, "class_token", None)
+    sums: list[np.ndarray | None] = [None, None, None]
+    for rows in chunks(n, progress, "means"):
+        for i, a in enumerate((source.heads, source.mlps, ct)):
+            if a is not None:
+                s = np.asarray(a[rows], dtype=np.float64).sum(0)
+                sums[i] = s if sums[i] is None else sums[i] + s
+    heads, mlps, cls = (None if s is None else s / n for s in sums)
+    return TermMeans(heads, mlps, cls)
+
+
+def means_for(source: Any, means: Any, progress: bool) -> TermMeans:
+    if means is None:
+        return term_means(source, progress)
+    if isinstance(means, TermMeans):
+        return means
+    _, layers, h, d = shapes(source)
+    other = shapes(means)
+    if other[1:] != (layers, h, d):
+        raise InputError(
+            f"means: expected a source with heads [*, {layers}, {h}, {d}], got "
+            f"{list(means.heads.shape)}"
+        )
+    return term_means(means, progress)
+
+
+def correct_counts(reps: np.ndarray, w: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Correct predictions per condition: reps [K, n, D] → [K]."""
+    return ((reps @ w).argmax(-1) == labels).sum(-1)
+
+
+def check_heads(heads: Sequence[Head], layers: int, h: int, what: str) -> list[Head]:
+    """(layer, head) pairs as ints, each checked against the model's layers × heads."""
+    checked = [(int(a), int(b)) for a, b in heads]
+    if not checked:
+        raise InputError(f"{what}: expected at least one head, got none")
+    for key in checked:
+        if not (0 <= key[0] < layers and 0 <= key[1] < h):
+            raise InputError(
+                f"{what}: head {key} is outside the model's {layers} layers × {h} heads"
+            )
+    return checked

@@ -1,0 +1,300 @@
+"""TextSpan: the texts whose directions explain most of an attention head's outputs.
+
+The algorithm is Algorithm 1 of Gandelsman, Efros and Steinhardt, "Interpreting CLIP's
+Image Representation via Text-Based Decomposition" (ICLR 2024). The selection runs in the
+Rust core from each head's statistics (`HeadStats`: count, mean, covariance), so its cost
+does not grow with the number of images, and many heads run in parallel over one shared
+copy of the text pool.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from itertools import product
+from typing import Any
+
+import numpy as np
+
+import textspan._core as _core
+
+from ..errors import InputError, InputTypeError
+from .checks import as_float_array, check_ndim
+from .stats import HeadStats
+
+__all__ = [
+    "SpanResult",
+    "TextPool",
+    "text_span",
+    "text_span_from_stats",
+    "text_span_heads",
+]
+
+TextPool = _core.TextPool
+
+
+@dataclass(frozen=True)
+class SpanResult:
+    """What TextSpan found for one head.
+
+    Attributes:
+        indices: indices of the chosen texts in the pool, in the order chosen.
+        variance: the variance of the head's outputs along each chosen direction, once the
+            earlier ones were removed; these add up to the variance the texts explain.
+        total_variance: the total variance of the head's outputs (trace of the covariance).
+        directions: the chosen directions [k, D], orthonormal: each is a chosen text, projected
+            on the head's span, with the earlier directions removed.
+        mean: the head's mean output [D].
+        rank: the dimension of the span the texts were projected on.
+        texts: the chosen texts, when the pool's strings were given.
+    """
+
+    indices: np.ndarray
+    variance: np.ndarray
+    total_variance: float
+    directions: np.ndarray
+    mean: np.ndarray
+    rank: int
+    texts: list[str] | None = None
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    @property
+    def explained(self) -> np.ndarray:
+        """The fraction of the total variance each chosen direction explains."""
+        return self.variance / self.total_variance if self.total_variance > 0 else self.variance
+
+    def reconstruct(self, outputs: Any, n_texts: int | None = None) -> np.ndarray:
+        """Replaces outputs [..., D] by their reconstruction from the first `n_texts` directions.
+
+        This is the paper's replacement: the head's mean plus the projection of the centred
+        outputs on the chosen directions.
+        """
+        x = np.asarray(as_float_array(outputs, "outputs"), dtype=np.float64)
+        if x.shape[-1] != self.mean.shape[0]:
+            raise InputError(
+                f"outputs: expected shape [..., {self.mean.shape[0]}], got {list(x.shape)}"
+            )
+        u = self.directions if n_texts is None else self.directions[:n_texts]
+        return self.mean + ((x - self.mean) @ u.T) @ u
+
+    def table(self) -> str:
+        """The chosen texts with the share of variance each explains, one per line."""
+        names = self.texts or [f"#{i}" for i in self.indices]
+        return "\n".join(
+            f"{i + 1:>3}. {name}  ({share:.1%})"
+            for i, (name, share) in enumerate(zip(names, self.explained, strict=True))
+        )
+
+
+def _text_pool(text_embeddings: Any) -> TextPool:
+    if isinstance(text_embeddings, TextPool):
+        return text_embeddings
+    t = as_float_array(text_embeddings, "text_embeddings")
+    check_ndim(t, "text_embeddings", 2, "[M, D]")
+    if t.shape[0] == 0:
+        raise InputError(
+            "text_embeddings: expected a pool of at least one text, got an empty [0, D]"
+        )
+    return TextPool(t)
+
+
+def _check_texts(texts: Sequence[str] | None, pool: TextPool) -> list[str] | None:
+    if texts is None:
+        return None
+    texts = list(texts)
+    if len(texts) != len(pool):
+        raise InputError(f"texts: expected one string per pool row ({len(pool)}), got {len(texts)}")
+    return texts
+
+
+def _run(
+    stats: list[HeadStats],
+    pool: TextPool,
+    n_texts: int,
+    rank: int,
+    texts: list[str] | None,
+    progress: bool,
+) -> list[SpanResult]:
+    if not isinstance(n_texts, int | np.integer) or not isinstance(rank, int | np.integer):
+        raise InputTypeError(f"n_texts and rank: expected integers, got {n_texts!r} and {rank!r}")
+    if rank < 1:
+        raise InputError(f"rank: expected an integer >= 1, got {rank}")
+    if not 1 <= n_texts <= len(pool):
+        raise InputError(
+            f"n_texts: expected an integer between 1 and the pool size {len(pool)}, got {n_texts}"
+        )
+    # Heads go to the core in groups: the group's bases are found in parallel, and the bar
+    # moves between groups (Ctrl-C is honoured there too).
+    group = max(8, 2 * _core.get_num_threads())
+    results: list[SpanResult] = []
+    bar = _progress(len(stats), progress and len(stats) > group)
+    for start in range(0, len(stats), group):
+        chunk = stats[start : start + group]
+        try:
+            spans = _core.text_span_heads(
+                pool,
+                np.array([s.count for s in chunk], dtype=np.float64),
+                np.stack([s.mean for s in chunk]),
+                np.stack([s.covariance for s in chunk]),
+                int(n_texts),
+                int(rank),
+            )
+        except InputError as e:  # the core checks each head; it numbers them within the group
+            raise InputError(_renumber(str(e), start)) from None
+        for s, (indices, variance, total, directions, used_rank) in zip(chunk, spans, strict=True):
+            idx = np.asarray(indices, dtype=np.int64)
+            results.append(
+                SpanResult(
+                    indices=idx,
+                    variance=variance,
+                    total_variance=float(total),
+                    directions=directions,
+                    mean=s.mean.copy(),
+                    rank=int(used_rank),
+                    texts=None if texts is None else [texts[i] for i in idx],
+                )
+            )
+        bar.update(len(chunk))
+    bar.close()
+    short = [i for i, r in enumerate(results) if len(r) < n_texts]
+    if any(len(results[i]) == 0 for i in short):
+        raise InputError(
+            "no text in the pool has a component in the span of the head's outputs "
+            "(are the outputs all zero, or the texts orthogonal to them?)"
+        )
+    if short:
+        found = min(len(results[i]) for i in short)
+        warnings.warn(
+            f"{len(short)} head(s) yielded fewer than n_texts={n_texts} texts (as few as "
+            f"{found}): every direction of their span was used. Lower n_texts, or raise rank.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return results
+
+
+def _renumber(message: str, first: int) -> str:
+    return re.sub(r"^head (\d+):", lambda m: f"head {first + int(m.group(1))}:", message)
+
+
+def _progress(total: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="TextSpan", unit="head", disable=not enabled)
+
+
+def text_span_from_stats(
+    stats: HeadStats,
+    text_embeddings: Any,
+    n_texts: int = 10,
+    rank: int = 80,
+    texts: Sequence[str] | None = None,
+) -> SpanResult:
+    """TextSpan for one head given its statistics (see `text_span`)."""
+    if not isinstance(stats, HeadStats):
+        raise InputTypeError(f"stats: expected HeadStats, got {type(stats).__name__}")
+    if stats.shape != ():
+        raise InputError(
+            f"stats: expected the statistics of one head, got shape {stats.shape}; "
+            "use text_span_heads for many"
+        )
+    pool = _text_pool(text_embeddings)
+    return _run([stats], pool, n_texts, rank, _check_texts(texts, pool), progress=False)[0]
+
+
+def text_span(
+    outputs: Any,
+    text_embeddings: Any,
+    n_texts: int = 10,
+    rank: int = 80,
+    texts: Sequence[str] | None = None,
+) -> SpanResult:
+    """TextSpan for one attention head (the paper's Algorithm 1).
+
+    Projects every text onto the span of the top-`rank` right singular vectors of the head's
+    outputs, centres the outputs, then `n_texts` times picks the text whose projection has
+    the largest variance over the outputs and removes its direction from outputs and texts.
+
+    Args:
+        outputs: the head's direct contributions [N, D] (N >= 2), float32 or float64.
+        text_embeddings: the pool [M, D] (or a `TextPool` made once and reused). Rows are
+            scaled to unit norm first; a row of zero norm has no direction and is never
+            chosen.
+        n_texts: how many texts to choose, 1 <= n_texts <= M.
+        rank: the dimension of the span the texts are projected on (default 80, capped at
+            D). Directions in which the outputs' second moment is below 1e-10 of its largest
+            eigenvalue count as absent, so a head whose outputs span fewer dimensions uses
+            fewer (`SpanResult.rank`); the published algorithm would fill them with singular
+            vectors of rounding noise.
+        texts: the pool's strings, to be reported with the result.
+
+    Returns:
+        A `SpanResult`. If the span is exhausted before `n_texts` texts (n_texts above the
+        rank), it holds fewer and a RuntimeWarning says so.
+
+    Raises:
+        InputError (a ValueError): mismatched D, N < 2, an empty pool, n_texts outside
+            1..M, rank < 1, NaN or Inf in any input. InputTypeError (also a TypeError): a
+            non-float dtype.
+    """
+    x = as_float_array(outputs, "outputs")
+    check_ndim(x, "outputs", 2, "[N, D]")
+    return text_span_from_stats(HeadStats.from_outputs(x), text_embeddings, n_texts, rank, texts)
+
+
+def text_span_heads(
+    outputs_or_stats: Any,
+    text_embeddings: Any,
+    n_texts: int = 10,
+    rank: int = 80,
+    texts: Sequence[str] | None = None,
+    progress: bool = True,
+) -> Any:
+    """TextSpan for many heads at once, in parallel, sharing one copy of the text pool.
+
+    Args:
+        outputs_or_stats: one of
+            - head outputs [N, L, H, D] (or any [N, ..., D]): the result is nested lists of
+              `SpanResult` of the head shape, `result[l][h]`;
+            - a `HeadStats` of shape (L, H) (or any): likewise;
+            - a list of per-head outputs [N_i, D] or `HeadStats`: a list of results.
+        text_embeddings, n_texts, rank, texts: as in `text_span`.
+        progress: show a progress bar when there are many heads.
+    """
+    pool = _text_pool(text_embeddings)
+    names = _check_texts(texts, pool)
+    if isinstance(outputs_or_stats, list | tuple):
+        stats = [s if isinstance(s, HeadStats) else _one_head(s) for s in outputs_or_stats]
+        if not stats:
+            raise InputError("outputs_or_stats: expected at least one head, got an empty list")
+        return _run(stats, pool, n_texts, rank, names, progress)
+    if isinstance(outputs_or_stats, HeadStats):
+        all_stats = outputs_or_stats
+    else:
+        x = as_float_array(outputs_or_stats, "outputs")
+        if x.ndim < 3:
+            raise InputError(
+                f"outputs: expected shape [N, L, H, D] (or [N, ..., D]), got {list(x.shape)}"
+            )
+        all_stats = HeadStats.from_outputs(x)
+    shape = all_stats.shape
+    flat = [all_stats[idx] for idx in product(*(range(s) for s in shape))]
+    results = _run(flat, pool, n_texts, rank, names, progress)
+    return _nest(results, shape)
+
+
+def _one_head(outputs: Any) -> HeadStats:
+    x = as_float_array(outputs, "outputs")
+    check_ndim(x, "outputs", 2, "[N, D] per head")
+    return HeadStats.from_outputs(x)
+
+
+def _nest(flat: list[Any], shape: tuple[int, ...]) -> Any:
+    if not shape:
+        return flat[0]
+    step = len(flat) // shape[0]
+    return [_nest(flat[i * step : (i + 1) * step], shape[1:]) for i in range(shape[0])]

@@ -1,0 +1,146 @@
+"""`HeadStats`: exact streaming statistics of attention-head outputs, the one statistics format
+of the package (stores keep it, TextSpan reads it, workers merge it)."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+
+import textspan._core as _core
+
+from ..errors import InputError, InputTypeError
+from .checks import as_float_array
+
+__all__ = ["HeadStats"]
+
+
+class HeadStats:
+    """Exact streaming statistics of attention-head outputs, in float64.
+
+    Holds the number of outputs seen (`count`), their `mean` [..., D] and their population
+    `covariance` [..., D, D] (centred, divided by `count`). The leading `shape` indexes heads:
+    one `HeadStats` can hold every head of a model, shape (L, H). TextSpan needs nothing else,
+    however many images there are.
+
+    Batches are added with `update` (Chan's pairwise formula: exact up to float64 rounding,
+    with no loss from large means), and statistics from different workers or devices add up
+    with `merge` or `+`.
+    """
+
+    def __init__(self, count: int, mean: Any, covariance: Any) -> None:
+        # Views, not copies: indexing the heads of a large HeadStats must stay cheap. Nothing
+        # writes into these arrays; `update` replaces them.
+        mean = np.asarray(as_float_array(mean, "mean"), dtype=np.float64)
+        covariance = np.asarray(as_float_array(covariance, "covariance"), dtype=np.float64)
+        if mean.ndim < 1 or covariance.shape != (*mean.shape, mean.shape[-1]):
+            raise InputError(
+                f"HeadStats: expected mean [..., D] and covariance [..., D, D], got mean "
+                f"{list(mean.shape)} and covariance {list(covariance.shape)}"
+            )
+        if int(count) < 0:
+            raise InputError(f"HeadStats: expected count >= 0, got {count}")
+        self.count = int(count)
+        self.mean = mean
+        self.covariance = covariance
+
+    @classmethod
+    def zeros(cls, dim: int, shape: tuple[int, ...] = ()) -> HeadStats:
+        """Empty statistics (count 0) for heads of width `dim`, one per index of `shape`."""
+        return cls(0, np.zeros((*shape, dim)), np.zeros((*shape, dim, dim)))
+
+    @classmethod
+    def from_outputs(cls, outputs: Any) -> HeadStats:
+        """Statistics of `outputs` [N, ..., D]: N outputs of each head in `...`."""
+        return batch_stats(outputs)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The head shape, e.g. (L, H); () for one head."""
+        return self.mean.shape[:-1]
+
+    @property
+    def dim(self) -> int:
+        """D, the width of each output."""
+        return self.mean.shape[-1]
+
+    @property
+    def second_moment(self) -> np.ndarray:
+        """The uncentred second moment E[x xᵀ] [..., D, D]."""
+        return self.covariance + self.mean[..., :, None] * self.mean[..., None, :]
+
+    def update(self, outputs: Any) -> HeadStats:
+        """Adds a batch of outputs [n, ..., D] (in place) and returns self."""
+        merged = self.merge(batch_stats(outputs, expect_shape=self.shape, expect_dim=self.dim))
+        self.count, self.mean, self.covariance = merged.count, merged.mean, merged.covariance
+        return self
+
+    def merge(self, other: HeadStats) -> HeadStats:
+        """The statistics of both sets of outputs together."""
+        if not isinstance(other, HeadStats):
+            raise InputTypeError(f"merge: expected HeadStats, got {type(other).__name__}")
+        if other.mean.shape != self.mean.shape:
+            raise InputError(
+                f"merge: expected statistics of shape {[*self.shape, self.dim]}, "
+                f"got {[*other.shape, other.dim]}"
+            )
+        if other.count == 0:
+            return HeadStats(self.count, self.mean, self.covariance)
+        if self.count == 0:
+            return HeadStats(other.count, other.mean, other.covariance)
+        # Chan, Golub and LeVeque's pairwise update of mean and covariance.
+        na, nb = float(self.count), float(other.count)
+        n = na + nb
+        delta = other.mean - self.mean
+        mean = self.mean + delta * (nb / n)
+        covariance = (
+            self.covariance * (na / n)
+            + other.covariance * (nb / n)
+            + delta[..., :, None] * delta[..., None, :] * (na * nb / n / n)
+        )
+        return HeadStats(self.count + other.count, mean, covariance)
+
+    __add__ = merge
+
+    def __getitem__(self, index: Any) -> HeadStats:
+        """The statistics of some heads, e.g. `stats[l, h]`."""
+        mean = self.mean[index]
+        if np.ndim(mean) < 1:
+            raise IndexError(f"HeadStats index {index!r} leaves no output dimension")
+        return HeadStats(self.count, mean, self.covariance[index])
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Writes the statistics to a .npz file."""
+        np.savez(path, count=self.count, mean=self.mean, covariance=self.covariance)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> HeadStats:
+        """Reads statistics written by `save`."""
+        with np.load(path) as f:
+            return cls(int(f["count"]), f["mean"], f["covariance"])
+
+    def __repr__(self) -> str:
+        return f"HeadStats(count={self.count}, shape={self.shape}, dim={self.dim})"
+
+
+def batch_stats(
+    outputs: Any,
+    expect_shape: tuple[int, ...] | None = None,
+    expect_dim: int | None = None,
+) -> HeadStats:
+    x = as_float_array(outputs, "outputs")
+    if x.ndim < 2:
+        raise InputError(f"outputs: expected shape [N, ..., D], got {list(x.shape)}")
+    heads, dim = x.shape[1:-1], x.shape[-1]
+    if expect_shape is not None and (heads != expect_shape or dim != expect_dim):
+        raise InputError(
+            f"outputs: expected shape [n, {', '.join(map(str, (*expect_shape, expect_dim)))}], "
+            f"got {list(x.shape)}"
+        )
+    n = x.shape[0]
+    if n == 0:
+        return HeadStats.zeros(dim, heads)
+    k = int(np.prod(heads, dtype=np.int64))
+    means, scatters = _core.batch_moments(np.ascontiguousarray(x.reshape(n, k, dim)))
+    return HeadStats(n, means.reshape(*heads, dim), scatters.reshape(*heads, dim, dim) / n)

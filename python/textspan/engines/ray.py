@@ -1,0 +1,437 @@
+"""Extraction and text encoding on a Ray cluster (`engine="ray"`; `pip install 'textspan[ray]'`).
+
+Extraction is a Ray Data pipeline over *shards*, fixed ranges of image rows. Each row of the
+dataset names one shard; `map_batches` sends it to an actor of a pool in which every actor
+holds the model on its device (a GPU when it was given one). The actor reads the shard's
+images, decomposes them, and writes the shard — its contributions and the float64 statistics
+of its heads — to a temporary folder that it renames into `out/shards/` when complete, so a
+shard is there whole or not at all. Ray restarts an actor that dies and retries its shard
+(writing a shard twice gives the same files). When every shard is there, the driver merges
+them, in row order, into one ordinary store (`open_store` reads it) and merges the shards'
+`HeadStats`; then it removes the shards. A driver killed anywhere resumes when rerun with the
+same arguments: shards already written are not computed again.
+
+The store must be on storage every worker and the driver can reach (a shared file system).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..core.stats import HeadStats
+from ..errors import InputError, MissingDependencyError, StoreError
+from ..models import Decomposer, encode_texts, load, skeleton, tower_of
+from ..store.format import (
+    checksum,
+    create_arrays,
+    make_manifest,
+    open_store,
+    read_json,
+    same_arguments,
+    write_atomic,
+)
+from ..store.images import ImageDataset, list_images
+from ..store.sums import DeviceStats, save_sums, stats_from_sums
+
+__all__ = ["SHARDS", "encode_texts_ray", "extract_ray"]
+
+SHARDS = "shards"
+
+
+def _ray():
+    try:
+        import ray
+    except ModuleNotFoundError:
+        raise MissingDependencyError(
+            "engine='ray' needs Ray Data: pip install 'textspan[ray]' (or the default "
+            "engine, which needs nothing more)"
+        ) from None
+    return ray
+
+
+def _connect(ray: Any, address: str | None) -> None:
+    """Joins the cluster at `address`, or the instance already running in this process, or
+    starts a local one."""
+    if ray.is_initialized():
+        return
+    ray.init(
+        address=address, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True
+    )
+
+
+def _actor_pool(
+    ray: Any,
+    dataset: Any,
+    actor: type,
+    workers: int,
+    num_gpus_per_worker: float | None,
+    **constructor_kwargs: Any,
+) -> Any:
+    """`dataset` mapped one row at a time by a pool of `workers` actors of class `actor`.
+
+    Each actor gets `num_gpus_per_worker` GPUs (default: 1 when the cluster has GPUs; its
+    constructor is told by `use_gpu`), else an equal share of the CPUs. An actor that dies
+    is restarted and its row retried, however often."""
+    gpus = num_gpus_per_worker
+    if gpus is None:
+        gpus = 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
+    if gpus > 0:
+        resources = {"num_gpus": gpus, "num_cpus": 1}
+    else:
+        cpus = ray.available_resources().get("CPU", 1)
+        resources = {"num_cpus": max(1, int(cpus // workers))}
+    return dataset.map_batches(
+        actor,
+        batch_size=1,
+        concurrency=workers,
+        fn_constructor_kwargs={**constructor_kwargs, "use_gpu": gpus > 0},
+        max_restarts=-1,
+        max_task_retries=-1,
+        **resources,
+    )
+
+
+def _use_assigned_cpus() -> None:
+    """Inside an actor: as many PyTorch threads as the CPUs Ray assigned to it."""
+    import ray
+    import torch
+
+    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
+    torch.set_num_threads(max(1, int(cpus)))
+
+
+def _shard_name(start: int, end: int) -> str:
+    return f"{start:010d}-{end:010d}"
+
+
+def _plan(count: int, shard_size: int) -> list[tuple[int, int]]:
+    return [(s, min(count, s + shard_size)) for s in range(0, count, shard_size)]
+
+
+class _ShardWriter:
+    """A Ray Data actor: holds the model, writes the shards it is given."""
+
+    def __init__(
+        self,
+        model: str,
+        pretrained: str | None,
+        precision: str,
+        root: str,
+        files: Any,
+        out: str,
+        dtype: str,
+        batch_size: int,
+        use_gpu: bool,
+        before_shard: Callable[[int], None] | None = None,
+    ) -> None:
+        import ray
+        import torch
+
+        _use_assigned_cpus()
+        device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
+        net, self.preprocess, _ = load(
+            model, pretrained=pretrained, device=device, precision=precision
+        )
+        self.device = next(net.parameters()).device
+        self.decomposer = Decomposer(net)
+        self.files = ray.get(files) if isinstance(files, ray.ObjectRef) else files
+        self.root, self.out = Path(root), Path(out)
+        self.dtype, self.batch_size = np.dtype(dtype), batch_size
+        self.before_shard = before_shard
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        for start, end in zip(batch["start"], batch["end"], strict=True):
+            self._write(int(start), int(end))
+        return {"start": batch["start"], "end": batch["end"]}
+
+    def _write(self, start: int, end: int) -> None:
+        import torch
+
+        final = self.out / SHARDS / _shard_name(start, end)
+        if final.is_dir():
+            return
+        if self.before_shard is not None:
+            self.before_shard(start)
+        loader = torch.utils.data.DataLoader(
+            ImageDataset(self.root, self.files[:end], self.preprocess, start),
+            batch_size=self.batch_size,
+            num_workers=0,
+        )
+        parts: dict[str, list[np.ndarray]] = {
+            k: [] for k in ("heads", "mlps", "class_token", "representation")
+        }
+        acc = None
+        for images in loader:
+            d = self.decomposer.decompose(images.to(self.device))
+            if acc is None:
+                acc = DeviceStats(tuple(d.heads.shape[1:3]), d.heads.shape[-1], self.device)
+            acc.update(d.heads)
+            for k, v in parts.items():
+                v.append(getattr(d, k).cpu().numpy().astype(self.dtype))
+        tmp = final.with_name(final.name + f".tmp-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        for k, v in parts.items():
+            np.save(tmp / f"{k}.npy", np.concatenate(v))
+        stats_from_sums(acc.state()).save(tmp / "stats.npz")
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        try:
+            os.rename(tmp, final)
+        except OSError:  # another attempt of the same shard finished first: same content
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _prepare(out: Path, manifest: dict[str, Any], shard_size: int) -> tuple[Path, bool]:
+    """Writes or checks the manifest and the shard plan; True when the store is complete."""
+    shards = out / SHARDS
+    if (out / "manifest.json").exists():
+        old = read_json(out / "manifest.json", f"store {out}: manifest.json")
+        same_arguments(old, manifest, out)
+        progress = out / "progress.json"
+        if progress.exists():
+            done = read_json(progress, f"store {out}: progress.json").get("done")
+            if done == manifest["count"]:
+                return shards, True
+            if done:
+                raise StoreError(
+                    f"{out} holds a store begun by the default engine ({done} images done): "
+                    "finish it with the default engine, or use another output folder"
+                )
+        plan = read_json(shards / "plan.json", f"store {out}: shards/plan.json")
+        if plan.get("shard_size") != shard_size:
+            raise StoreError(
+                f"{out} was begun with shard_size={plan.get('shard_size')}, not {shard_size}: "
+                "rerun with the same shard size to resume"
+            )
+        return shards, False
+    shards.mkdir(parents=True, exist_ok=True)
+    write_atomic(shards / "plan.json", json.dumps({"shard_size": shard_size}).encode())
+    write_atomic(out / "manifest.json", json.dumps(manifest, indent=1).encode())
+    return shards, False
+
+
+def _merge(
+    out: Path, manifest: dict[str, Any], labels: list[int], plan: list[tuple[int, int]]
+) -> None:
+    """The shards, in row order, into one store; their statistics merged (Chan et al.)."""
+    arrays = create_arrays(out, manifest, labels)
+    stats = None
+    ranges = []
+    for start, end in plan:
+        folder = out / SHARDS / _shard_name(start, end)
+        for name in ("heads", "mlps", "class_token", "representation"):
+            arrays[name][start:end] = np.load(folder / f"{name}.npy")
+        shard_stats = HeadStats.load(folder / "stats.npz")
+        stats = shard_stats if stats is None else stats + shard_stats
+        ranges.append([start, end, checksum(arrays, start, end)])
+    for a in arrays.values():
+        a.flush()
+    n = manifest["count"]
+    # The store keeps sums about a shift; about the mean, the first sum is zero.
+    save_sums(
+        out / f"stats-{n}.npz",
+        {
+            "count": np.array(n),
+            "shift": stats.mean,
+            "sum1": np.zeros_like(stats.mean),
+            "sum2": stats.covariance * n,
+        },
+    )
+    write_atomic(out / "progress.json", json.dumps({"done": n, "ranges": ranges}).encode())
+    shutil.rmtree(out / SHARDS)
+
+
+def _tower_shape(model: str) -> tuple[int, int, int]:
+    """(layers, heads, D) of the model, checked for support, without loading any weights."""
+    tower = tower_of(skeleton(model))
+    return tower.layers, tower.heads, tower.dim
+
+
+def _write_shards(
+    ray: Any,
+    todo: list[tuple[int, int]],
+    total: int,
+    manifest: dict[str, Any],
+    files: list[str],
+    root: Path,
+    out: Path,
+    options: dict[str, Any],
+    after_shard: Callable[[int], None] | None,
+    progress: bool,
+) -> None:
+    """The shards in `todo`, written by a pool of actors; the bar counts images."""
+    from tqdm.auto import tqdm
+
+    written = _actor_pool(
+        ray,
+        ray.data.from_items([{"start": s, "end": e} for s, e in todo]),
+        _ShardWriter,
+        options["workers"],
+        options["num_gpus_per_worker"],
+        model=manifest["model"],
+        pretrained=manifest["pretrained"],
+        precision=manifest["precision"],
+        root=str(root.resolve()),
+        files=ray.put(files),
+        out=str(out.resolve()),
+        dtype=manifest["dtype"],
+        batch_size=options["batch_size"],
+        before_shard=options["before_shard"],
+    )
+    bar = tqdm(
+        total=total,
+        initial=total - sum(e - s for s, e in todo),
+        desc="extracting",
+        unit="img",
+        disable=not progress,
+    )
+    for i, row in enumerate(written.iter_rows(), 1):
+        bar.update(int(row["end"]) - int(row["start"]))
+        if after_shard is not None:
+            after_shard(i)
+    bar.close()
+
+
+def extract_ray(
+    images: str | os.PathLike,
+    out: str | os.PathLike,
+    model: str,
+    pretrained: str | None,
+    batch_size: int,
+    workers: int,
+    dtype: str,
+    precision: str,
+    address: str | None = None,
+    num_gpus_per_worker: float | None = None,
+    shard_size: int = 1024,
+    progress: bool = True,
+    after_shard: Callable[[int], None] | None = None,
+    before_shard: Callable[[int], None] | None = None,
+) -> Any:
+    """`textspan.extract(..., engine="ray")`: see the module docstring.
+
+    `after_shard(n)` is called on the driver once n shards of this run are written;
+    `before_shard(start)` in the actor before it computes the shard starting at row `start`
+    (the tests kill the driver and an actor with them)."""
+    ray = _ray()
+    if workers < 1 or shard_size < 1:
+        raise InputError(f"workers and shard_size: expected >= 1, got {workers} and {shard_size}")
+    root, out = Path(images), Path(out)
+    listing = list_images(root)
+    files, labels, _ = listing
+    shape = _tower_shape(model)
+    manifest = make_manifest(model, pretrained, precision, dtype, root, listing, shape)
+    out.mkdir(parents=True, exist_ok=True)
+    shards, complete = _prepare(out, manifest, shard_size)
+    if complete:
+        print(f"textspan extract: {out} is complete", flush=True)
+        return open_store(out)
+    plan = _plan(len(files), shard_size)
+    todo = [(s, e) for s, e in plan if not (shards / _shard_name(s, e)).is_dir()]
+    print(
+        f"textspan extract (ray): {len(files)} images into {out}, {len(plan)} shards, "
+        f"{len(plan) - len(todo)} done before",
+        flush=True,
+    )
+    if todo:
+        _connect(ray, address)
+        options = {
+            "workers": workers,
+            "num_gpus_per_worker": num_gpus_per_worker,
+            "batch_size": batch_size,
+            "before_shard": before_shard,
+        }
+        _write_shards(
+            ray, todo, len(files), manifest, files, root, out, options, after_shard, progress
+        )
+    missing = [(s, e) for s, e in plan if not (shards / _shard_name(s, e)).is_dir()]
+    if missing:
+        raise RuntimeError(f"{len(missing)} shards were not written, e.g. rows {missing[0]}")
+    _merge(out, manifest, labels, plan)
+    print(f"done: {out}", flush=True)
+    return open_store(out)
+
+
+class _TextEncoder:
+    """A Ray Data actor: holds the model's text tower, encodes chunks of the pool."""
+
+    def __init__(self, payload: Any, texts: Any, chunk: int, use_gpu: bool) -> None:
+        import ray
+        import torch
+
+        _use_assigned_cpus()
+        model, self.tokenizer, self.batch_size = ray.get(payload)
+        device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
+        self.model = model.to(device).eval()
+        self.texts, self.chunk = ray.get(texts), chunk
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        out = [
+            encode_texts(
+                self.model,
+                self.tokenizer,
+                self.texts[int(i) * self.chunk : (int(i) + 1) * self.chunk],
+                batch_size=self.batch_size,
+                progress=False,
+            )
+            for i in batch["index"]
+        ]
+        # One chunk per call (batch_size=1), so the column holds one [n, D] array.
+        return {"index": batch["index"], "embeddings": np.stack(out)}
+
+
+def _on_cpu(model: Any) -> Any:
+    """The model itself if it is on the CPU, else a CPU copy (the caller's stays put)."""
+    import copy
+
+    if next(model.parameters()).device.type == "cpu":
+        return model
+    return copy.deepcopy(model).cpu()
+
+
+def encode_texts_ray(
+    model: Any,
+    tokenizer: Any,
+    texts: list[str],
+    batch_size: int,
+    workers: int,
+    address: str | None = None,
+    num_gpus_per_worker: float | None = None,
+    chunk: int = 8192,
+    progress: bool = True,
+) -> np.ndarray:
+    """`textspan.encode_texts(..., engine="ray")`: the pool in chunks over an actor pool, each
+    actor holding the model; one array [M, D] in the pool's order."""
+    from tqdm.auto import tqdm
+
+    ray = _ray()
+    if workers < 1 or chunk < 1:
+        raise InputError(f"workers and chunk: expected >= 1, got {workers} and {chunk}")
+    _connect(ray, address)
+    chunks = -(-len(texts) // chunk)
+    encoded = _actor_pool(
+        ray,
+        ray.data.from_items([{"index": i} for i in range(chunks)]),
+        _TextEncoder,
+        workers,
+        num_gpus_per_worker,
+        payload=ray.put((_on_cpu(model), tokenizer, batch_size)),
+        texts=ray.put(list(texts)),
+        chunk=chunk,
+    )
+    parts: dict[int, np.ndarray] = {}
+    bar = tqdm(total=len(texts), desc="encoding texts", unit="text", disable=not progress)
+    for row in encoded.iter_rows():
+        parts[int(row["index"])] = np.asarray(row["embeddings"])
+        bar.update(len(parts[int(row["index"])]))
+    bar.close()
+    return np.concatenate([parts[i] for i in range(chunks)])

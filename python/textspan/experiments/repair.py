@@ -1,0 +1,191 @@
+"""`textspan repair`: removes a spurious feature by mean-ablating the heads whose TextSpan
+texts are about it → repair.json, repair.csv, head_scores.csv, repair.png."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .. import report
+from ..analysis import RepairResult, rank_heads, repair
+from ..core.pools import load_texts
+from ..errors import InputError
+from ..models import encode_texts
+from ..store.format import open_store
+from .common import (
+    class_names,
+    head_spans,
+    last_layers,
+    model_of,
+    output_for,
+    pool_texts,
+    require_labels,
+    span_options,
+    store_options,
+    zero_shot_weights,
+)
+
+NAME = "repair"
+HELP = "remove a spurious feature by ablating heads"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    store_options(p)
+    span_options(p, texts=10)
+    p.add_argument(
+        "--attribute",
+        required=True,
+        help="spurious attribute per image: .npy of ints or one int per line",
+    )
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--keywords", help="comma-separated words naming the property")
+    what.add_argument("--examples", help="file of example texts about the property")
+    p.add_argument("--top", type=int, default=None, help="ablate the N best-scoring heads")
+    p.add_argument(
+        "--min-score",
+        type=float,
+        default=0.5,
+        help="else ablate heads scoring at least this (default 0.5)",
+    )
+    p.add_argument("--draws", type=int, default=10, help="random-heads baseline draws")
+
+
+def main(args: argparse.Namespace) -> int:
+    store = open_store(args.store)
+    run(
+        store,
+        output_for(args, "repair"),
+        load_attribute(args.attribute, len(store)),
+        keywords=args.keywords.split(",") if args.keywords else None,
+        examples=load_texts(args.examples) if args.examples else None,
+        layers=args.layers,
+        top=args.top,
+        min_score=args.min_score,
+        n_texts=args.texts,
+        rank=args.rank,
+        pool=args.pool,
+        draws=args.draws,
+        classes_file=args.classes,
+        templates=args.templates,
+        device=args.device,
+        seed=args.seed,
+    )
+    return 0
+
+
+def load_attribute(path: str | os.PathLike, count: int) -> np.ndarray:
+    """A spurious attribute per image: a .npy of integers, or a text file of one per line."""
+    path = Path(path)
+    if path.suffix == ".npy":
+        values = np.load(path)
+    else:
+        values = np.array([int(t) for t in load_texts(path)])
+    if values.shape != (count,) or not np.issubdtype(values.dtype, np.integer):
+        raise InputError(
+            f"attribute {path}: expected {count} integers (one per image of the store), got "
+            f"{values.dtype} {list(values.shape)}"
+        )
+    return values
+
+
+def run(
+    store: Any,
+    out: str | os.PathLike,
+    attribute: Any,
+    keywords: Sequence[str] | None = None,
+    examples: Sequence[str] | None = None,
+    layers: int = 4,
+    top: int | None = None,
+    min_score: float = 0.5,
+    n_texts: int = 10,
+    rank: int = 80,
+    pool: str | os.PathLike | None = None,
+    draws: int = 10,
+    classes_file: str | None = None,
+    templates: str | None = None,
+    device: str | None = None,
+    seed: int = 0,
+    progress: bool = True,
+) -> RepairResult:
+    """Removes a spurious feature: ranks the heads of the last `layers` layers by how much
+    their TextSpan texts are about the property, mean-ablates the chosen ones (the `top`
+    heads, or those scoring at least `min_score`), and reports group accuracies beside the
+    random-heads baseline → repair.json, repair.csv, head_scores.csv, repair.png."""
+    span_layers = last_layers(store, layers)
+    require_labels(store)
+    attr = np.asarray(attribute)
+    if attr.shape != (len(store),):
+        raise InputError(
+            f"attribute: expected one value per image ({len(store)}), got {list(attr.shape)}"
+        )
+    if (keywords is None) == (examples is None):
+        raise InputError("repair: expected keywords or example texts (one of them)")
+    texts = pool_texts(pool)
+    model, _, tokenizer = model_of(store, device)
+    keys = [(layer, h) for layer in span_layers for h in range(store.heads.shape[2])]
+    embeddings = encode_texts(model, tokenizer, texts, progress=progress)
+    depth = min(n_texts, rank, store.heads.shape[-1])
+    spans = head_spans(store, keys, embeddings, texts, depth, rank, progress)
+    if keywords is not None:
+        ranked = rank_heads(spans, keywords=keywords)
+    else:
+        example_emb = encode_texts(model, tokenizer, list(examples), progress=False)
+        ranked = rank_heads(spans, examples=example_emb, pool=embeddings)
+    chosen = [k for k, _ in ranked[:top]] if top else [k for k, s in ranked if s >= min_score]
+    if not chosen:
+        raise InputError(
+            f"no head scored at least {min_score} for the property (best: L{ranked[0][0][0]}."
+            f"H{ranked[0][0][1]} at {ranked[0][1]:.2f}); lower --min-score or use --top"
+        )
+    w = zero_shot_weights(model, tokenizer, class_names(store.classes, classes_file), templates)
+    result = repair(
+        store, w, attr, chosen, candidates=keys, random_draws=draws, seed=seed, progress=progress
+    )
+    folder = report.output_folder(out)
+    report.write_csv(
+        folder / "head_scores.csv",
+        ["layer", "head", "score", "chosen", "texts"],
+        [[k[0], k[1], s, k in chosen, " | ".join(spans[k].texts or [])] for k, s in ranked],
+    )
+    report.write_csv(
+        folder / "repair.csv",
+        ["class", "attribute", "before", "after", "random_best"],
+        [
+            [
+                y,
+                a,
+                result.before.groups[(y, a)],
+                result.after.groups[(y, a)],
+                result.random_best.groups[(y, a)],
+            ]
+            for y, a in result.before.groups
+        ],
+    )
+    report.write_json(
+        folder / "repair.json",
+        {
+            "heads": [list(k) for k in chosen],
+            **{
+                name: {"worst_group": g.worst, "average": g.average}
+                for name, g in [
+                    ("before", result.before),
+                    ("after", result.after),
+                    ("random_best", result.random_best),
+                ]
+            },
+            "random_draws": [
+                {"heads": [list(k) for k in d], "worst_group": g.worst, "average": g.average}
+                for d, g in result.random_draws
+            ],
+        },
+    )
+    report.repair_plot(folder / "repair.png", result)
+    print("heads ablated: " + ", ".join(f"L{a}.H{b}" for a, b in chosen))
+    print(result.table())
+    print(f"written: {folder}")
+    return result

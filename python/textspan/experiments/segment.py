@@ -1,0 +1,171 @@
+"""`textspan segment`: zero-shot segmentation of an image folder → heatmaps.npy, classes.csv,
+overlays.png, and with masks, metrics.json."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .. import report
+from ..analysis import segment
+from ..core.metrics import foreground, segmentation_scores
+from ..errors import InputError, MissingFileError
+from ..models import load
+from ..store.images import ImageDataset, list_images
+from .common import class_names, model_options, store_options, zero_shot_weights
+
+NAME = "segment"
+HELP = "zero-shot segmentation of an image folder"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("images", help="image folder: one sub-folder per class, or flat")
+    store_options(p, store=False)
+    model_options(p)
+    p.add_argument(
+        "--masks",
+        default=None,
+        help="folder of binary mask PNGs named like the images: adds metrics",
+    )
+    p.add_argument(
+        "--given-class",
+        action="store_true",
+        help="use each image's class folder instead of the predicted class",
+    )
+    p.add_argument("--method", choices=["decomposition", "attention"], default="decomposition")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--workers", type=int, default=0)
+    p.add_argument("--overlays", type=int, default=8, help="images shown in overlays.png")
+
+
+def main(args: argparse.Namespace) -> int:
+    run(
+        args.images,
+        args.out or "segmentation",
+        model=args.model,
+        pretrained=args.pretrained,
+        classes_file=args.classes,
+        templates=args.templates,
+        masks=args.masks,
+        given_class=args.given_class,
+        method=args.method,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        overlays=args.overlays,
+        device=args.device,
+        precision=args.precision,
+    )
+    return 0
+
+
+def read_mask(path: Path, size: tuple[int, int]) -> np.ndarray:
+    """A mask file resized (nearest) and centre-cropped like the model's preprocessing; any
+    non-zero pixel is foreground."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        im = im.convert("L")
+        values = np.unique(np.asarray(im))
+        if not np.isin(values, (0, 1, 255)).all():
+            raise InputError(
+                f"mask {path}: expected a binary mask (0/1 or 0/255), got values "
+                f"{values[:6].tolist()}"
+            )
+        h, w = size
+        scale = max(h / im.height, w / im.width)
+        im = im.resize(
+            (max(w, round(im.width * scale)), max(h, round(im.height * scale))), Image.NEAREST
+        )
+        left, top = (im.width - w) // 2, (im.height - h) // 2
+        return np.asarray(im.crop((left, top, left + w, top + h))) > 0
+
+
+def run(
+    images: str | os.PathLike,
+    out: str | os.PathLike,
+    model: str = "ViT-B-16",
+    pretrained: str | None = None,
+    classes_file: str | None = None,
+    templates: str | None = None,
+    masks: str | os.PathLike | None = None,
+    given_class: bool = False,
+    method: str = "decomposition",
+    batch_size: int = 16,
+    workers: int = 0,
+    overlays: int = 8,
+    device: str | None = None,
+    precision: str = "fp32",
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Zero-shot segmentation of an image folder → heatmaps.npy, classes.csv, overlays.png,
+    and with `masks` (a folder of mask images named like the images) metrics.json."""
+    import torch
+
+    if method not in ("decomposition", "attention"):
+        raise InputError(f"method: expected 'decomposition' or 'attention', got {method!r}")
+    root = Path(images)
+    files, labels, folders = list_images(root)
+    if given_class and folders == []:
+        raise InputError("given_class: the images have no class folders to take the class from")
+    mask_files = None
+    if masks is not None:
+        mask_root = Path(masks)
+        mask_files = [mask_root / Path(f).with_suffix(".png") for f in files]
+        missing = [str(p) for p in mask_files if not p.is_file()]
+        if missing:
+            raise MissingFileError(
+                f"masks: expected a mask per image ({len(files)}), {len(missing)} missing, "
+                f"e.g. {missing[0]}"
+            )
+    names = class_names(folders, classes_file)
+    net, preprocess, tokenizer = load(
+        model, pretrained=pretrained, device=device, precision=precision
+    )
+    size = tuple(int(v) for v in net.visual.image_size)
+    # Masks are read (and checked) before the long work starts.
+    truth = None if mask_files is None else np.stack([read_mask(p, size) for p in mask_files])
+    w = zero_shot_weights(net, tokenizer, names, templates)
+    loader = torch.utils.data.DataLoader(
+        ImageDataset(root, files, preprocess, 0), batch_size=batch_size, num_workers=workers
+    )
+    result = segment(
+        net,
+        loader,
+        w,
+        classes=np.array(labels) if given_class else None,
+        method=method,
+        progress=progress,
+    )
+    folder = report.output_folder(out)
+    np.save(folder / "heatmaps.npy", result.heatmaps)
+    report.write_csv(
+        folder / "classes.csv",
+        ["file", "class", "name"],
+        [[f, int(c), names[c]] for f, c in zip(files, result.classes, strict=True)],
+    )
+    shown = min(overlays, len(files))
+    if shown:
+        size = result.image_size
+        pictures = [report.load_rgb(root / f, size[0]) for f in files[:shown]]
+        normalised = result.normalised()[:shown]
+        report.overlays(
+            folder / "overlays.png",
+            pictures,
+            normalised,
+            foreground(normalised),
+            [names[c] for c in result.classes[:shown]],
+        )
+    out_data: dict[str, Any] = {"segmentation": result}
+    if truth is not None:
+        scores = segmentation_scores(result.heatmaps, truth)
+        report.write_json(
+            folder / "metrics.json", {"method": method, "images": len(files), **scores}
+        )
+        print(", ".join(f"{k} {v:.2%}" for k, v in scores.items()))
+        out_data["scores"] = scores
+    print(f"written: {folder}")
+    return out_data

@@ -1,0 +1,24 @@
+"""The model tier (PyTorch): loading, text encoding, zero-shot classifiers, and the exact
+decomposition of an image tower into direct contributions — the maths once
+(`decompose.py`), one adapter per tower family (`openclip.py`), chosen in `families.py`."""
+
+from .decompose import Decomposer, Decomposition
+from .families import tower_of
+from .loading import default_device, load, register_model, resolve_model_name, skeleton
+from .texts import encode_texts, zero_shot_classifier
+from .tower import LayerWeights, Tower
+
+__all__ = [
+    "Decomposer",
+    "Decomposition",
+    "LayerWeights",
+    "Tower",
+    "default_device",
+    "encode_texts",
+    "load",
+    "register_model",
+    "resolve_model_name",
+    "skeleton",
+    "tower_of",
+    "zero_shot_classifier",
+]

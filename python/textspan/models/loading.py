@@ -1,0 +1,128 @@
+"""Loading models: open_clip names, config files and checkpoints, and models registered by
+name (the package registers its embedded toy CLIPs this way)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import InputError, MissingFileError
+
+__all__ = ["default_device", "load", "register_model", "resolve_model_name", "skeleton"]
+
+
+CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
+
+# Loaders of models known by a name of their own: name -> loader(pretrained, device).
+_NAMED: dict[str, Callable[[Any, str], Any]] = {}
+# Packages name their models under this entry-point group (textspan's own toy CLIPs are
+# declared in pyproject.toml), so this tier never imports the tiers that define them.
+ENTRY_POINTS = "textspan.models"
+
+
+def register_model(name: str, loader: Callable[[Any, str], Any]) -> None:
+    """Makes `load(name, pretrained, device)` call `loader(pretrained, device)`, which returns
+    (model, preprocess, tokenizer): for models that are not open_clip names. Installed
+    packages can declare theirs as entry points of the group `textspan.models` instead."""
+    _NAMED[name] = loader
+
+
+def _named_loader(name: str) -> Callable[[Any, str], Any] | None:
+    if name in _NAMED:
+        return _NAMED[name]
+    from importlib.metadata import entry_points
+
+    for entry in entry_points(group=ENTRY_POINTS):
+        if entry.name == name:
+            _NAMED[name] = entry.load()
+            return _NAMED[name]
+    return None
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def resolve_model_name(name: str | os.PathLike) -> str:
+    """An open_clip model name; a path to a model config JSON is registered first and its
+    file name (without .json) becomes the name."""
+    path = Path(name)
+    if path.suffix == ".json":
+        if not path.is_file():
+            raise MissingFileError(f"model config: no such file {path}")
+        import open_clip
+
+        open_clip.add_model_config(path)
+        return path.stem
+    return str(name)
+
+
+def load(
+    name: str | os.PathLike,
+    pretrained: str | os.PathLike | None = None,
+    device: str | torch.device | None = None,
+    precision: str = "fp32",
+) -> tuple[torch.nn.Module, Callable[[Any], torch.Tensor], Callable[..., torch.Tensor]]:
+    """An open_clip model in eval mode, its image preprocessing and its tokenizer.
+
+    Args:
+        name: an open_clip model name (`open_clip.list_models()`), a path to a model
+            config JSON of your own, or a registered name: "toy", the embedded toy CLIP
+            (`textspan.toy`; `pretrained` may then name a folder written by `textspan
+            toy-train`), or "toy-spurious", the toy CLIP trained to lean on the background.
+        pretrained: an open_clip pretrained tag (downloaded from the hub, e.g. "openai" or
+            "laion2b_s34b_b79k"), a path to a local checkpoint, or None for random weights
+            (seeded: the same in every process).
+        device: "cuda" when available, else "cpu", unless given.
+        precision: "fp32", "fp16", "bf16", "pure_fp16" or "pure_bf16" (open_clip's names).
+
+    Returns:
+        (model, preprocess, tokenizer).
+    """
+    import open_clip
+
+    named = _named_loader(str(name)) if not str(name).endswith(".json") else None
+    if named is not None:
+        return named(pretrained, str(device or default_device()))
+    model_name = resolve_model_name(name)
+    if model_name not in open_clip.list_models():
+        raise InputError(
+            f"model: expected an open_clip model name or a config .json, got {str(name)!r} "
+            "(open_clip.list_models() lists the names)"
+        )
+    if pretrained is not None:
+        path = Path(pretrained)
+        looks_like_a_file = os.sep in str(pretrained) or path.suffix in CHECKPOINT_SUFFIXES
+        if looks_like_a_file and not path.is_file():
+            raise MissingFileError(f"pretrained: no such checkpoint file {pretrained}")
+    # Random weights are drawn from a fixed seed (the caller's RNG left as it was), so every
+    # process that loads the same name gets the same model: a store extracted by many
+    # workers stays one model's.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            model_name,
+            pretrained=None if pretrained is None else str(pretrained),
+            device=device or default_device(),
+            precision=precision,
+        )
+    model.eval()
+    return model, preprocess, open_clip.get_tokenizer(model_name)
+
+
+def skeleton(name: str | os.PathLike) -> torch.nn.Module:
+    """A model of that architecture on the meta device: its shapes, without any weights."""
+    import open_clip
+
+    model_name = resolve_model_name(name)
+    if model_name not in open_clip.list_models():
+        raise InputError(
+            f"model: expected an open_clip model name or a config .json, got {str(name)!r} "
+            "(open_clip.list_models() lists the names)"
+        )
+    with torch.device("meta"):
+        return open_clip.create_model(model_name, device="meta")

@@ -1,0 +1,80 @@
+"""Text embeddings and zero-shot classifiers from a CLIP model's text tower."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+
+from ..errors import InputError, InputTypeError
+
+__all__ = ["checked_texts", "encode_texts", "zero_shot_classifier"]
+
+
+def checked_texts(texts: Sequence[str], batch_size: int) -> list[str]:
+    """The texts as a list, refused when empty or not strings, and the batch size checked."""
+    texts = list(texts)
+    if not texts:
+        raise InputError("texts: expected at least one text, got none")
+    if not all(isinstance(t, str) for t in texts):
+        bad = next(t for t in texts if not isinstance(t, str))
+        raise InputTypeError(f"texts: expected strings, got {type(bad).__name__}")
+    if batch_size < 1:
+        raise InputError(f"batch_size: expected an integer >= 1, got {batch_size}")
+    return texts
+
+
+@torch.no_grad()
+def encode_texts(
+    model: torch.nn.Module,
+    tokenizer: Callable[..., torch.Tensor],
+    texts: Sequence[str],
+    batch_size: int = 256,
+    progress: bool = True,
+) -> np.ndarray:
+    """Unit-norm text embeddings [M, D] (float32), in batches, with a progress bar, in this
+    process (`textspan.encode_texts` can also spread them over a Ray cluster)."""
+    from tqdm.auto import tqdm
+
+    texts = checked_texts(texts, batch_size)
+    device = next(model.parameters()).device
+    out = []
+    bar = tqdm(total=len(texts), desc="encoding texts", unit="text", disable=not progress)
+    for start in range(0, len(texts), batch_size):
+        tokens = tokenizer(texts[start : start + batch_size]).to(device)
+        emb = model.encode_text(tokens, normalize=True).float()
+        out.append(emb.cpu().numpy())
+        bar.update(len(tokens))
+    bar.close()
+    return np.concatenate(out)
+
+
+@torch.no_grad()
+def zero_shot_classifier(
+    model: torch.nn.Module,
+    tokenizer: Callable[..., torch.Tensor],
+    classnames: Sequence[str] | None = None,
+    templates: Sequence[str | Callable[[str], str]] | None = None,
+    progress: bool = True,
+) -> np.ndarray:
+    """A zero-shot classifier [D, C]: per class, the normalised mean of its template embeddings.
+
+    By default the ImageNet class names and the OpenAI templates from open_clip's metadata.
+    Templates are format strings with "{}" or callables of the class name.
+    """
+    import open_clip
+
+    classnames = list(open_clip.IMAGENET_CLASSNAMES if classnames is None else classnames)
+    templates = list(open_clip.OPENAI_IMAGENET_TEMPLATES if templates is None else templates)
+    if not classnames or not templates:
+        raise InputError("zero_shot_classifier: expected at least one class name and one template")
+
+    def fill(template: str | Callable[[str], str], name: str) -> str:
+        return template(name) if callable(template) else template.format(name)
+
+    prompts = [fill(t, c) for c in classnames for t in templates]
+    emb = encode_texts(model, tokenizer, prompts, progress=progress)
+    per_class = emb.reshape(len(classnames), len(templates), -1).mean(1)
+    per_class /= np.linalg.norm(per_class, axis=1, keepdims=True)
+    return per_class.T.astype(np.float32)

@@ -1,0 +1,75 @@
+//! Criterion benches of the pure Rust API: one head, many heads, the head statistics, and
+//! the segmentation metrics. Synthetic low-rank heads (96 directions in D = 768), a pool of
+//! M = 3,498 texts, and 16×16 heatmaps scored at 224×224.
+
+use criterion::{criterion_group, criterion_main, Criterion};
+use ndarray::{Array1, Array2, Array3};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use rand_distr::StandardNormal;
+use textspan_core::metrics::segmentation_scores;
+use textspan_core::moments::batch_moments;
+use textspan_core::textspan::{text_span, text_span_heads, HeadMoments, SpanParams, TextPool};
+
+const D: usize = 768;
+const M: usize = 3498;
+const SIGNAL: usize = 96;
+
+fn gaussian(rng: &mut StdRng, shape: (usize, usize)) -> Array2<f64> {
+    Array2::from_shape_simple_fn(shape, || rng.sample(StandardNormal))
+}
+
+/// The covariance and mean of a head writing into `SIGNAL` directions with decaying scales.
+fn head(rng: &mut StdRng) -> (Array2<f64>, Array1<f64>) {
+    let basis = gaussian(rng, (D, SIGNAL)) / (D as f64).sqrt();
+    let scales = Array1::from_shape_fn(SIGNAL, |i| (-0.03 * i as f64).exp());
+    let scaled = &basis * &scales;
+    let mean = Array1::from_shape_simple_fn(D, || 0.5 * rng.sample::<f64, _>(StandardNormal));
+    (scaled.dot(&scaled.t()), mean)
+}
+
+fn benches(c: &mut Criterion) {
+    let mut rng = StdRng::seed_from_u64(0);
+    let texts = gaussian(&mut rng, (M, D)).mapv(|x| x as f32);
+    let pool = TextPool::from_view(texts.view()).unwrap();
+    let params = SpanParams {
+        n_texts: 20,
+        rank: 80,
+    };
+    let heads: Vec<_> = (0..8).map(|_| head(&mut rng)).collect();
+    let moments: Vec<HeadMoments> = heads
+        .iter()
+        .map(|(cov, mean)| HeadMoments {
+            count: 10_000.0,
+            mean: mean.view(),
+            covariance: cov.view(),
+        })
+        .collect();
+
+    let mut group = c.benchmark_group("textspan");
+    group.sample_size(10);
+    group.bench_function("one head from statistics (M 3498, D 768, 20 texts)", |b| {
+        b.iter(|| text_span(&moments[0], &pool, params).unwrap())
+    });
+    group.bench_function("8 heads from statistics (M 3498, D 768, 20 texts)", |b| {
+        b.iter(|| text_span_heads(&moments, &pool, params).unwrap())
+    });
+    let outputs =
+        Array3::from_shape_simple_fn((10_000, 1, D), || rng.sample::<f32, _>(StandardNormal));
+    group.bench_function("head statistics of 10,000 outputs (D 768)", |b| {
+        b.iter(|| batch_moments(outputs.view()).unwrap())
+    });
+    group.finish();
+
+    let mut group = c.benchmark_group("segmentation");
+    group.sample_size(10);
+    let maps = Array3::from_shape_simple_fn((64, 16, 16), || rng.sample::<f64, _>(StandardNormal));
+    let masks = Array3::from_shape_simple_fn((64, 224, 224), || rng.random_bool(0.3) as u8);
+    group.bench_function("metrics of 64 heatmaps 16×16 at 224×224", |b| {
+        b.iter(|| segmentation_scores(maps.view(), masks.view()).unwrap())
+    });
+    group.finish();
+}
+
+criterion_group!(textspan_benches, benches);
+criterion_main!(textspan_benches);

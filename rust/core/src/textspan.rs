@@ -1,0 +1,673 @@
+//! TextSpan (Gandelsman, Efros and Steinhardt, ICLR 2024, Algorithm 1) from a head's
+//! statistics.
+//!
+//! The published algorithm, for head outputs X [N, D] and unit text embeddings T [M, D]:
+//! project every text onto the span of the top-`rank` right singular vectors of X, centre
+//! X, then `n_texts` times choose the text whose projection `X t` has the largest variance
+//! over the images and remove that text's direction from X and from every text.
+//!
+//! Everything it needs is a function of the count, mean μ and covariance C of the outputs:
+//! the right singular vectors of X are the eigenvectors of `C + μμᵀ`, and the variance of
+//! `X t` for a text `t` in that span is `tᵀ C t`. Working in an orthonormal basis V of the
+//! span in which `Vᵀ C V = diag(λ)` is diagonal, with `a_j = Vᵀ t_j` and the chosen unit
+//! directions `u_1..u_k`, the score of text j after k steps is `q_jᵀ diag(λ) q_j` with
+//! `q_j = a_j − Σ_i (a_j·u_i) u_i`. Choosing `u` changes each score by
+//! `−2 c_j d_j + c_j² γ` with `c_j = a_j·u`, `d_j = a_j·w`, `w = Q diag(λ) u` (Q removes
+//! the earlier directions) and `γ = uᵀ diag(λ) u`, so a step costs O(M·r) rather than
+//! O(N·M·D), and the number of images never enters.
+//!
+//! Directions of the second moment whose eigenvalue is below `RANK_TOLERANCE` times the
+//! largest are treated as absent: they carry no variance, and the published algorithm
+//! would fill them with arbitrary singular vectors of rounding noise.
+
+use faer::linalg::matmul::matmul;
+use faer::{Accum, Mat, MatMut, MatRef, Par, Side};
+use ndarray::{Array2, ArrayView1, ArrayView2};
+use rayon::prelude::*;
+
+use crate::error::{Error, Result};
+use crate::parallel;
+use crate::scalar::Real;
+
+/// Eigenvalues of the second moment below this fraction of the largest count as zero.
+pub const RANK_TOLERANCE: f64 = 1e-10;
+/// Texts handled together in the parallel loops over the pool.
+pub const TEXT_CHUNK: usize = 1024;
+/// A pivoted Cholesky factor is tried first when the second moment's numerical rank is at
+/// most this fraction of D; past it, a dense eigendecomposition is cheaper.
+const LOW_RANK_FRACTION: usize = 4;
+/// The factor stops once what it leaves has a trace below this fraction of the largest
+/// diagonal entry: far below `RANK_TOLERANCE`, so no kept direction is lost.
+const CHOLESKY_TOLERANCE: f64 = RANK_TOLERANCE * 1e-2;
+
+/// Parameters of one TextSpan run.
+#[derive(Debug, Clone, Copy)]
+pub struct SpanParams {
+    pub n_texts: usize,
+    pub rank: usize,
+}
+
+/// Statistics of one head's outputs: count, mean [D] and population covariance [D, D].
+#[derive(Debug, Clone, Copy)]
+pub struct HeadMoments<'a> {
+    pub count: f64,
+    pub mean: ArrayView1<'a, f64>,
+    pub covariance: ArrayView2<'a, f64>,
+}
+
+/// The result for one head.
+#[derive(Debug, Clone)]
+pub struct Span {
+    /// Indices into the pool, in the order chosen.
+    pub indices: Vec<usize>,
+    /// The variance of the outputs along each chosen direction, after the earlier ones
+    /// were removed (population convention, divided by N).
+    pub variance: Vec<f64>,
+    /// The trace of the covariance: the total variance of the outputs.
+    pub total_variance: f64,
+    /// The chosen directions [k, D], orthonormal.
+    pub directions: Array2<f64>,
+    /// The dimension of the span the texts were projected on (`rank`, or less when the
+    /// outputs have fewer non-zero directions).
+    pub rank: usize,
+}
+
+/// A text pool: rows scaled to unit norm, held once and shared by every head.
+#[derive(Debug, Clone)]
+pub struct TextPool<T> {
+    rows: Vec<T>,
+    m: usize,
+    d: usize,
+}
+
+impl<T: Real> TextPool<T> {
+    /// Takes row-major embeddings [M, D]. Rows are scaled to unit norm; a row of zero norm
+    /// stays zero and is never chosen.
+    pub fn from_rows(mut rows: Vec<T>, m: usize, d: usize) -> Result<Self> {
+        if m == 0 || d == 0 {
+            return Err(Error::shape(
+                "text embeddings",
+                "[M >= 1, D >= 1]",
+                format!("[{m}, {d}]"),
+            ));
+        }
+        if rows.len() != m * d {
+            return Err(Error::shape(
+                "text embeddings",
+                format!("{} values", m * d),
+                format!("{}", rows.len()),
+            ));
+        }
+        parallel::install(|| {
+            rows.par_chunks_mut(d).enumerate().try_for_each(|(i, row)| {
+                let mut sq = 0.0f64;
+                for (j, x) in row.iter().enumerate() {
+                    let x = x.to_f64();
+                    if !x.is_finite() {
+                        return Err(Error::NonFinite {
+                            what: "text embeddings".into(),
+                            index: vec![i, j],
+                        });
+                    }
+                    sq += x * x;
+                }
+                if sq > 0.0 {
+                    let inv = 1.0 / sq.sqrt();
+                    for x in row.iter_mut() {
+                        *x = T::from_f64(x.to_f64() * inv);
+                    }
+                }
+                Ok(())
+            })
+        })?;
+        Ok(TextPool { rows, m, d })
+    }
+
+    pub fn from_view(view: ArrayView2<T>) -> Result<Self> {
+        let (m, d) = view.dim();
+        TextPool::from_rows(view.iter().copied().collect(), m, d)
+    }
+
+    pub fn len(&self) -> usize {
+        self.m
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.m == 0
+    }
+
+    pub fn dim(&self) -> usize {
+        self.d
+    }
+
+    fn chunk(&self, start: usize, len: usize) -> MatRef<'_, T> {
+        MatRef::from_row_major_slice(
+            &self.rows[start * self.d..(start + len) * self.d],
+            len,
+            self.d,
+        )
+    }
+}
+
+/// One head's basis: V [D, r] spanning the top eigenvectors of the second moment, rotated
+/// so that `Vᵀ C V = diag(lambda)`.
+struct HeadBasis {
+    v: Mat<f64>,
+    lambda: Vec<f64>,
+    total_variance: f64,
+}
+
+fn check_params(params: SpanParams, m: usize) -> Result<()> {
+    if params.rank < 1 {
+        return Err(Error::value(
+            "rank",
+            "an integer >= 1",
+            params.rank.to_string(),
+        ));
+    }
+    if params.n_texts < 1 || params.n_texts > m {
+        return Err(Error::value(
+            "n_texts",
+            format!("an integer between 1 and the pool size {m}"),
+            params.n_texts.to_string(),
+        ));
+    }
+    Ok(())
+}
+
+fn check_head(h: usize, head: &HeadMoments, d: usize) -> Result<()> {
+    let what = |s: &str| format!("head {h}: {s}");
+    if head.count.is_nan() || head.count < 2.0 {
+        return Err(Error::value(
+            what("count"),
+            "at least 2 outputs",
+            head.count.to_string(),
+        ));
+    }
+    if head.mean.len() != d {
+        return Err(Error::shape(
+            what("mean"),
+            format!("[{d}] (the texts' D)"),
+            format!("[{}]", head.mean.len()),
+        ));
+    }
+    if head.covariance.dim() != (d, d) {
+        let (a, b) = head.covariance.dim();
+        return Err(Error::shape(
+            what("covariance"),
+            format!("[{d}, {d}]"),
+            format!("[{a}, {b}]"),
+        ));
+    }
+    if let Some(j) = head.mean.iter().position(|x| !x.is_finite()) {
+        return Err(Error::NonFinite {
+            what: what("mean"),
+            index: vec![j],
+        });
+    }
+    if let Some(((i, j), _)) = head.covariance.indexed_iter().find(|(_, x)| !x.is_finite()) {
+        return Err(Error::NonFinite {
+            what: what("covariance"),
+            index: vec![i, j],
+        });
+    }
+    Ok(())
+}
+
+/// A pivoted Cholesky factor L [D, k] with `G ≈ L Lᵀ`, or None when the numerical rank
+/// exceeds `max_rank`. Stops once the trace of what is left is below `tolerance`.
+fn pivoted_cholesky(g: MatRef<f64>, tolerance: f64, max_rank: usize) -> Option<Mat<f64>> {
+    let d = g.nrows();
+    let mut diag: Vec<f64> = (0..d).map(|i| g[(i, i)]).collect();
+    let mut used = vec![false; d];
+    // L is kept row-major, `max_rank` wide, so that the inner products run over contiguous
+    // memory.
+    let mut l = vec![0.0f64; d * max_rank];
+    let mut k = 0;
+    loop {
+        let mut residual = 0.0;
+        let mut pivot = None;
+        for i in 0..d {
+            if !used[i] {
+                residual += diag[i].max(0.0);
+                if pivot.is_none_or(|p: usize| diag[i] > diag[p]) {
+                    pivot = Some(i);
+                }
+            }
+        }
+        let Some(p) = pivot else { break };
+        if residual <= tolerance || diag[p] <= 0.0 {
+            break;
+        }
+        if k == max_rank {
+            return None;
+        }
+        let root = diag[p].sqrt();
+        let lp: Vec<f64> = l[p * max_rank..p * max_rank + k].to_vec();
+        let gp = g.col(p);
+        for i in 0..d {
+            if used[i] || i == p {
+                continue;
+            }
+            let li = &mut l[i * max_rank..i * max_rank + k + 1];
+            let dot: f64 = li[..k].iter().zip(&lp).map(|(a, b)| a * b).sum();
+            let x = (gp[i] - dot) / root;
+            li[k] = x;
+            diag[i] -= x * x;
+        }
+        l[p * max_rank + k] = root;
+        used[p] = true;
+        k += 1;
+    }
+    Some(Mat::from_fn(d, k, |i, m| l[i * max_rank + m]))
+}
+
+/// Eigenpairs (descending) of the symmetric PSD matrix `g`, those above `RANK_TOLERANCE`
+/// times the largest only, at most `rank` of them.
+fn dominant_eigenvectors(g: MatRef<f64>, rank: usize) -> Result<(Mat<f64>, Vec<f64>)> {
+    let d = g.nrows();
+    let max_diag = (0..d).map(|i| g[(i, i)]).fold(0.0f64, f64::max);
+    if max_diag <= 0.0 {
+        return Ok((Mat::zeros(d, 0), Vec::new()));
+    }
+    let not_converged = || Error::value("eigendecomposition", "convergence", "no convergence");
+    // Low rank (real heads write into a subspace of about the head width): factor first,
+    // then decompose the small factor. Otherwise one dense eigendecomposition.
+    let (vectors, values): (Mat<f64>, Vec<f64>) =
+        match pivoted_cholesky(g, CHOLESKY_TOLERANCE * max_diag, d / LOW_RANK_FRACTION) {
+            Some(l) if l.ncols() > 0 => {
+                let svd = l.thin_svd().map_err(|_| not_converged())?;
+                let s = svd.S().column_vector();
+                let values = (0..l.ncols()).map(|i| s[i] * s[i]).collect();
+                (svd.U().to_owned(), values)
+            }
+            Some(_) => return Ok((Mat::zeros(d, 0), Vec::new())),
+            None => {
+                let evd = g
+                    .self_adjoint_eigen(Side::Lower)
+                    .map_err(|_| not_converged())?;
+                let s = evd.S().column_vector();
+                ((evd.U().to_owned()), (0..d).map(|i| s[i]).collect())
+            }
+        };
+    let mut order: Vec<usize> = (0..values.len()).collect();
+    order.sort_by(|&a, &b| values[b].total_cmp(&values[a]));
+    let largest = values[order[0]];
+    let keep: Vec<usize> = order
+        .into_iter()
+        .filter(|&i| values[i] > RANK_TOLERANCE * largest)
+        .take(rank)
+        .collect();
+    let v = Mat::from_fn(d, keep.len(), |i, c| vectors[(i, keep[c])]);
+    Ok((v, keep.iter().map(|&i| values[i]).collect()))
+}
+
+fn head_basis(head: &HeadMoments, rank: usize) -> Result<HeadBasis> {
+    let d = head.mean.len();
+    let cov = match head.covariance.as_slice() {
+        Some(c) => MatRef::from_row_major_slice(c, d, d).to_owned(),
+        None => Mat::from_fn(d, d, |i, j| head.covariance[[i, j]]),
+    };
+    let second = Mat::from_fn(d, d, |i, j| cov[(i, j)] + head.mean[i] * head.mean[j]);
+    let (v, _) = dominant_eigenvectors(second.as_ref(), rank)?;
+    let r = v.ncols();
+    // Rotate the basis so that the covariance restricted to the span is diagonal.
+    let cv = &cov * &v;
+    let b0 = v.transpose() * &cv;
+    let (w, lambda) = if r == 0 {
+        (Mat::zeros(0, 0), Vec::new())
+    } else {
+        let evd = b0
+            .self_adjoint_eigen(Side::Lower)
+            .map_err(|_| Error::value("eigendecomposition", "convergence", "no convergence"))?;
+        let s = evd.S().column_vector();
+        ((evd.U().to_owned()), (0..r).map(|i| s[i]).collect())
+    };
+    Ok(HeadBasis {
+        v: &v * &w,
+        lambda,
+        total_variance: (0..d).map(|i| cov[(i, i)]).sum(),
+    })
+}
+
+#[inline]
+fn dot2<T: Real>(a: &[T], u: &[f64], w: &[f64]) -> (f64, f64) {
+    let mut c = [0.0f64; 4];
+    let mut e = [0.0f64; 4];
+    let n4 = a.len() / 4 * 4;
+    let mut i = 0;
+    while i < n4 {
+        for l in 0..4 {
+            let x = a[i + l].to_f64();
+            c[l] += x * u[i + l];
+            e[l] += x * w[i + l];
+        }
+        i += 4;
+    }
+    let mut cs = (c[0] + c[1]) + (c[2] + c[3]);
+    let mut es = (e[0] + e[1]) + (e[2] + e[3]);
+    for i in n4..a.len() {
+        let x = a[i].to_f64();
+        cs += x * u[i];
+        es += x * w[i];
+    }
+    (cs, es)
+}
+
+/// The best unmasked score of a slice and its index; ties go to the lower index.
+fn best_of(scores: &[f64], offset: usize) -> Option<(f64, usize)> {
+    let mut best: Option<(f64, usize)> = None;
+    for (j, &s) in scores.iter().enumerate() {
+        if s > f64::NEG_INFINITY && best.is_none_or(|(b, _)| s > b) {
+            best = Some((s, offset + j));
+        }
+    }
+    best
+}
+
+fn better(a: Option<(f64, usize)>, b: Option<(f64, usize)>) -> Option<(f64, usize)> {
+    match (a, b) {
+        (Some(x), Some(y)) => Some(if y.0 > x.0 || (y.0 == x.0 && y.1 < x.1) {
+            y
+        } else {
+            x
+        }),
+        (x, None) => x,
+        (None, y) => y,
+    }
+}
+
+/// Removes from `x` its components along the orthonormal vectors `basis`, twice (one
+/// pass of classical Gram–Schmidt loses orthogonality when `x` is nearly in their span).
+fn orthogonalise(x: &mut [f64], basis: &[Vec<f64>]) {
+    for _ in 0..2 {
+        for u in basis {
+            let c: f64 = x.iter().zip(u).map(|(a, b)| a * b).sum();
+            for (a, b) in x.iter_mut().zip(u) {
+                *a -= c * b;
+            }
+        }
+    }
+}
+
+/// The greedy selection for one head, parallel over chunks of the pool.
+fn greedy<T: Real>(basis: &HeadBasis, pool: &TextPool<T>, n_texts: usize) -> Span {
+    let (m, d, r) = (pool.m, pool.d, basis.v.ncols());
+    let empty = |rank| Span {
+        indices: Vec::new(),
+        variance: Vec::new(),
+        total_variance: basis.total_variance,
+        directions: Array2::zeros((0, d)),
+        rank,
+    };
+    if r == 0 {
+        return empty(0);
+    }
+    // a_j = Vᵀ t_j, stored text-major (column j of an r×M column-major matrix), computed in
+    // the pool's precision.
+    let vt: Mat<T> = Mat::from_fn(r, d, |i, j| T::from_f64(basis.v[(j, i)]));
+    let mut a = vec![T::from_f64(0.0); r * m];
+    let mut scores = vec![0.0f64; m];
+    a.par_chunks_mut(r * TEXT_CHUNK)
+        .zip(scores.par_chunks_mut(TEXT_CHUNK))
+        .enumerate()
+        .for_each(|(c, (a_chunk, s_chunk))| {
+            let len = s_chunk.len();
+            let dst = MatMut::from_column_major_slice_mut(a_chunk, r, len);
+            let texts = pool.chunk(c * TEXT_CHUNK, len);
+            matmul(
+                dst,
+                Accum::Replace,
+                vt.as_ref(),
+                texts.transpose(),
+                T::from_f64(1.0),
+                Par::Seq,
+            );
+            for (j, s) in s_chunk.iter_mut().enumerate() {
+                let aj = &a_chunk[j * r..(j + 1) * r];
+                *s = aj
+                    .iter()
+                    .zip(&basis.lambda)
+                    .map(|(x, l)| x.to_f64() * x.to_f64() * l)
+                    .sum();
+            }
+        });
+    let first_best = scores.iter().cloned().fold(0.0f64, f64::max);
+    let mut chosen: Vec<Vec<f64>> = Vec::new();
+    let mut indices = Vec::new();
+    let mut variance = Vec::new();
+    for _ in 0..n_texts.min(r) {
+        let best = scores
+            .par_chunks(TEXT_CHUNK)
+            .enumerate()
+            .map(|(c, s)| best_of(s, c * TEXT_CHUNK))
+            .reduce(|| None, better);
+        let Some((score, j)) = best else { break };
+        if score <= first_best * 1e-12 {
+            break; // every text left is (numerically) in the span already chosen
+        }
+        let mut u: Vec<f64> = a[j * r..(j + 1) * r].iter().map(|x| x.to_f64()).collect();
+        let norm_a = u.iter().map(|x| x * x).sum::<f64>().sqrt();
+        orthogonalise(&mut u, &chosen);
+        let norm = u.iter().map(|x| x * x).sum::<f64>().sqrt();
+        if norm <= norm_a * 1e-9 {
+            break;
+        }
+        u.iter_mut().for_each(|x| *x /= norm);
+        let lu: Vec<f64> = u.iter().zip(&basis.lambda).map(|(x, l)| x * l).collect();
+        let gamma: f64 = u.iter().zip(&lu).map(|(x, y)| x * y).sum();
+        let mut w = lu;
+        orthogonalise(&mut w, &chosen);
+        scores
+            .par_chunks_mut(TEXT_CHUNK)
+            .zip(a.par_chunks(r * TEXT_CHUNK))
+            .for_each(|(s_chunk, a_chunk)| {
+                for (i, s) in s_chunk.iter_mut().enumerate() {
+                    if *s == f64::NEG_INFINITY {
+                        continue;
+                    }
+                    let (c, e) = dot2(&a_chunk[i * r..(i + 1) * r], &u, &w);
+                    *s += c * (c * gamma - 2.0 * e);
+                }
+            });
+        scores[j] = f64::NEG_INFINITY;
+        indices.push(j);
+        variance.push(gamma);
+        chosen.push(u);
+    }
+    let k = chosen.len();
+    let mut directions = Array2::<f64>::zeros((k, d));
+    for (row, u) in chosen.iter().enumerate() {
+        for i in 0..d {
+            directions[[row, i]] = (0..r).map(|c| basis.v[(i, c)] * u[c]).sum();
+        }
+    }
+    Span {
+        indices,
+        variance,
+        directions,
+        ..empty(r)
+    }
+}
+
+/// TextSpan for many heads sharing one pool. The heads' bases are found in parallel over
+/// heads; the selections then run one head after another, each parallel over the pool.
+pub fn text_span_heads<T: Real>(
+    heads: &[HeadMoments],
+    pool: &TextPool<T>,
+    params: SpanParams,
+) -> Result<Vec<Span>> {
+    check_params(params, pool.len())?;
+    for (h, head) in heads.iter().enumerate() {
+        check_head(h, head, pool.dim())?;
+    }
+    parallel::install(|| {
+        let bases = heads
+            .par_iter()
+            .map(|head| head_basis(head, params.rank))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(bases
+            .iter()
+            .map(|b| greedy(b, pool, params.n_texts))
+            .collect())
+    })
+}
+
+/// TextSpan for one head.
+pub fn text_span<T: Real>(
+    head: &HeadMoments,
+    pool: &TextPool<T>,
+    params: SpanParams,
+) -> Result<Span> {
+    Ok(text_span_heads(std::slice::from_ref(head), pool, params)?.remove(0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ndarray::{Array1, Array2};
+    use rand::rngs::StdRng;
+    use rand::{Rng, SeedableRng};
+    use rand_distr::StandardNormal;
+
+    fn gaussian(rng: &mut StdRng, rows: usize, cols: usize) -> Array2<f64> {
+        Array2::from_shape_simple_fn((rows, cols), || rng.sample(StandardNormal))
+    }
+
+    /// Covariance of `k` random directions with decaying scales, plus `noise`² · I.
+    fn low_rank_covariance(rng: &mut StdRng, d: usize, k: usize, noise: f64) -> Array2<f64> {
+        let b = gaussian(rng, d, k);
+        let scales = Array1::from_shape_fn(k, |i| (-0.1 * i as f64).exp());
+        let bs = &b * &scales;
+        bs.dot(&bs.t()) + Array2::<f64>::eye(d) * noise * noise
+    }
+
+    fn projector(v: &Mat<f64>) -> Mat<f64> {
+        v * v.transpose()
+    }
+
+    #[test]
+    fn low_rank_factor_and_dense_eigendecomposition_agree() {
+        let mut rng = StdRng::seed_from_u64(1);
+        let (d, k) = (64, 10);
+        let c = low_rank_covariance(&mut rng, d, k, 0.0);
+        let g = Mat::from_fn(d, d, |i, j| c[[i, j]]);
+        let max_diag = (0..d).map(|i| g[(i, i)]).fold(0.0, f64::max);
+        let l = pivoted_cholesky(
+            g.as_ref(),
+            CHOLESKY_TOLERANCE * max_diag,
+            d / LOW_RANK_FRACTION,
+        )
+        .expect("rank 10 < 16");
+        assert_eq!(l.ncols(), k);
+        let (v, values) = dominant_eigenvectors(g.as_ref(), 6).unwrap();
+        let evd = g.self_adjoint_eigen(Side::Lower).unwrap();
+        let dense = Mat::from_fn(d, 6, |i, c| evd.U()[(i, d - 1 - c)]);
+        let diff = projector(&v) - projector(&dense);
+        assert!(
+            diff.norm_max() < 1e-8,
+            "projectors differ by {}",
+            diff.norm_max()
+        );
+        let s = evd.S().column_vector();
+        for (c, value) in values.iter().enumerate() {
+            assert!((value - s[d - 1 - c]).abs() < 1e-9 * s[d - 1]);
+        }
+    }
+
+    #[test]
+    fn full_rank_falls_back_to_the_dense_path() {
+        let mut rng = StdRng::seed_from_u64(2);
+        let c = low_rank_covariance(&mut rng, 32, 32, 0.1);
+        let g = Mat::from_fn(32, 32, |i, j| c[[i, j]]);
+        let max_diag = (0..32).map(|i| g[(i, i)]).fold(0.0, f64::max);
+        assert!(pivoted_cholesky(g.as_ref(), CHOLESKY_TOLERANCE * max_diag, 8).is_none());
+        let (v, values) = dominant_eigenvectors(g.as_ref(), 40).unwrap();
+        assert_eq!(v.ncols(), 32, "rank is capped at D");
+        assert!(values.windows(2).all(|w| w[0] >= w[1]));
+    }
+
+    fn run(threads: usize, cov: &Array2<f64>, mean: &Array1<f64>, pool: &TextPool<f32>) -> Span {
+        crate::parallel::set_num_threads(threads);
+        let head = HeadMoments {
+            count: 1000.0,
+            mean: mean.view(),
+            covariance: cov.view(),
+        };
+        text_span(
+            &head,
+            pool,
+            SpanParams {
+                n_texts: 12,
+                rank: 20,
+            },
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn selection_is_greedy_orthonormal_and_thread_independent() {
+        let mut rng = StdRng::seed_from_u64(3);
+        let d = 48;
+        let cov = low_rank_covariance(&mut rng, d, 30, 1e-3);
+        let mean = Array1::from_shape_fn(d, |_| rng.sample::<f64, _>(StandardNormal));
+        let texts = gaussian(&mut rng, 3 * TEXT_CHUNK + 17, d).mapv(|x| x as f32);
+        let pool = TextPool::from_view(texts.view()).unwrap();
+        let one = run(1, &cov, &mean, &pool);
+        let two = run(2, &cov, &mean, &pool);
+        assert_eq!(one.indices, two.indices);
+        assert_eq!(one.variance, two.variance);
+        assert_eq!(one.directions, two.directions);
+        let gram = one.directions.dot(&one.directions.t());
+        assert!((gram - Array2::<f64>::eye(12))
+            .iter()
+            .all(|x| x.abs() < 1e-10));
+        // Each direction's variance is what the covariance says along it.
+        for (u, var) in one.directions.outer_iter().zip(&one.variance) {
+            let direct = u.dot(&cov.dot(&u));
+            assert!((direct - var).abs() < 1e-9 * var.abs().max(1e-12));
+        }
+        assert!(one.variance.iter().sum::<f64>() <= one.total_variance);
+    }
+
+    #[test]
+    fn bad_parameters_and_inputs_are_errors_not_panics() {
+        let cov = Array2::<f64>::eye(4);
+        let mean = Array1::<f64>::zeros(4);
+        let head = HeadMoments {
+            count: 10.0,
+            mean: mean.view(),
+            covariance: cov.view(),
+        };
+        let pool = TextPool::from_view(Array2::<f64>::eye(4).view()).unwrap();
+        let params = |n_texts, rank| SpanParams { n_texts, rank };
+        assert!(matches!(
+            text_span(&head, &pool, params(5, 2)),
+            Err(Error::Value { .. })
+        ));
+        assert!(matches!(
+            text_span(&head, &pool, params(2, 0)),
+            Err(Error::Value { .. })
+        ));
+        let wide = TextPool::from_view(Array2::<f64>::eye(5).view()).unwrap();
+        assert!(matches!(
+            text_span(&head, &wide, params(2, 2)),
+            Err(Error::Shape { .. })
+        ));
+        let few = HeadMoments { count: 1.0, ..head };
+        assert!(matches!(
+            text_span(&few, &pool, params(2, 2)),
+            Err(Error::Value { .. })
+        ));
+        let mut nan = Array2::<f64>::eye(4);
+        nan[[1, 2]] = f64::NAN;
+        assert!(matches!(
+            TextPool::from_view(nan.view()),
+            Err(Error::NonFinite { index, .. }) if index == vec![1, 2]
+        ));
+        assert!(matches!(
+            TextPool::<f64>::from_rows(Vec::new(), 0, 4),
+            Err(Error::Shape { .. })
+        ));
+    }
+}

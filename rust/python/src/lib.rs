@@ -1,0 +1,255 @@
+//! The extension module `textspan._core`: thin PyO3 bindings over `textspan-core`. Each
+//! function copies its Python inputs into Rust values, releases the GIL around the work and
+//! hands back NumPy arrays. Errors become Python exceptions here and nowhere else.
+
+use ndarray::{Array1, Axis};
+use numpy::{
+    IntoPyArray, PyArray1, PyArray2, PyArray3, PyReadonlyArray1, PyReadonlyArray2, PyReadonlyArray3,
+};
+use pyo3::prelude::*;
+
+use textspan_core::error::Error;
+use textspan_core::textspan::{self, HeadMoments, Span, SpanParams, TextPool};
+use textspan_core::{metrics, moments, parallel, patchmap, scalar};
+
+// The package's exception classes live in Python (`textspan/errors.py`, where `InputError`
+// is also a `ValueError`); every error of the core is bad input, so all map to `InputError`.
+pyo3::import_exception!(textspan.errors, InputError);
+
+/// The one mapping from the core's error to a Python exception.
+fn py_err(e: Error) -> PyErr {
+    InputError::new_err(e.to_string())
+}
+
+enum Pool {
+    F32(TextPool<f32>),
+    F64(TextPool<f64>),
+}
+
+/// A text pool held once on the Rust side: rows copied and scaled to unit norm.
+#[pyclass(name = "TextPool", module = "textspan._core", frozen)]
+pub struct PyTextPool {
+    pool: Pool,
+}
+
+fn copy_rows<T: numpy::Element + Copy>(a: &PyReadonlyArray2<T>) -> (Vec<T>, usize, usize) {
+    let v = a.as_array();
+    let (m, d) = v.dim();
+    (v.iter().copied().collect(), m, d)
+}
+
+#[pymethods]
+impl PyTextPool {
+    #[new]
+    fn new(py: Python<'_>, embeddings: &Bound<'_, PyAny>) -> PyResult<Self> {
+        let pool = if let Ok(a) = embeddings.extract::<PyReadonlyArray2<f32>>() {
+            let (rows, m, d) = copy_rows(&a);
+            Pool::F32(
+                py.detach(|| TextPool::from_rows(rows, m, d))
+                    .map_err(py_err)?,
+            )
+        } else if let Ok(a) = embeddings.extract::<PyReadonlyArray2<f64>>() {
+            let (rows, m, d) = copy_rows(&a);
+            Pool::F64(
+                py.detach(|| TextPool::from_rows(rows, m, d))
+                    .map_err(py_err)?,
+            )
+        } else {
+            return Err(InputError::new_err(
+                "text embeddings: expected a 2-D float32 or float64 NumPy array [M, D]",
+            ));
+        };
+        Ok(PyTextPool { pool })
+    }
+
+    fn __len__(&self) -> usize {
+        match &self.pool {
+            Pool::F32(p) => p.len(),
+            Pool::F64(p) => p.len(),
+        }
+    }
+
+    /// The embedding dimension D.
+    #[getter]
+    fn dim(&self) -> usize {
+        match &self.pool {
+            Pool::F32(p) => p.dim(),
+            Pool::F64(p) => p.dim(),
+        }
+    }
+
+    /// "float32" or "float64": the precision the pool is held and projected in.
+    #[getter]
+    fn dtype(&self) -> &'static str {
+        match &self.pool {
+            Pool::F32(_) => "float32",
+            Pool::F64(_) => "float64",
+        }
+    }
+}
+
+type SpanTuple<'py> = (
+    Vec<usize>,
+    Bound<'py, PyArray1<f64>>,
+    f64,
+    Bound<'py, PyArray2<f64>>,
+    usize,
+);
+
+fn span_tuple(py: Python<'_>, s: Span) -> SpanTuple<'_> {
+    (
+        s.indices,
+        Array1::from(s.variance).into_pyarray(py),
+        s.total_variance,
+        s.directions.into_pyarray(py),
+        s.rank,
+    )
+}
+
+/// TextSpan for K heads given by their statistics: counts [K], means [K, D] and
+/// population covariances [K, D, D]. Returns one tuple per head:
+/// (indices, variance, total_variance, directions, rank).
+#[pyfunction]
+#[pyo3(signature = (pool, counts, means, covariances, n_texts, rank))]
+fn text_span_heads<'py>(
+    py: Python<'py>,
+    pool: &PyTextPool,
+    counts: PyReadonlyArray1<'py, f64>,
+    means: PyReadonlyArray2<'py, f64>,
+    covariances: PyReadonlyArray3<'py, f64>,
+    n_texts: usize,
+    rank: usize,
+) -> PyResult<Vec<SpanTuple<'py>>> {
+    let counts = counts.as_array().to_owned();
+    let means = means.as_array().to_owned();
+    let covs = covariances.as_array().to_owned();
+    let k = counts.len();
+    if means.shape()[0] != k || covs.shape()[0] != k {
+        return Err(py_err(Error::shape(
+            "head statistics",
+            format!("counts [K], means [K, D], covariances [K, D, D] with one K (K = {k})"),
+            format!("means {:?}, covariances {:?}", means.shape(), covs.shape()),
+        )));
+    }
+    let params = SpanParams { n_texts, rank };
+    let spans = py
+        .detach(|| {
+            let heads: Vec<HeadMoments> = (0..k)
+                .map(|h| HeadMoments {
+                    count: counts[h],
+                    mean: means.row(h),
+                    covariance: covs.index_axis(Axis(0), h),
+                })
+                .collect();
+            match &pool.pool {
+                Pool::F32(p) => textspan::text_span_heads(&heads, p, params),
+                Pool::F64(p) => textspan::text_span_heads(&heads, p, params),
+            }
+        })
+        .map_err(py_err)?;
+    Ok(spans.into_iter().map(|s| span_tuple(py, s)).collect())
+}
+
+/// Means [K, D] and scatters [K, D, D].
+type MomentArrays<'py> = (Bound<'py, PyArray2<f64>>, Bound<'py, PyArray3<f64>>);
+
+fn moments_of<'py, T: scalar::Real + numpy::Element>(
+    py: Python<'py>,
+    x: PyReadonlyArray3<'py, T>,
+) -> PyResult<MomentArrays<'py>> {
+    let x = x.as_array().to_owned();
+    let (means, scatters) = py
+        .detach(|| moments::batch_moments_arrays(x.view()))
+        .map_err(py_err)?;
+    Ok((means.into_pyarray(py), scatters.into_pyarray(py)))
+}
+
+/// Mean [K, D] and centred scatter Σ(x − μ)(x − μ)ᵀ [K, D, D] of each head of x [n, K, D],
+/// accumulated in float64.
+#[pyfunction]
+fn batch_moments<'py>(py: Python<'py>, x: &Bound<'py, PyAny>) -> PyResult<MomentArrays<'py>> {
+    if let Ok(a) = x.extract::<PyReadonlyArray3<f32>>() {
+        moments_of(py, a)
+    } else if let Ok(a) = x.extract::<PyReadonlyArray3<f64>>() {
+        moments_of(py, a)
+    } else {
+        Err(InputError::new_err(
+            "head outputs: expected a 3-D float32 or float64 NumPy array [n, heads, D]",
+        ))
+    }
+}
+
+/// Each image's heatmap [N, P] from its patch scores [N, P, C] against C class texts: its
+/// class's score minus the mean over classes.
+#[pyfunction]
+fn class_heatmaps<'py>(
+    py: Python<'py>,
+    scores: PyReadonlyArray3<'py, f32>,
+    classes: PyReadonlyArray1<'py, i64>,
+) -> PyResult<Bound<'py, PyArray2<f64>>> {
+    let scores = scores.as_array().to_owned();
+    let classes = classes.as_array().to_vec();
+    let maps = py
+        .detach(|| patchmap::class_heatmaps(scores.view(), &classes))
+        .map_err(py_err)?;
+    Ok(maps.into_pyarray(py))
+}
+
+/// Patch-resolution maps [N, h, w] upsampled bilinearly to [N, height, width], negatives
+/// clipped, each min–max normalised to [0, 1].
+#[pyfunction]
+fn normalised_heatmaps<'py>(
+    py: Python<'py>,
+    maps: PyReadonlyArray3<'py, f64>,
+    height: usize,
+    width: usize,
+) -> PyResult<Bound<'py, PyArray3<f64>>> {
+    let maps = maps.as_array().to_owned();
+    let out = py
+        .detach(|| patchmap::normalised_heatmaps(maps.view(), height, width))
+        .map_err(py_err)?;
+    Ok(out.into_pyarray(py))
+}
+
+/// (pixel_accuracy, miou, map) of patch-resolution maps [N, h, w] against binary masks
+/// [N, H, W], by the ImageNet-segmentation protocol.
+#[pyfunction]
+fn segmentation_scores(
+    py: Python<'_>,
+    maps: PyReadonlyArray3<'_, f64>,
+    masks: PyReadonlyArray3<'_, u8>,
+) -> PyResult<(f64, f64, f64)> {
+    let maps = maps.as_array().to_owned();
+    let masks = masks.as_array().to_owned();
+    let s = py
+        .detach(|| metrics::segmentation_scores(maps.view(), masks.view()))
+        .map_err(py_err)?;
+    Ok((s.pixel_accuracy, s.miou, s.map))
+}
+
+/// Sets the number of threads of the Rust core's pool (0: one per core). The environment
+/// variable TEXTSPAN_NUM_THREADS sets the default.
+#[pyfunction]
+fn set_num_threads(n: usize) {
+    parallel::set_num_threads(n);
+}
+
+/// The number of threads the Rust core's pool runs.
+#[pyfunction]
+fn get_num_threads() -> usize {
+    parallel::num_threads()
+}
+
+#[pymodule]
+fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<PyTextPool>()?;
+    m.add_function(wrap_pyfunction!(text_span_heads, m)?)?;
+    m.add_function(wrap_pyfunction!(batch_moments, m)?)?;
+    m.add_function(wrap_pyfunction!(class_heatmaps, m)?)?;
+    m.add_function(wrap_pyfunction!(normalised_heatmaps, m)?)?;
+    m.add_function(wrap_pyfunction!(segmentation_scores, m)?)?;
+    m.add_function(wrap_pyfunction!(set_num_threads, m)?)?;
+    m.add_function(wrap_pyfunction!(get_num_threads, m)?)?;
+    m.add("RANK_TOLERANCE", textspan::RANK_TOLERANCE)?;
+    Ok(())
+}

@@ -1,0 +1,91 @@
+"""The architecture is checked, not only described: the layer contracts in pyproject.toml fail
+on a forbidden import, and no module reads another module's private names."""
+
+from __future__ import annotations
+
+import ast
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import textspan
+
+PACKAGE = Path(textspan.__file__).parent
+ROOT = Path(__file__).parent.parent
+LINT_IMPORTS = Path(sys.executable).parent / "lint-imports"
+
+
+def _modules() -> list[Path]:
+    return sorted(PACKAGE.rglob("*.py"))
+
+
+def _private_names_read_across_modules(path: Path) -> list[str]:
+    """`from textspan.x import _y` and `x._y` where x names a textspan module."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    modules: set[str] = set()  # local names bound to textspan modules
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            inside = node.level > 0 or (node.module or "").startswith("textspan")
+            for alias in node.names:
+                if inside and alias.name.startswith("_") and alias.name != "_core":
+                    found.append(f"line {node.lineno}: from {node.module} import {alias.name}")
+                elif inside:
+                    modules.add(alias.asname or alias.name)
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name.startswith("textspan"):
+                    modules.add(alias.asname or alias.name.split(".")[0])
+    for node in ast.walk(tree):
+        if (
+            isinstance(node, ast.Attribute)
+            and node.attr.startswith("_")
+            and not node.attr.startswith("__")
+            and isinstance(node.value, ast.Name)
+            and node.value.id in modules
+            and node.value.id != "_core"
+        ):
+            found.append(f"line {node.lineno}: {node.value.id}.{node.attr}")
+    return found
+
+
+def test_no_module_reads_another_modules_private_names():
+    offences = {
+        str(p.relative_to(PACKAGE)): found
+        for p in _modules()
+        if (found := _private_names_read_across_modules(p))
+    }
+    assert not offences, offences
+
+
+def test_the_private_name_check_catches_both_forms(tmp_path):
+    sample = tmp_path / "sample.py"
+    sample.write_text("from .store.format import _hidden\nfrom . import report\nreport._pyplot()\n")
+    assert len(_private_names_read_across_modules(sample)) == 2
+
+
+def _lint_imports(cwd: Path, package_parent: Path) -> subprocess.CompletedProcess:
+    env = {"PYTHONPATH": str(package_parent), "PATH": str(Path(sys.executable).parent)}
+    return subprocess.run(
+        [str(LINT_IMPORTS), "--no-cache"], cwd=cwd, env=env, capture_output=True, text=True
+    )
+
+
+@pytest.mark.skipif(not LINT_IMPORTS.exists(), reason="import-linter is not installed")
+def test_the_layer_contracts_fail_when_a_forbidden_import_is_added(tmp_path):
+    # A copy of the package with the contracts, and one import that breaks them: the core
+    # (NumPy tier) reaching up into the models tier, and through it PyTorch.
+    copy = tmp_path / "src" / "textspan"
+    shutil.copytree(PACKAGE, copy, ignore=shutil.ignore_patterns("*.so", "data", "__pycache__"))
+    shutil.copy(ROOT / "pyproject.toml", tmp_path / "pyproject.toml")
+    clean = _lint_imports(tmp_path, tmp_path / "src")
+    assert clean.returncode == 0, clean.stdout + clean.stderr
+    metrics = copy / "core" / "metrics.py"
+    metrics.write_text(metrics.read_text() + "\nfrom ..models import Decomposer  # noqa\n")
+    broken = _lint_imports(tmp_path, tmp_path / "src")
+    assert broken.returncode != 0
+    assert "textspan.core.metrics -> textspan.models" in broken.stdout, broken.stdout
+    assert "BROKEN" in broken.stdout
