@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from .. import report
-from ..analysis import RepairResult, rank_heads, repair
+from ..analysis import Head, RepairResult, rank_heads, repair
 from ..core.pools import load_texts
 from ..errors import InputError
 from ..models import encode_texts
@@ -146,11 +146,22 @@ def run(
     result = repair(
         store, w, attr, chosen, candidates=keys, random_draws=draws, seed=seed, progress=progress
     )
-    folder = report.output_folder(out)
+    folder = _write(report.output_folder(out), result, ranked, spans)
+    report.repair_plot(folder / "repair.png", result)
+    print("heads ablated: " + ", ".join(f"L{a}.H{b}" for a, b in chosen))
+    print(result.table())
+    print(f"written: {folder}")
+    return result
+
+
+def _write(
+    folder: Path, result: RepairResult, ranked: list[tuple[Head, float]], spans: dict[Head, Any]
+) -> Path:
+    """head_scores.csv, repair.csv and repair.json."""
     report.write_csv(
         folder / "head_scores.csv",
         ["layer", "head", "score", "chosen", "texts"],
-        [[k[0], k[1], s, k in chosen, " | ".join(spans[k].texts or [])] for k, s in ranked],
+        [[k[0], k[1], s, k in result.heads, " | ".join(spans[k].texts or [])] for k, s in ranked],
     )
     report.write_csv(
         folder / "repair.csv",
@@ -169,7 +180,7 @@ def run(
     report.write_json(
         folder / "repair.json",
         {
-            "heads": [list(k) for k in chosen],
+            "heads": [list(k) for k in result.heads],
             **{
                 name: {"worst_group": g.worst, "average": g.average}
                 for name, g in [
@@ -184,8 +195,4 @@ def run(
             ],
         },
     )
-    report.repair_plot(folder / "repair.png", result)
-    print("heads ablated: " + ", ".join(f"L{a}.H{b}" for a, b in chosen))
-    print(result.table())
-    print(f"written: {folder}")
-    return result
+    return folder

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import argparse
 import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from .. import report
-from ..analysis import segment
+from ..analysis import Segmentation, segment
 from ..core.metrics import foreground, segmentation_scores
 from ..errors import InputError, MissingFileError
 from ..models import load
@@ -62,6 +62,14 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
+@dataclass
+class SegmentStudy:
+    """The segmentation, and its scores against the masks when masks were given."""
+
+    segmentation: Segmentation
+    scores: dict[str, float] | None
+
+
 def read_mask(path: Path, size: tuple[int, int]) -> np.ndarray:
     """A mask file resized (nearest) and centre-cropped like the model's preprocessing; any
     non-zero pixel is foreground."""
@@ -100,7 +108,7 @@ def run(
     device: str | None = None,
     precision: str = "fp32",
     progress: bool = True,
-) -> dict[str, Any]:
+) -> SegmentStudy:
     """Zero-shot segmentation of an image folder → heatmaps.npy, classes.csv, overlays.png,
     and with `masks` (a folder of mask images named like the images) metrics.json."""
     import torch
@@ -141,6 +149,27 @@ def run(
         progress=progress,
     )
     folder = report.output_folder(out)
+    _write(folder, result, root, files, names, overlays)
+    scores = None
+    if truth is not None:
+        scores = segmentation_scores(result.heatmaps, truth)
+        report.write_json(
+            folder / "metrics.json", {"method": method, "images": len(files), **scores}
+        )
+        print(", ".join(f"{k} {v:.2%}" for k, v in scores.items()))
+    print(f"written: {folder}")
+    return SegmentStudy(result, scores)
+
+
+def _write(
+    folder: Path,
+    result: Segmentation,
+    root: Path,
+    files: list[str],
+    names: list[str],
+    overlays: int,
+) -> None:
+    """heatmaps.npy, classes.csv and overlays.png (the first `overlays` images)."""
     np.save(folder / "heatmaps.npy", result.heatmaps)
     report.write_csv(
         folder / "classes.csv",
@@ -159,13 +188,3 @@ def run(
             foreground(normalised),
             [names[c] for c in result.classes[:shown]],
         )
-    out_data: dict[str, Any] = {"segmentation": result}
-    if truth is not None:
-        scores = segmentation_scores(result.heatmaps, truth)
-        report.write_json(
-            folder / "metrics.json", {"method": method, "images": len(files), **scores}
-        )
-        print(", ".join(f"{k} {v:.2%}" for k, v in scores.items()))
-        out_data["scores"] = scores
-    print(f"written: {folder}")
-    return out_data

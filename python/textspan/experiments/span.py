@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import argparse
 import os
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from .. import report
-from ..analysis import replacement
+from ..analysis import Head, ReplacementResult, replacement
 from ..core.pools import common_words, load_texts
 from ..core.span import SpanResult
 from ..errors import InputError
@@ -65,6 +67,14 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
+@dataclass
+class SpanStudy:
+    """TextSpan per head, and the replacement curve per pool (None with `replace=False`)."""
+
+    spans: dict[Head, SpanResult]
+    replacement: dict[str, ReplacementResult] | None
+
+
 def _head_record(key: tuple[int, int], span: SpanResult, shown: int) -> dict[str, Any]:
     return {
         "layer": key[0],
@@ -91,7 +101,7 @@ def run(
     device: str | None = None,
     seed: int = 0,
     progress: bool = True,
-) -> dict[str, Any]:
+) -> SpanStudy:
     """TextSpan for every head of the last `layers` layers → span.json, span.md, span.html;
     and the replacement study for the text pool, common words and random directions →
     replacement.csv, replacement.png."""
@@ -115,50 +125,58 @@ def run(
     (folder / "span.html").write_text(report.span_html(records, "TextSpan: each head in words"))
     for r in records[: min(4, len(records))]:
         print(f"L{r['layer']}.H{r['head']}: " + "; ".join(r["texts"][:5]))
-    result: dict[str, Any] = {"spans": spans}
+    curves = None
     if replace:
         w = zero_shot_weights(model, tokenizer, class_names(store.classes, classes_file), templates)
-        rng = np.random.default_rng(seed)
-        random_dirs = rng.standard_normal((len(texts), dim)).astype(np.float32)
+        words_embedded = encode_texts(model, tokenizer, word_list, progress=progress)
+        random_dirs = np.random.default_rng(seed).standard_normal((len(texts), dim))
         pools = {
             "text pool": spans,
             "common words": head_spans(
-                store,
-                keys,
-                encode_texts(model, tokenizer, word_list, progress=progress),
-                word_list,
-                depth,
-                rank,
-                progress,
+                store, keys, words_embedded, word_list, depth, rank, progress
             ),
-            "random directions": head_spans(store, keys, random_dirs, None, depth, rank, progress),
+            "random directions": head_spans(
+                store, keys, random_dirs.astype(np.float32), None, depth, rank, progress
+            ),
         }
-        # Up to the texts every pool yielded (a head's span may be narrower than `depth`).
-        depth = min(max(len(r) for r in s.values()) for s in pools.values())
-        curves = {
-            name: replacement(store, w, s, max_texts=depth, progress=progress)
-            for name, s in pools.items()
-        }
-        baseline = next(iter(curves.values())).baseline
-        n = curves["text pool"].n_texts
-        report.write_csv(
-            folder / "replacement.csv",
-            ["n_texts", *curves],
-            [[int(i), *(float(c.accuracy[i]) for c in curves.values())] for i in n],
-        )
-        report.line_plot(
-            folder / "replacement.png",
-            {name: (c.n_texts, c.accuracy) for name, c in curves.items()},
-            "texts per head (n)",
-            "zero-shot accuracy",
-            f"Last {layers} layers' heads replaced by n-text reconstructions",
-            hlines={"baseline": baseline},
-        )
-        print(
-            f"replacement with {depth} texts per head: "
-            + ", ".join(f"{k} {c.accuracy[-1]:.2%}" for k, c in curves.items())
-            + f" (baseline {baseline:.2%})"
-        )
-        result["replacement"] = curves
+        curves = _replacement_study(store, w, pools, folder, layers, progress)
     print(f"written: {folder}")
-    return result
+    return SpanStudy(spans, curves)
+
+
+def _replacement_study(
+    store: Any,
+    w: np.ndarray,
+    pools: dict[str, dict[Head, SpanResult]],
+    folder: Path,
+    layers: int,
+    progress: bool,
+) -> dict[str, ReplacementResult]:
+    """Each pool's replacement curve → replacement.csv, replacement.png."""
+    # Up to the texts every pool yielded (a head's span may be narrower than asked for).
+    depth = min(max(len(r) for r in s.values()) for s in pools.values())
+    curves = {
+        name: replacement(store, w, s, max_texts=depth, progress=progress)
+        for name, s in pools.items()
+    }
+    baseline = next(iter(curves.values())).baseline
+    n = curves["text pool"].n_texts
+    report.write_csv(
+        folder / "replacement.csv",
+        ["n_texts", *curves],
+        [[int(i), *(float(c.accuracy[i]) for c in curves.values())] for i in n],
+    )
+    report.line_plot(
+        folder / "replacement.png",
+        {name: (c.n_texts, c.accuracy) for name, c in curves.items()},
+        "texts per head (n)",
+        "zero-shot accuracy",
+        f"Last {layers} layers' heads replaced by n-text reconstructions",
+        hlines={"baseline": baseline},
+    )
+    print(
+        f"replacement with {depth} texts per head: "
+        + ", ".join(f"{k} {c.accuracy[-1]:.2%}" for k, c in curves.items())
+        + f" (baseline {baseline:.2%})"
+    )
+    return curves
