@@ -303,7 +303,7 @@ def test_bad_input_ends_in_one_line_before_any_work(store, image_folder, tmp_pat
         capsys.readouterr().err
     )
     assert main(["ablate", str(tmp_path / "nowhere")]) == 2
-    assert "manifest.json is missing" in capsys.readouterr().err
+    assert "nowhere does not exist: expected a folder made by" in capsys.readouterr().err
     bad = tmp_path / "bad_masks"
     files, _, _ = list_images(image_folder)
     for f in files:

@@ -36,6 +36,7 @@ def text_span_heads(
     counts: npt.NDArray[np.float64],
     means: npt.NDArray[np.float64],
     covariances: npt.NDArray[np.float64],
+    rank_tolerances: npt.NDArray[np.float64],
     n_texts: int,
     rank: int,
 ) -> list[tuple[list[int], npt.NDArray[np.float64], float, npt.NDArray[np.float64], int]]: ...

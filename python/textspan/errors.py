@@ -16,6 +16,7 @@ __all__ = [
     "MissingFileError",
     "StoreError",
     "TextspanError",
+    "UnreadableImageError",
     "UnsupportedModelError",
 ]
 
@@ -35,6 +36,10 @@ class InputTypeError(InputError, TypeError):
 
 class MissingFileError(InputError, FileNotFoundError):
     """A file or folder named as input does not exist."""
+
+
+class UnreadableImageError(InputError):
+    """An image file that cannot be decoded (truncated, empty, or not an image)."""
 
 
 class UnsupportedModelError(InputError):

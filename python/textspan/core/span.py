@@ -111,6 +111,58 @@ def _check_texts(texts: Sequence[str] | None, pool: TextPool) -> list[str] | Non
     return texts
 
 
+# Rounding an output to a precision of unit roundoff u adds to each coordinate i an error of
+# variance about u²·E[x_i²]/3, independent across coordinates: noise whose largest eigenvalue
+# is about u²/3 times the largest diagonal entry of the second moment. Directions below
+# ROUNDING_NOISE times that are taken for rounding noise.
+ROUNDING_NOISE = 4.0
+
+
+def _largest_eigenvalue(g: np.ndarray, iterations: int = 50) -> float:
+    """The largest eigenvalue of a symmetric PSD matrix, by power iteration (from below)."""
+    v = np.sqrt(np.maximum(np.diagonal(g), 0.0)) + 1e-300
+    value = 0.0
+    for _ in range(iterations):
+        w = g @ v
+        value = float(np.linalg.norm(w) / np.linalg.norm(v))
+        v = w / np.linalg.norm(w)
+    return max(value, float(np.diagonal(g).max()))
+
+
+def rank_tolerance_for(stats: HeadStats, rank_tolerance: float | None) -> float:
+    """The tolerance given, or the one the statistics' storage precision calls for."""
+    if rank_tolerance is not None:
+        return float(rank_tolerance)  # the core checks it
+    if stats.roundoff == 0.0:
+        return _core.RANK_TOLERANCE
+    g = stats.second_moment
+    top = _largest_eigenvalue(g)
+    if top <= 0:
+        return _core.RANK_TOLERANCE
+    noise = ROUNDING_NOISE * stats.roundoff**2 / 3 * float(np.diagonal(g).max())
+    return float(np.clip(noise / top, _core.RANK_TOLERANCE, 0.5))
+
+
+def _check_covariance(s: HeadStats, head: int) -> None:
+    """What the core cannot tell from its numbers: a covariance that is not symmetric, or
+    has a negative variance, was not computed from outputs."""
+    c = s.covariance
+    scale = max(float(np.abs(c).max()), np.finfo(np.float64).tiny)
+    asymmetry = float(np.abs(c - c.T).max())
+    if asymmetry > 1e-8 * scale:
+        raise InputError(
+            f"head {head}: covariance: expected a symmetric matrix, got one whose entries "
+            f"differ from their transposes by up to {asymmetry:.3g} (of {scale:.3g})"
+        )
+    diagonal = np.diagonal(c)
+    if diagonal.min() < -1e-12 * scale:
+        i = int(diagonal.argmin())
+        raise InputError(
+            f"head {head}: covariance: expected a positive semi-definite matrix, got the "
+            f"negative variance {diagonal[i]:.3g} at index {i}"
+        )
+
+
 def _run(
     stats: list[HeadStats],
     pool: TextPool,
@@ -118,6 +170,7 @@ def _run(
     rank: int,
     texts: list[str] | None,
     progress: bool,
+    rank_tolerance: float | None = None,
 ) -> list[SpanResult]:
     if not isinstance(n_texts, int | np.integer) or not isinstance(rank, int | np.integer):
         raise InputTypeError(f"n_texts and rank: expected integers, got {n_texts!r} and {rank!r}")
@@ -127,6 +180,10 @@ def _run(
         raise InputError(
             f"n_texts: expected an integer between 1 and the pool size {len(pool)}, got {n_texts}"
         )
+    rank = min(int(rank), pool.dim)  # a span has at most D directions
+    for i, s in enumerate(stats):
+        if s.dim == pool.dim and np.isfinite(s.covariance).all():
+            _check_covariance(s, i)
     # Heads go to the core in groups: the group's bases are found in parallel, and the bar
     # moves between groups (Ctrl-C is honoured there too).
     group = max(8, 2 * _core.get_num_threads())
@@ -140,8 +197,9 @@ def _run(
                 np.array([s.count for s in chunk], dtype=np.float64),
                 np.stack([s.mean for s in chunk]),
                 np.stack([s.covariance for s in chunk]),
+                np.array([rank_tolerance_for(s, rank_tolerance) for s in chunk]),
                 int(n_texts),
-                int(rank),
+                rank,
             )
         except InputError as e:  # the core checks each head; it numbers them within the group
             raise InputError(_renumber(str(e), start)) from None
@@ -161,10 +219,17 @@ def _run(
         bar.update(len(chunk))
     bar.close()
     short = [i for i, r in enumerate(results) if len(r) < n_texts]
-    if any(len(results[i]) == 0 for i in short):
+    empty = [i for i in short if len(results[i]) == 0]
+    if empty:
+        i = empty[0]
+        if results[i].total_variance == 0:
+            raise InputError(
+                f"head {i}: its outputs do not vary (every output is the same), so no text "
+                "explains any of their variance"
+            )
         raise InputError(
-            "no text in the pool has a component in the span of the head's outputs "
-            "(are the outputs all zero, or the texts orthogonal to them?)"
+            f"head {i}: no text in the pool has a component in the span of the head's "
+            "outputs (the texts are orthogonal to every direction the outputs vary in)"
         )
     if short:
         found = min(len(results[i]) for i in short)
@@ -193,6 +258,7 @@ def text_span_from_stats(
     n_texts: int = 10,
     rank: int = 80,
     texts: Sequence[str] | None = None,
+    rank_tolerance: float | None = None,
 ) -> SpanResult:
     """TextSpan for one head given its statistics (see `text_span`)."""
     if not isinstance(stats, HeadStats):
@@ -203,7 +269,8 @@ def text_span_from_stats(
             "use text_span_heads for many"
         )
     pool = _text_pool(text_embeddings)
-    return _run([stats], pool, n_texts, rank, _check_texts(texts, pool), progress=False)[0]
+    names = _check_texts(texts, pool)
+    return _run([stats], pool, n_texts, rank, names, False, rank_tolerance)[0]
 
 
 def text_span(
@@ -212,6 +279,7 @@ def text_span(
     n_texts: int = 10,
     rank: int = 80,
     texts: Sequence[str] | None = None,
+    rank_tolerance: float | None = None,
 ) -> SpanResult:
     """TextSpan for one attention head (the paper's Algorithm 1).
 
@@ -220,17 +288,23 @@ def text_span(
     the largest variance over the outputs and removes its direction from outputs and texts.
 
     Args:
-        outputs: the head's direct contributions [N, D] (N >= 2), float32 or float64.
+        outputs: the head's direct contributions [N, D] (N >= 2), float16, bfloat16,
+            float32 or float64.
         text_embeddings: the pool [M, D] (or a `TextPool` made once and reused). Rows are
             scaled to unit norm first; a row of zero norm has no direction and is never
             chosen.
         n_texts: how many texts to choose, 1 <= n_texts <= M.
         rank: the dimension of the span the texts are projected on (default 80, capped at
-            D). Directions in which the outputs' second moment is below 1e-10 of its largest
-            eigenvalue count as absent, so a head whose outputs span fewer dimensions uses
-            fewer (`SpanResult.rank`); the published algorithm would fill them with singular
-            vectors of rounding noise.
+            D). Directions in which the outputs' second moment is below `rank_tolerance`
+            of its largest eigenvalue count as absent, so a head whose outputs span fewer
+            dimensions uses fewer (`SpanResult.rank`); the published algorithm would fill
+            them with singular vectors of rounding noise.
         texts: the pool's strings, to be reported with the result.
+        rank_tolerance: by default 1e-10 for outputs in float32 or float64, and 64·u² for
+            outputs stored in a coarser precision of unit roundoff u (1.5e-5 for float16,
+            9.8e-4 for bfloat16), whose rounding noise spans every direction at about u²
+            of the signal: without it, a float16 head of rank 17 would count 30–40
+            directions and its picks would follow the noise.
 
     Returns:
         A `SpanResult`. If the span is exhausted before `n_texts` texts (n_texts above the
@@ -241,9 +315,9 @@ def text_span(
             1..M, rank < 1, NaN or Inf in any input. InputTypeError (also a TypeError): a
             non-float dtype.
     """
-    x = as_float_array(outputs, "outputs")
-    check_ndim(x, "outputs", 2, "[N, D]")
-    return text_span_from_stats(HeadStats.from_outputs(x), text_embeddings, n_texts, rank, texts)
+    check_ndim(np.asarray(as_float_array(outputs, "outputs")), "outputs", 2, "[N, D]")
+    stats = HeadStats.from_outputs(outputs)  # keeps the outputs' storage precision
+    return text_span_from_stats(stats, text_embeddings, n_texts, rank, texts, rank_tolerance)
 
 
 def text_span_heads(
@@ -253,6 +327,7 @@ def text_span_heads(
     rank: int = 80,
     texts: Sequence[str] | None = None,
     progress: bool = True,
+    rank_tolerance: float | None = None,
 ) -> Any:
     """TextSpan for many heads at once, in parallel, sharing one copy of the text pool.
 
@@ -262,7 +337,7 @@ def text_span_heads(
               `SpanResult` of the head shape, `result[l][h]`;
             - a `HeadStats` of shape (L, H) (or any): likewise;
             - a list of per-head outputs [N_i, D] or `HeadStats`: a list of results.
-        text_embeddings, n_texts, rank, texts: as in `text_span`.
+        text_embeddings, n_texts, rank, texts, rank_tolerance: as in `text_span`.
         progress: show a progress bar when there are many heads.
     """
     pool = _text_pool(text_embeddings)
@@ -271,7 +346,7 @@ def text_span_heads(
         stats = [s if isinstance(s, HeadStats) else _one_head(s) for s in outputs_or_stats]
         if not stats:
             raise InputError("outputs_or_stats: expected at least one head, got an empty list")
-        return _run(stats, pool, n_texts, rank, names, progress)
+        return _run(stats, pool, n_texts, rank, names, progress, rank_tolerance)
     if isinstance(outputs_or_stats, HeadStats):
         all_stats = outputs_or_stats
     else:
@@ -280,17 +355,16 @@ def text_span_heads(
             raise InputError(
                 f"outputs: expected shape [N, L, H, D] (or [N, ..., D]), got {list(x.shape)}"
             )
-        all_stats = HeadStats.from_outputs(x)
+        all_stats = HeadStats.from_outputs(outputs_or_stats)
     shape = all_stats.shape
     flat = [all_stats[idx] for idx in product(*(range(s) for s in shape))]
-    results = _run(flat, pool, n_texts, rank, names, progress)
+    results = _run(flat, pool, n_texts, rank, names, progress, rank_tolerance)
     return _nest(results, shape)
 
 
 def _one_head(outputs: Any) -> HeadStats:
-    x = as_float_array(outputs, "outputs")
-    check_ndim(x, "outputs", 2, "[N, D] per head")
-    return HeadStats.from_outputs(x)
+    check_ndim(np.asarray(as_float_array(outputs, "outputs")), "outputs", 2, "[N, D] per head")
+    return HeadStats.from_outputs(outputs)
 
 
 def _nest(flat: list[Any], shape: tuple[int, ...]) -> Any:

@@ -13,7 +13,7 @@ import textspan._core as _core
 from ..errors import InputError, InputTypeError
 from .checks import as_float_array
 
-__all__ = ["HeadStats"]
+__all__ = ["HeadStats", "batch_stats", "unit_roundoff"]
 
 
 class HeadStats:
@@ -27,9 +27,14 @@ class HeadStats:
     Batches are added with `update` (Chan's pairwise formula: exact up to float64 rounding,
     with no loss from large means), and statistics from different workers or devices add up
     with `merge` or `+`.
+
+    `roundoff` is the unit roundoff of the coarsest precision the outputs were stored in
+    before they reached these statistics (2⁻¹¹ for float16, 2⁻⁸ for bfloat16; 0 when they
+    were float32 or better): TextSpan treats directions at that rounding noise's level as
+    absent (`rank_tolerance`).
     """
 
-    def __init__(self, count: int, mean: Any, covariance: Any) -> None:
+    def __init__(self, count: int, mean: Any, covariance: Any, roundoff: float = 0.0) -> None:
         # Views, not copies: indexing the heads of a large HeadStats must stay cheap. Nothing
         # writes into these arrays; `update` replaces them.
         mean = np.asarray(as_float_array(mean, "mean"), dtype=np.float64)
@@ -39,11 +44,14 @@ class HeadStats:
                 f"HeadStats: expected mean [..., D] and covariance [..., D, D], got mean "
                 f"{list(mean.shape)} and covariance {list(covariance.shape)}"
             )
-        if int(count) < 0:
-            raise InputError(f"HeadStats: expected count >= 0, got {count}")
+        if isinstance(count, bool) or not isinstance(count, int | np.integer) or count < 0:
+            raise InputError(f"HeadStats: expected an integer count >= 0, got {count!r}")
+        if not 0.0 <= float(roundoff) < 1.0:
+            raise InputError(f"HeadStats: expected a unit roundoff in [0, 1), got {roundoff!r}")
         self.count = int(count)
         self.mean = mean
         self.covariance = covariance
+        self.roundoff = float(roundoff)
 
     @classmethod
     def zeros(cls, dim: int, shape: tuple[int, ...] = ()) -> HeadStats:
@@ -74,6 +82,7 @@ class HeadStats:
         """Adds a batch of outputs [n, ..., D] (in place) and returns self."""
         merged = self.merge(batch_stats(outputs, expect_shape=self.shape, expect_dim=self.dim))
         self.count, self.mean, self.covariance = merged.count, merged.mean, merged.covariance
+        self.roundoff = merged.roundoff
         return self
 
     def merge(self, other: HeadStats) -> HeadStats:
@@ -85,10 +94,11 @@ class HeadStats:
                 f"merge: expected statistics of shape {[*self.shape, self.dim]}, "
                 f"got {[*other.shape, other.dim]}"
             )
+        roundoff = max(self.roundoff, other.roundoff)
         if other.count == 0:
-            return HeadStats(self.count, self.mean, self.covariance)
+            return HeadStats(self.count, self.mean, self.covariance, roundoff)
         if self.count == 0:
-            return HeadStats(other.count, other.mean, other.covariance)
+            return HeadStats(other.count, other.mean, other.covariance, roundoff)
         # Chan, Golub and LeVeque's pairwise update of mean and covariance.
         na, nb = float(self.count), float(other.count)
         n = na + nb
@@ -99,7 +109,7 @@ class HeadStats:
             + other.covariance * (nb / n)
             + delta[..., :, None] * delta[..., None, :] * (na * nb / n / n)
         )
-        return HeadStats(self.count + other.count, mean, covariance)
+        return HeadStats(self.count + other.count, mean, covariance, roundoff)
 
     __add__ = merge
 
@@ -108,17 +118,25 @@ class HeadStats:
         mean = self.mean[index]
         if np.ndim(mean) < 1:
             raise IndexError(f"HeadStats index {index!r} leaves no output dimension")
-        return HeadStats(self.count, mean, self.covariance[index])
+        return HeadStats(self.count, mean, self.covariance[index], self.roundoff)
 
     def save(self, path: str | os.PathLike) -> None:
-        """Writes the statistics to a .npz file."""
-        np.savez(path, count=self.count, mean=self.mean, covariance=self.covariance)
+        """Writes the statistics to `path` exactly (an .npz archive, whatever the name)."""
+        with open(path, "wb") as f:
+            np.savez(
+                f,
+                count=self.count,
+                mean=self.mean,
+                covariance=self.covariance,
+                roundoff=self.roundoff,
+            )
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> HeadStats:
         """Reads statistics written by `save`."""
         with np.load(path) as f:
-            return cls(int(f["count"]), f["mean"], f["covariance"])
+            roundoff = float(f["roundoff"]) if "roundoff" in f else 0.0
+            return cls(int(f["count"]), f["mean"], f["covariance"], roundoff)
 
     def __repr__(self) -> str:
         return f"HeadStats(count={self.count}, shape={self.shape}, dim={self.dim})"
@@ -129,10 +147,15 @@ def batch_stats(
     expect_shape: tuple[int, ...] | None = None,
     expect_dim: int | None = None,
 ) -> HeadStats:
+    roundoff = unit_roundoff(outputs)
     x = as_float_array(outputs, "outputs")
     if x.ndim < 2:
         raise InputError(f"outputs: expected shape [N, ..., D], got {list(x.shape)}")
     heads, dim = x.shape[1:-1], x.shape[-1]
+    if 0 in x.shape[1:]:
+        raise InputError(
+            f"outputs: expected at least one head of width D >= 1, got shape {list(x.shape)}"
+        )
     if expect_shape is not None and (heads != expect_shape or dim != expect_dim):
         raise InputError(
             f"outputs: expected shape [n, {', '.join(map(str, (*expect_shape, expect_dim)))}], "
@@ -143,4 +166,16 @@ def batch_stats(
         return HeadStats.zeros(dim, heads)
     k = int(np.prod(heads, dtype=np.int64))
     means, scatters = _core.batch_moments(np.ascontiguousarray(x.reshape(n, k, dim)))
-    return HeadStats(n, means.reshape(*heads, dim), scatters.reshape(*heads, dim, dim) / n)
+    return HeadStats(
+        n, means.reshape(*heads, dim), scatters.reshape(*heads, dim, dim) / n, roundoff
+    )
+
+
+# Unit roundoffs of the storage precisions coarser than float32.
+_ROUNDOFF = {"float16": 2.0**-11, "bfloat16": 2.0**-8}
+
+
+def unit_roundoff(x: Any) -> float:
+    """The unit roundoff of `x`'s dtype when it is coarser than float32 (float16,
+    bfloat16), else 0."""
+    return _ROUNDOFF.get(str(getattr(x, "dtype", "")).removeprefix("torch."), 0.0)

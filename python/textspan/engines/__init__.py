@@ -42,6 +42,7 @@ def extract(
     shard_size: int = 1024,
     after_batch: Callable[[int], None] | None = None,
     before_shard: Callable[[int], None] | None = None,
+    strict: bool = False,
 ) -> Store:
     """Decomposes every image under `images` into a store in `out`, resuming if it exists.
 
@@ -66,6 +67,14 @@ def extract(
             with the number of shards written by this run after each shard ("ray").
         before_shard: ("ray") called in the actor with a shard's first row before the
             shard is computed.
+        strict: stop at the first unreadable image, with an error naming it (what was done
+            before it is kept, and a rerun resumes once it is removed or repaired); by
+            default unreadable images are skipped, named in a warning, and recorded
+            (`Store.skipped`).
+
+    Only one process writes a store at a time: a second one is refused, naming the first.
+    A rerun resumes when the images are the same (names, classes, sizes and modification
+    times, wherever the folder now is) and the other arguments too.
     """
     if dtype not in ("float16", "float32"):
         raise InputError(f"dtype: expected 'float16' or 'float32', got {dtype!r}")
@@ -93,6 +102,7 @@ def extract(
             progress=progress,
             after_shard=after_batch,
             before_shard=before_shard,
+            strict=strict,
         )
     from .local import extract_local
 
@@ -109,6 +119,7 @@ def extract(
         checkpoint_every,
         progress=progress,
         after_batch=after_batch,
+        strict=strict,
     )
 
 

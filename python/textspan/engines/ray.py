@@ -26,18 +26,19 @@ from typing import Any
 import numpy as np
 
 from ..core.stats import HeadStats
-from ..errors import InputError, MissingDependencyError, StoreError
+from ..errors import InputError, MissingDependencyError, StoreError, UnreadableImageError
 from ..models import Decomposer, encode_texts, load, skeleton, tower_of
 from ..store.format import (
+    check_resume,
     checksum,
     create_arrays,
     make_manifest,
     open_store,
     read_json,
-    same_arguments,
     write_atomic,
+    writer_lock,
 )
-from ..store.images import ImageDataset, list_images
+from ..store.images import TolerantImages, collate_readable, list_images, stamps
 from ..store.sums import DeviceStats, save_sums, stats_from_sums
 
 __all__ = ["SHARDS", "encode_texts_ray", "extract_ray"]
@@ -141,6 +142,15 @@ class _ShardWriter:
         )
         self.device = next(net.parameters()).device
         self.decomposer = Decomposer(net)
+        tower = self.decomposer.tower
+        self.shape = (tower.layers, tower.heads, tower.dim)
+        layers, heads, dim = self.shape
+        self.shapes = {
+            "heads": (layers, heads, dim),
+            "mlps": (layers + 1, dim),
+            "class_token": (layers, dim),
+            "representation": (dim,),
+        }
         self.files = ray.get(files) if isinstance(files, ray.ObjectRef) else files
         self.root, self.out = Path(root), Path(out)
         self.dtype, self.batch_size = np.dtype(dtype), batch_size
@@ -160,27 +170,35 @@ class _ShardWriter:
         if self.before_shard is not None:
             self.before_shard(start)
         loader = torch.utils.data.DataLoader(
-            ImageDataset(self.root, self.files[:end], self.preprocess, start),
+            TolerantImages(self.root, self.files[:end], self.preprocess, start),
             batch_size=self.batch_size,
             num_workers=0,
+            collate_fn=collate_readable,
         )
         parts: dict[str, list[np.ndarray]] = {
             k: [] for k in ("heads", "mlps", "class_token", "representation")
         }
-        acc = None
-        for images in loader:
-            d = self.decomposer.decompose(images.to(self.device))
-            if acc is None:
-                acc = DeviceStats(tuple(d.heads.shape[1:3]), d.heads.shape[-1], self.device)
+        acc = DeviceStats(self.shape[:2], self.shape[2], self.device)
+        indices, skipped = [], {}
+        for batch in loader:
+            skipped.update({self.files[i]: why for i, why in batch.unreadable})
+            if batch.images is None:
+                continue
+            d = self.decomposer.decompose(batch.images.to(self.device))
             acc.update(d.heads)
+            indices += batch.indices
             for k, v in parts.items():
                 v.append(getattr(d, k).cpu().numpy().astype(self.dtype))
         tmp = final.with_name(final.name + f".tmp-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         for k, v in parts.items():
-            np.save(tmp / f"{k}.npy", np.concatenate(v))
-        stats_from_sums(acc.state()).save(tmp / "stats.npz")
+            empty = np.zeros((0, *self.shapes[k]), dtype=self.dtype)
+            np.save(tmp / f"{k}.npy", np.concatenate(v) if v else empty)
+        np.save(tmp / "indices.npy", np.array(indices, dtype=np.int64))
+        (tmp / "skipped.json").write_text(json.dumps(skipped))
+        if indices:
+            stats_from_sums(acc.state()).save(tmp / "stats.npz")
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
@@ -195,10 +213,11 @@ def _prepare(out: Path, manifest: dict[str, Any], shard_size: int) -> tuple[Path
     shards = out / SHARDS
     if (out / "manifest.json").exists():
         old = read_json(out / "manifest.json", f"store {out}: manifest.json")
-        same_arguments(old, manifest, out)
+        check_resume(old, manifest, set(), out)
         progress = out / "progress.json"
         if progress.exists():
-            done = read_json(progress, f"store {out}: progress.json").get("done")
+            record = read_json(progress, f"store {out}: progress.json")
+            done = record.get("files_done", record.get("done"))
             if done == manifest["count"]:
                 return shards, True
             if done:
@@ -220,39 +239,73 @@ def _prepare(out: Path, manifest: dict[str, Any], shard_size: int) -> tuple[Path
 
 
 def _merge(
-    out: Path, manifest: dict[str, Any], labels: list[int], plan: list[tuple[int, int]]
+    out: Path,
+    manifest: dict[str, Any],
+    labels: list[int],
+    plan: list[tuple[int, int]],
+    strict: bool,
 ) -> None:
-    """The shards, in row order, into one store; their statistics merged (Chan et al.)."""
-    arrays = create_arrays(out, manifest, labels)
+    """The shards, in file order, into one store (a row per readable image); their statistics
+    merged (Chan et al.). With `strict`, an unreadable image stops here instead: the shards
+    holding one are removed (a rerun computes them again) and the error names them."""
+    folders = [out / SHARDS / _shard_name(start, end) for start, end in plan]
+    skipped: dict[str, str] = {}
+    for folder in folders:
+        skipped.update(read_json(folder / "skipped.json", f"shard {folder.name}"))
+    if strict and skipped:
+        for folder in folders:
+            if read_json(folder / "skipped.json", f"shard {folder.name}"):
+                shutil.rmtree(folder)
+        first = next(iter(skipped.values()))
+        raise UnreadableImageError(
+            f"{len(skipped)} unreadable images (--strict), e.g. {first}: remove or repair "
+            "them and rerun the same command (the other shards are kept)"
+        )
+    arrays = create_arrays(out, manifest)
     stats = None
     ranges = []
-    for start, end in plan:
-        folder = out / SHARDS / _shard_name(start, end)
+    row = 0
+    for folder in folders:
+        indices = np.load(folder / "indices.npy")
+        if not len(indices):
+            continue
+        end = row + len(indices)
         for name in ("heads", "mlps", "class_token", "representation"):
-            arrays[name][start:end] = np.load(folder / f"{name}.npy")
+            arrays[name][row:end] = np.load(folder / f"{name}.npy")
+        arrays["labels"][row:end] = np.asarray(labels)[indices]
         shard_stats = HeadStats.load(folder / "stats.npz")
         stats = shard_stats if stats is None else stats + shard_stats
-        ranges.append([start, end, checksum(arrays, start, end)])
+        ranges.append([row, end, checksum(arrays, row, end)])
+        row = end
     for a in arrays.values():
         a.flush()
-    n = manifest["count"]
+    if stats is None:
+        raise InputError(f"images: none of the {manifest['count']} images could be read")
     # The store keeps sums about a shift; about the mean, the first sum is zero.
     save_sums(
-        out / f"stats-{n}.npz",
+        out / f"stats-{row}.npz",
         {
-            "count": np.array(n),
+            "count": np.array(row),
             "shift": stats.mean,
             "sum1": np.zeros_like(stats.mean),
-            "sum2": stats.covariance * n,
+            "sum2": stats.covariance * row,
         },
     )
-    write_atomic(out / "progress.json", json.dumps({"done": n, "ranges": ranges}).encode())
+    progress = {
+        "done": row,
+        "files_done": manifest["count"],
+        "skipped": skipped,
+        "failed": None,
+        "ranges": ranges,
+    }
+    write_atomic(out / "progress.json", json.dumps(progress).encode())
     shutil.rmtree(out / SHARDS)
 
 
-def _tower_shape(model: str) -> tuple[int, int, int]:
-    """(layers, heads, D) of the model, checked for support, without loading any weights."""
-    tower = tower_of(skeleton(model))
+def _tower_shape(model: str, pretrained: Any) -> tuple[int, int, int]:
+    """(layers, heads, D) of the model, checked for support, without loading weights where
+    the model is an open_clip architecture."""
+    tower = tower_of(skeleton(model, pretrained))
     return tower.layers, tower.heads, tower.dim
 
 
@@ -316,6 +369,7 @@ def extract_ray(
     progress: bool = True,
     after_shard: Callable[[int], None] | None = None,
     before_shard: Callable[[int], None] | None = None,
+    strict: bool = False,
 ) -> Any:
     """`textspan.extract(..., engine="ray")`: see the module docstring.
 
@@ -325,16 +379,57 @@ def extract_ray(
     ray = _ray()
     if workers < 1 or shard_size < 1:
         raise InputError(f"workers and shard_size: expected >= 1, got {workers} and {shard_size}")
+    options = {
+        "workers": workers,
+        "num_gpus_per_worker": num_gpus_per_worker,
+        "batch_size": batch_size,
+        "before_shard": before_shard,
+    }
     root, out = Path(images), Path(out)
     listing = list_images(root)
     files, labels, _ = listing
-    shape = _tower_shape(model)
-    manifest = make_manifest(model, pretrained, precision, dtype, root, listing, shape)
+    shape = _tower_shape(model, pretrained)
+    stamped = stamps(root, files)
+    manifest = make_manifest(model, pretrained, precision, dtype, root, listing, shape, stamped)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"out: expected a folder for the store, got the file {out}")
     out.mkdir(parents=True, exist_ok=True)
+    with writer_lock(out):
+        _extract_shards(
+            ray,
+            out,
+            manifest,
+            files,
+            labels,
+            root,
+            shard_size,
+            address,
+            options,
+            after_shard,
+            progress,
+            strict,
+        )
+    return open_store(out)
+
+
+def _extract_shards(
+    ray: Any,
+    out: Path,
+    manifest: dict[str, Any],
+    files: list[str],
+    labels: list[int],
+    root: Path,
+    shard_size: int,
+    address: str | None,
+    options: dict[str, Any],
+    after_shard: Callable[[int], None] | None,
+    progress: bool,
+    strict: bool,
+) -> None:
     shards, complete = _prepare(out, manifest, shard_size)
     if complete:
         print(f"textspan extract: {out} is complete", flush=True)
-        return open_store(out)
+        return
     plan = _plan(len(files), shard_size)
     todo = [(s, e) for s, e in plan if not (shards / _shard_name(s, e)).is_dir()]
     print(
@@ -344,21 +439,14 @@ def extract_ray(
     )
     if todo:
         _connect(ray, address)
-        options = {
-            "workers": workers,
-            "num_gpus_per_worker": num_gpus_per_worker,
-            "batch_size": batch_size,
-            "before_shard": before_shard,
-        }
         _write_shards(
             ray, todo, len(files), manifest, files, root, out, options, after_shard, progress
         )
     missing = [(s, e) for s, e in plan if not (shards / _shard_name(s, e)).is_dir()]
     if missing:
         raise RuntimeError(f"{len(missing)} shards were not written, e.g. rows {missing[0]}")
-    _merge(out, manifest, labels, plan)
+    _merge(out, manifest, labels, plan, strict)
     print(f"done: {out}", flush=True)
-    return open_store(out)
 
 
 class _TextEncoder:

@@ -16,7 +16,7 @@ import numpy as np
 from ..core.pools import default_pool, load_texts
 from ..core.span import SpanResult, text_span_heads
 from ..errors import InputError
-from ..models import load, zero_shot_classifier
+from ..models import imagenet_names, load, zero_shot_classifier
 
 __all__ = [
     "TEMPLATE_SETS",
@@ -41,14 +41,22 @@ def model_of(store: Any, device: str | None) -> tuple[Any, Any, Any]:
 
 
 def class_names(folders: Sequence[str], classes_file: str | os.PathLike | None = None) -> list[str]:
-    """Class names for a classifier: one per line of `classes_file` ("imagenet": open_clip's
-    ImageNet names), else the folder names — ImageNet synset folders (n01440764 …) become
-    ImageNet names, other names have underscores replaced by spaces."""
-    import open_clip
-
+    """Class names for a classifier, one per class folder: one per line of `classes_file`;
+    "imagenet": open_clip's ImageNet names, each synset folder (n01440764 …) named by its
+    synset (any subset of the 1000), all 1000 when there are no folders; without a file,
+    synset folders become their ImageNet names and other names have underscores replaced by
+    spaces."""
+    synsets = bool(folders) and all(re.fullmatch(r"n\d{8}", f) for f in folders)
+    if str(classes_file) == "imagenet" or (classes_file is None and synsets):
+        if synsets:
+            return imagenet_names(folders)
+        if folders:
+            raise InputError(
+                f"--classes imagenet: expected ImageNet synset folders (n01440764 …), got "
+                f"folders such as {folders[0]!r}; pass a file of class names instead"
+            )
+        return imagenet_names()
     if classes_file is not None:
-        if str(classes_file) == "imagenet":
-            return list(open_clip.IMAGENET_CLASSNAMES)
         names = load_texts(classes_file)
         if folders and len(names) != len(folders):
             raise InputError(
@@ -58,8 +66,6 @@ def class_names(folders: Sequence[str], classes_file: str | os.PathLike | None =
         return names
     if not folders:
         raise InputError("classes: the images have no class folders; pass a classes file")
-    if len(folders) == 1000 and all(re.fullmatch(r"n\d{8}", f) for f in folders):
-        return list(open_clip.IMAGENET_CLASSNAMES)
     return [f.replace("_", " ") for f in folders]
 
 

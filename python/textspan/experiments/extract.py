@@ -45,6 +45,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="GPUs per Ray actor (default: 1 when the cluster has GPUs)",
     )
     p.add_argument(
+        "--strict",
+        action="store_true",
+        help="stop at the first unreadable image (default: skip it, name it in a warning)",
+    )
+    p.add_argument(
         "--shard-size",
         type=int,
         default=1024,
@@ -68,6 +73,8 @@ def main(args: argparse.Namespace) -> int:
         address=args.address,
         num_gpus_per_worker=args.num_gpus_per_worker,
         shard_size=args.shard_size,
+        strict=args.strict,
     )
-    print(f"store: {store.path} ({len(store)} images, heads {list(store.heads.shape)})")
+    skipped = f", {len(store.skipped)} unreadable skipped" if store.skipped else ""
+    print(f"store: {store.path} ({len(store)} images{skipped}, heads {list(store.heads.shape)})")
     return 0

@@ -5,7 +5,7 @@ decomposition of an image tower into direct contributions — the maths once
 from .decompose import Decomposer, Decomposition
 from .families import tower_of
 from .loading import default_device, load, register_model, resolve_model_name, skeleton
-from .texts import encode_texts, zero_shot_classifier
+from .texts import encode_texts, imagenet_names, imagenet_synsets, zero_shot_classifier
 from .tower import LayerWeights, Tower
 
 __all__ = [
@@ -15,6 +15,8 @@ __all__ = [
     "Tower",
     "default_device",
     "encode_texts",
+    "imagenet_names",
+    "imagenet_synsets",
     "load",
     "register_model",
     "resolve_model_name",

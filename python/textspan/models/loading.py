@@ -114,10 +114,14 @@ def load(
     return model, preprocess, open_clip.get_tokenizer(model_name)
 
 
-def skeleton(name: str | os.PathLike) -> torch.nn.Module:
-    """A model of that architecture on the meta device: its shapes, without any weights."""
+def skeleton(name: str | os.PathLike, pretrained: Any = None) -> torch.nn.Module:
+    """A model of that architecture on the meta device: its shapes, without any weights. A
+    model known by a name of its own is loaded on the CPU instead."""
     import open_clip
 
+    named = _named_loader(str(name)) if not str(name).endswith(".json") else None
+    if named is not None:
+        return named(pretrained, "cpu")[0]
     model_name = resolve_model_name(name)
     if model_name not in open_clip.list_models():
         raise InputError(

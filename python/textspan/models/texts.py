@@ -9,7 +9,13 @@ import torch
 
 from ..errors import InputError, InputTypeError
 
-__all__ = ["checked_texts", "encode_texts", "zero_shot_classifier"]
+__all__ = [
+    "checked_texts",
+    "encode_texts",
+    "imagenet_names",
+    "imagenet_synsets",
+    "zero_shot_classifier",
+]
 
 
 def checked_texts(texts: Sequence[str], batch_size: int) -> list[str]:
@@ -78,3 +84,29 @@ def zero_shot_classifier(
     per_class = emb.reshape(len(classnames), len(templates), -1).mean(1)
     per_class /= np.linalg.norm(per_class, axis=1, keepdims=True)
     return per_class.T.astype(np.float32)
+
+
+def imagenet_synsets() -> list[str]:
+    """The 1000 ImageNet-1k synsets in the standard class order (sorted: 0 = n01440764,
+    999 = n15075141), as timm ships them."""
+    from importlib.resources import files
+
+    return files("timm.data._info").joinpath("imagenet_synsets.txt").read_text().split()
+
+
+def imagenet_names(synsets: Sequence[str] | None = None) -> list[str]:
+    """open_clip's ImageNet class names: of the given synsets, in their order (any subset),
+    or all 1000 in class order. An unknown synset is an error naming it."""
+    import open_clip
+
+    names = list(open_clip.IMAGENET_CLASSNAMES)
+    if synsets is None:
+        return names
+    index = {s: i for i, s in enumerate(imagenet_synsets())}
+    unknown = [s for s in synsets if s not in index]
+    if unknown:
+        raise InputError(
+            f"synsets: expected ImageNet-1k synsets, got {len(unknown)} unknown, e.g. "
+            f"{', '.join(unknown[:3])}"
+        )
+    return [names[index[s]] for s in synsets]

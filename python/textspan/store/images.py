@@ -3,50 +3,98 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..errors import InputError, MissingFileError
+from ..errors import InputError, MissingFileError, UnreadableImageError
 
-__all__ = ["IMAGE_SUFFIXES", "ImageDataset", "list_images"]
+__all__ = [
+    "IMAGE_SUFFIXES",
+    "ImageDataset",
+    "ReadableBatch",
+    "TolerantImages",
+    "collate_readable",
+    "list_images",
+    "read_image",
+    "stamps",
+]
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+
+
+def _visible(path: Path, root: Path) -> bool:
+    """Hidden files and folders (a name starting with '.') are not images of the set."""
+    return not any(part.startswith(".") for part in path.relative_to(root).parts)
+
+
+def _images_under(folder: Path, root: Path, recursive: bool) -> list[Path]:
+    found = folder.rglob("*") if recursive else folder.iterdir()
+    return sorted(
+        p for p in found if p.suffix.lower() in IMAGE_SUFFIXES and _visible(p, root) and p.is_file()
+    )
 
 
 def list_images(root: str | os.PathLike) -> tuple[list[str], list[int], list[str]]:
     """Image files under `root` (relative paths, sorted), their labels and class names.
 
-    ImageFolder layout (one sub-folder per class) gives labels 0..C-1 in sorted folder order;
-    a flat folder gives labels -1 and no classes."""
+    ImageFolder layout: each sub-folder of `root` is a class, holding its images at any
+    depth; labels are 0..C-1 in sorted folder order. A flat folder (images, no sub-folders
+    with images) gives labels -1 and no classes. Hidden files and folders are ignored. Images
+    beside class folders make the layout ambiguous: an error names them."""
     root = Path(root)
     if not root.is_dir():
         raise MissingFileError(f"images: expected a folder, got {root}")
-
-    def images_in(folder: Path) -> list[Path]:
-        return sorted(
-            p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+    loose = _images_under(root, root, recursive=False)
+    folders = sorted(d for d in root.iterdir() if d.is_dir() and _visible(d, root))
+    per_class = {d.name: _images_under(d, root, recursive=True) for d in folders}
+    classes = [name for name, found in per_class.items() if found]
+    if classes and loose:
+        shown = ", ".join(p.name for p in loose[:3]) + (" …" if len(loose) > 3 else "")
+        raise InputError(
+            f"images: {root} mixes {len(loose)} images at its top level ({shown}) with "
+            f"{len(classes)} class folders; move them into a class folder (or the class "
+            "folders' images up, for a flat set)"
         )
-
-    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and images_in(d))
     files: list[str] = []
     labels: list[int] = []
-    if classes:
-        for label, name in enumerate(classes):
-            for p in images_in(root / name):
-                files.append(str(p.relative_to(root)))
-                labels.append(label)
-    else:
-        files = [p.name for p in images_in(root)]
+    for label, name in enumerate(classes):
+        files += [str(p.relative_to(root)) for p in per_class[name]]
+        labels += [label] * len(per_class[name])
+    if not classes:
+        files = [p.name for p in loose]
         labels = [-1] * len(files)
     if not files:
         raise InputError(f"images: no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) in {root}")
     return files, labels, classes
 
 
+def stamps(root: Path, files: list[str]) -> list[list[int]]:
+    """What identifies each file's content cheaply: [size, modification time in ns]."""
+    out = []
+    for f in files:
+        st = (root / f).stat()
+        out.append([st.st_size, st.st_mtime_ns])
+    return out
+
+
+def read_image(path: Path, preprocess: Any) -> Any:
+    """The preprocessed image; an unreadable file (truncated, empty, not an image) is an
+    `UnreadableImageError` naming it."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            return preprocess(im.convert("RGB"))
+    except (OSError, ValueError, SyntaxError) as e:  # what PIL raises for broken files
+        raise UnreadableImageError(f"image {path} cannot be read: {e}") from None
+
+
 class ImageDataset(torch.utils.data.Dataset):
-    """Preprocessed images `files[start:]` under `root`, in order."""
+    """Preprocessed images `files[start:]` under `root`, in order; an unreadable image is an
+    error naming it."""
 
     def __init__(self, root: Path, files: list[str], preprocess: Any, start: int) -> None:
         self.root, self.files, self.preprocess, self.start = root, files, preprocess, start
@@ -55,7 +103,35 @@ class ImageDataset(torch.utils.data.Dataset):
         return len(self.files) - self.start
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        from PIL import Image
+        return read_image(self.root / self.files[self.start + i], self.preprocess)
 
-        with Image.open(self.root / self.files[self.start + i]) as im:
-            return self.preprocess(im.convert("RGB"))
+
+class TolerantImages(ImageDataset):
+    """Like `ImageDataset`, but each item is (file index, image or None, why not): the
+    engines decide whether an unreadable image is skipped or stops the run."""
+
+    def __getitem__(self, i: int) -> tuple[int, Any, str]:
+        index = self.start + i
+        try:
+            return index, read_image(self.root / self.files[index], self.preprocess), ""
+        except UnreadableImageError as e:
+            return index, None, str(e)
+
+
+def collate_readable(items: list[tuple[int, Any, str]]) -> ReadableBatch:
+    """A batch of `TolerantImages` items: the readable images stacked, in file order."""
+    good = [(i, x) for i, x, _ in items if x is not None]
+    return ReadableBatch(
+        indices=[i for i, _ in good],
+        images=torch.stack([x for _, x in good]) if good else None,
+        unreadable=[(i, why) for i, x, why in items if x is None],
+        last=max(i for i, _, _ in items),
+    )
+
+
+@dataclass
+class ReadableBatch:
+    indices: list[int]  # file indices of the readable images, in order
+    images: torch.Tensor | None  # [len(indices), 3, H, W]
+    unreadable: list[tuple[int, str]]  # file index and reason of each unreadable image
+    last: int  # the batch's last file index

@@ -32,18 +32,11 @@ fn benches(c: &mut Criterion) {
     let mut rng = StdRng::seed_from_u64(0);
     let texts = gaussian(&mut rng, (M, D)).mapv(|x| x as f32);
     let pool = TextPool::from_view(texts.view()).unwrap();
-    let params = SpanParams {
-        n_texts: 20,
-        rank: 80,
-    };
+    let params = SpanParams::new(20, 80);
     let heads: Vec<_> = (0..8).map(|_| head(&mut rng)).collect();
     let moments: Vec<HeadMoments> = heads
         .iter()
-        .map(|(cov, mean)| HeadMoments {
-            count: 10_000.0,
-            mean: mean.view(),
-            covariance: cov.view(),
-        })
+        .map(|(cov, mean)| HeadMoments::new(10_000.0, mean.view(), cov.view()))
         .collect();
 
     let mut group = c.benchmark_group("textspan");

@@ -16,9 +16,11 @@
 //! the earlier directions) and `γ = uᵀ diag(λ) u`, so a step costs O(M·r) rather than
 //! O(N·M·D), and the number of images never enters.
 //!
-//! Directions of the second moment whose eigenvalue is below `RANK_TOLERANCE` times the
-//! largest are treated as absent: they carry no variance, and the published algorithm
-//! would fill them with arbitrary singular vectors of rounding noise.
+//! Directions of the second moment whose eigenvalue is below a tolerance (`RANK_TOLERANCE`
+//! by default) times the largest are treated as absent: they carry no variance, and the
+//! published algorithm would fill them with arbitrary singular vectors of rounding noise.
+//! Outputs stored in a low precision carry rounding noise of their own far above
+//! `RANK_TOLERANCE`; their callers raise the tolerance to that precision's noise level.
 
 use faer::linalg::matmul::matmul;
 use faer::{Accum, Mat, MatMut, MatRef, Par, Side};
@@ -29,16 +31,17 @@ use crate::error::{Error, Result};
 use crate::parallel;
 use crate::scalar::Real;
 
-/// Eigenvalues of the second moment below this fraction of the largest count as zero.
+/// Eigenvalues of the second moment below this fraction of the largest count as zero (the
+/// default of `SpanParams::rank_tolerance`).
 pub const RANK_TOLERANCE: f64 = 1e-10;
 /// Texts handled together in the parallel loops over the pool.
 pub const TEXT_CHUNK: usize = 1024;
 /// A pivoted Cholesky factor is tried first when the second moment's numerical rank is at
 /// most this fraction of D; past it, a dense eigendecomposition is cheaper.
 const LOW_RANK_FRACTION: usize = 4;
-/// The factor stops once what it leaves has a trace below this fraction of the largest
-/// diagonal entry: far below `RANK_TOLERANCE`, so no kept direction is lost.
-const CHOLESKY_TOLERANCE: f64 = RANK_TOLERANCE * 1e-2;
+/// The factor stops once what it leaves has a trace below this fraction of the rank
+/// tolerance times the largest diagonal entry, so no kept direction is lost.
+const CHOLESKY_FRACTION: f64 = 1e-2;
 
 /// Parameters of one TextSpan run.
 #[derive(Debug, Clone, Copy)]
@@ -47,12 +50,34 @@ pub struct SpanParams {
     pub rank: usize,
 }
 
-/// Statistics of one head's outputs: count, mean [D] and population covariance [D, D].
+impl SpanParams {
+    /// `n_texts` texts in a span of at most `rank` directions.
+    pub fn new(n_texts: usize, rank: usize) -> Self {
+        SpanParams { n_texts, rank }
+    }
+}
+
+/// Statistics of one head's outputs: count, mean [D] and population covariance [D, D], and
+/// the fraction of the second moment's largest eigenvalue below which a direction counts as
+/// absent (`RANK_TOLERANCE`, or more for outputs stored in a coarse precision).
 #[derive(Debug, Clone, Copy)]
 pub struct HeadMoments<'a> {
     pub count: f64,
     pub mean: ArrayView1<'a, f64>,
     pub covariance: ArrayView2<'a, f64>,
+    pub rank_tolerance: f64,
+}
+
+impl<'a> HeadMoments<'a> {
+    /// Statistics with the default rank tolerance.
+    pub fn new(count: f64, mean: ArrayView1<'a, f64>, covariance: ArrayView2<'a, f64>) -> Self {
+        HeadMoments {
+            count,
+            mean,
+            covariance,
+            rank_tolerance: RANK_TOLERANCE,
+        }
+    }
 }
 
 /// The result for one head.
@@ -184,6 +209,13 @@ fn check_head(h: usize, head: &HeadMoments, d: usize) -> Result<()> {
             head.count.to_string(),
         ));
     }
+    if !(head.rank_tolerance > 0.0 && head.rank_tolerance < 1.0) {
+        return Err(Error::value(
+            what("rank_tolerance"),
+            "a fraction between 0 and 1 (exclusive)",
+            head.rank_tolerance.to_string(),
+        ));
+    }
     if head.mean.len() != d {
         return Err(Error::shape(
             what("mean"),
@@ -262,9 +294,13 @@ fn pivoted_cholesky(g: MatRef<f64>, tolerance: f64, max_rank: usize) -> Option<M
     Some(Mat::from_fn(d, k, |i, m| l[i * max_rank + m]))
 }
 
-/// Eigenpairs (descending) of the symmetric PSD matrix `g`, those above `RANK_TOLERANCE`
-/// times the largest only, at most `rank` of them.
-fn dominant_eigenvectors(g: MatRef<f64>, rank: usize) -> Result<(Mat<f64>, Vec<f64>)> {
+/// Eigenpairs (descending) of the symmetric PSD matrix `g`, those above `tolerance` times
+/// the largest only, at most `rank` of them.
+fn dominant_eigenvectors(
+    g: MatRef<f64>,
+    rank: usize,
+    tolerance: f64,
+) -> Result<(Mat<f64>, Vec<f64>)> {
     let d = g.nrows();
     let max_diag = (0..d).map(|i| g[(i, i)]).fold(0.0f64, f64::max);
     if max_diag <= 0.0 {
@@ -273,29 +309,32 @@ fn dominant_eigenvectors(g: MatRef<f64>, rank: usize) -> Result<(Mat<f64>, Vec<f
     let not_converged = || Error::value("eigendecomposition", "convergence", "no convergence");
     // Low rank (real heads write into a subspace of about the head width): factor first,
     // then decompose the small factor. Otherwise one dense eigendecomposition.
-    let (vectors, values): (Mat<f64>, Vec<f64>) =
-        match pivoted_cholesky(g, CHOLESKY_TOLERANCE * max_diag, d / LOW_RANK_FRACTION) {
-            Some(l) if l.ncols() > 0 => {
-                let svd = l.thin_svd().map_err(|_| not_converged())?;
-                let s = svd.S().column_vector();
-                let values = (0..l.ncols()).map(|i| s[i] * s[i]).collect();
-                (svd.U().to_owned(), values)
-            }
-            Some(_) => return Ok((Mat::zeros(d, 0), Vec::new())),
-            None => {
-                let evd = g
-                    .self_adjoint_eigen(Side::Lower)
-                    .map_err(|_| not_converged())?;
-                let s = evd.S().column_vector();
-                ((evd.U().to_owned()), (0..d).map(|i| s[i]).collect())
-            }
-        };
+    let (vectors, values): (Mat<f64>, Vec<f64>) = match pivoted_cholesky(
+        g,
+        CHOLESKY_FRACTION * tolerance * max_diag,
+        d / LOW_RANK_FRACTION,
+    ) {
+        Some(l) if l.ncols() > 0 => {
+            let svd = l.thin_svd().map_err(|_| not_converged())?;
+            let s = svd.S().column_vector();
+            let values = (0..l.ncols()).map(|i| s[i] * s[i]).collect();
+            (svd.U().to_owned(), values)
+        }
+        Some(_) => return Ok((Mat::zeros(d, 0), Vec::new())),
+        None => {
+            let evd = g
+                .self_adjoint_eigen(Side::Lower)
+                .map_err(|_| not_converged())?;
+            let s = evd.S().column_vector();
+            ((evd.U().to_owned()), (0..d).map(|i| s[i]).collect())
+        }
+    };
     let mut order: Vec<usize> = (0..values.len()).collect();
     order.sort_by(|&a, &b| values[b].total_cmp(&values[a]));
     let largest = values[order[0]];
     let keep: Vec<usize> = order
         .into_iter()
-        .filter(|&i| values[i] > RANK_TOLERANCE * largest)
+        .filter(|&i| values[i] > tolerance * largest)
         .take(rank)
         .collect();
     let v = Mat::from_fn(d, keep.len(), |i, c| vectors[(i, keep[c])]);
@@ -309,7 +348,7 @@ fn head_basis(head: &HeadMoments, rank: usize) -> Result<HeadBasis> {
         None => Mat::from_fn(d, d, |i, j| head.covariance[[i, j]]),
     };
     let second = Mat::from_fn(d, d, |i, j| cov[(i, j)] + head.mean[i] * head.mean[j]);
-    let (v, _) = dominant_eigenvectors(second.as_ref(), rank)?;
+    let (v, _) = dominant_eigenvectors(second.as_ref(), rank, head.rank_tolerance)?;
     let r = v.ncols();
     // Rotate the basis so that the covariance restricted to the span is diagonal.
     let cv = &cov * &v;
@@ -555,12 +594,12 @@ mod tests {
         let max_diag = (0..d).map(|i| g[(i, i)]).fold(0.0, f64::max);
         let l = pivoted_cholesky(
             g.as_ref(),
-            CHOLESKY_TOLERANCE * max_diag,
+            CHOLESKY_FRACTION * RANK_TOLERANCE * max_diag,
             d / LOW_RANK_FRACTION,
         )
         .expect("rank 10 < 16");
         assert_eq!(l.ncols(), k);
-        let (v, values) = dominant_eigenvectors(g.as_ref(), 6).unwrap();
+        let (v, values) = dominant_eigenvectors(g.as_ref(), 6, RANK_TOLERANCE).unwrap();
         let evd = g.self_adjoint_eigen(Side::Lower).unwrap();
         let dense = Mat::from_fn(d, 6, |i, c| evd.U()[(i, d - 1 - c)]);
         let diff = projector(&v) - projector(&dense);
@@ -581,28 +620,40 @@ mod tests {
         let c = low_rank_covariance(&mut rng, 32, 32, 0.1);
         let g = Mat::from_fn(32, 32, |i, j| c[[i, j]]);
         let max_diag = (0..32).map(|i| g[(i, i)]).fold(0.0, f64::max);
-        assert!(pivoted_cholesky(g.as_ref(), CHOLESKY_TOLERANCE * max_diag, 8).is_none());
-        let (v, values) = dominant_eigenvectors(g.as_ref(), 40).unwrap();
+        assert!(
+            pivoted_cholesky(g.as_ref(), CHOLESKY_FRACTION * RANK_TOLERANCE * max_diag, 8)
+                .is_none()
+        );
+        let (v, values) = dominant_eigenvectors(g.as_ref(), 40, RANK_TOLERANCE).unwrap();
         assert_eq!(v.ncols(), 32, "rank is capped at D");
         assert!(values.windows(2).all(|w| w[0] >= w[1]));
     }
 
+    #[test]
+    fn a_higher_rank_tolerance_drops_the_weak_directions() {
+        // Eigenvalues 1, 1e-3, 1e-6, 1e-9 on the first four axes of D = 8.
+        let g = Mat::from_fn(8, 8, |i, j| {
+            if i == j && i < 4 {
+                10f64.powi(-3 * i as i32)
+            } else {
+                0.0
+            }
+        });
+        let kept = |tolerance| dominant_eigenvectors(g.as_ref(), 8, tolerance).unwrap().1;
+        assert_eq!(kept(RANK_TOLERANCE).len(), 4);
+        assert_eq!(kept(1e-5).len(), 2);
+        let (mean, cov) = (Array1::<f64>::zeros(8), Array2::<f64>::eye(8));
+        let bad = HeadMoments {
+            rank_tolerance: 0.0,
+            ..HeadMoments::new(10.0, mean.view(), cov.view())
+        };
+        assert!(check_head(0, &bad, 8).is_err());
+    }
+
     fn run(threads: usize, cov: &Array2<f64>, mean: &Array1<f64>, pool: &TextPool<f32>) -> Span {
         crate::parallel::set_num_threads(threads);
-        let head = HeadMoments {
-            count: 1000.0,
-            mean: mean.view(),
-            covariance: cov.view(),
-        };
-        text_span(
-            &head,
-            pool,
-            SpanParams {
-                n_texts: 12,
-                rank: 20,
-            },
-        )
-        .unwrap()
+        let head = HeadMoments::new(1000.0, mean.view(), cov.view());
+        text_span(&head, pool, SpanParams::new(12, 20)).unwrap()
     }
 
     #[test]
@@ -634,13 +685,9 @@ mod tests {
     fn bad_parameters_and_inputs_are_errors_not_panics() {
         let cov = Array2::<f64>::eye(4);
         let mean = Array1::<f64>::zeros(4);
-        let head = HeadMoments {
-            count: 10.0,
-            mean: mean.view(),
-            covariance: cov.view(),
-        };
+        let head = HeadMoments::new(10.0, mean.view(), cov.view());
         let pool = TextPool::from_view(Array2::<f64>::eye(4).view()).unwrap();
-        let params = |n_texts, rank| SpanParams { n_texts, rank };
+        let params = SpanParams::new;
         assert!(matches!(
             text_span(&head, &pool, params(5, 2)),
             Err(Error::Value { .. })

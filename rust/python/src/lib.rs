@@ -106,32 +106,43 @@ fn span_tuple(py: Python<'_>, s: Span) -> SpanTuple<'_> {
     )
 }
 
-/// TextSpan for K heads given by their statistics: counts [K], means [K, D] and
-/// population covariances [K, D, D]. Returns one tuple per head:
+/// TextSpan for K heads given by their statistics: counts [K], means [K, D], population
+/// covariances [K, D, D] and rank tolerances [K] (directions of a head's second moment below
+/// its tolerance times the largest eigenvalue count as absent). Returns one tuple per head:
 /// (indices, variance, total_variance, directions, rank).
 #[pyfunction]
-#[pyo3(signature = (pool, counts, means, covariances, n_texts, rank))]
+#[allow(clippy::too_many_arguments)]
 fn text_span_heads<'py>(
     py: Python<'py>,
     pool: &PyTextPool,
     counts: PyReadonlyArray1<'py, f64>,
     means: PyReadonlyArray2<'py, f64>,
     covariances: PyReadonlyArray3<'py, f64>,
+    rank_tolerances: PyReadonlyArray1<'py, f64>,
     n_texts: usize,
     rank: usize,
 ) -> PyResult<Vec<SpanTuple<'py>>> {
     let counts = counts.as_array().to_owned();
     let means = means.as_array().to_owned();
     let covs = covariances.as_array().to_owned();
+    let tolerances = rank_tolerances.as_array().to_owned();
     let k = counts.len();
-    if means.shape()[0] != k || covs.shape()[0] != k {
+    if means.shape()[0] != k || covs.shape()[0] != k || tolerances.len() != k {
         return Err(py_err(Error::shape(
             "head statistics",
-            format!("counts [K], means [K, D], covariances [K, D, D] with one K (K = {k})"),
-            format!("means {:?}, covariances {:?}", means.shape(), covs.shape()),
+            format!(
+                "counts [K], means [K, D], covariances [K, D, D], rank tolerances [K] with one \
+                 K (K = {k})"
+            ),
+            format!(
+                "means {:?}, covariances {:?}, rank tolerances {:?}",
+                means.shape(),
+                covs.shape(),
+                tolerances.shape()
+            ),
         )));
     }
-    let params = SpanParams { n_texts, rank };
+    let params = SpanParams::new(n_texts, rank);
     let spans = py
         .detach(|| {
             let heads: Vec<HeadMoments> = (0..k)
@@ -139,6 +150,7 @@ fn text_span_heads<'py>(
                     count: counts[h],
                     mean: means.row(h),
                     covariance: covs.index_axis(Axis(0), h),
+                    rank_tolerance: tolerances[h],
                 })
                 .collect();
             match &pool.pool {
