@@ -23,7 +23,6 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from ._core import get_num_threads, set_num_threads
 from .analysis.ablation import ablation
 from .analysis.repair import rank_heads, repair, repair_head_count
 from .analysis.replacement import replacement
@@ -36,9 +35,11 @@ from .core import (
     class_heatmaps,
     common_words,
     default_pool,
+    get_num_threads,
     load_texts,
     normalised_heatmaps,
     segmentation_scores,
+    set_num_threads,
     text_span,
     text_span_from_stats,
     text_span_heads,

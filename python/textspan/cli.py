@@ -35,6 +35,9 @@ def main(argv: list[str] | None = None) -> int:
         # else is a bug and keeps its traceback.
         print(f"textspan {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"textspan {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -34,7 +34,9 @@ def output_folder(path: str | os.PathLike) -> Path:
 
 
 def write_csv(path: Path, header: Sequence[str], rows: Sequence[Sequence[Any]]) -> Path:
-    with open(path, "w", newline="") as f:
+    # File names that are not UTF-8 (read with Python's surrogate escapes) are written back
+    # as the bytes they were.
+    with open(path, "w", newline="", encoding="utf-8", errors="surrogateescape") as f:
         writer = csv.writer(f)
         writer.writerow(header)
         writer.writerows(rows)
@@ -96,9 +98,11 @@ def repair_plot(path: Path, result: Any) -> Path:
     """Worst-group and average accuracy before, after ablating the chosen heads, and for the
     best and the mean of the random draws of as many heads (an `analysis.RepairResult`)."""
     plt = pyplot()
-    names = ["before", "heads ablated", "best random heads", "mean random heads"]
-    bars = [(g.worst, g.average) for g in (result.before, result.after, result.random_best)]
-    bars.append(result.random_mean)
+    names = ["before", "heads ablated"]
+    bars = [(g.worst, g.average) for g in (result.before, result.after)]
+    if result.random_draws:
+        names += ["best random heads", "mean random heads"]
+        bars += [(result.random_best.worst, result.random_best.average), result.random_mean]
     fig, ax = plt.subplots(figsize=(6.4, 3.6), dpi=120)
     x = np.arange(len(names))
     ax.bar(x - 0.2, [worst * 100 for worst, _ in bars], 0.4, label="worst group")

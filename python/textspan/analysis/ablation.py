@@ -64,7 +64,7 @@ def ablation(
     attn_mean = mu.heads.sum(1).astype(np.float32)  # [L, D]
     mlp_mean = mu.mlps[1:].sum(0).astype(np.float32)
     correct = np.zeros(4 + layers, dtype=np.int64)
-    for rows in chunks(n, progress, "ablation"):
+    for rows in chunks(source, n, progress, "ablation"):
         heads, mlps = rows_f32(source.heads, rows), rows_f32(source.mlps, rows)
         attn = heads.sum(2)  # [n, L, D]
         rep = attn.sum(1) + mlps.sum(1)

@@ -124,7 +124,8 @@ class RepairResult:
 
     def table(self) -> str:
         named = [("before", self.before), ("heads ablated", self.after)]
-        named.append((f"best of {len(self.random_draws)} random draws", self.random_best))
+        if self.random_draws:
+            named.append((f"best of {len(self.random_draws)} random draws", self.random_best))
         rows = [(name, g.worst, g.average) for name, g in named]
         if self.random_draws:
             rows.append(("mean of the random draws", *self.random_mean))
@@ -160,6 +161,8 @@ def repair(
     candidates = check_heads(candidates, layers, h, "candidates")
     if len(candidates) < len(chosen):
         raise InputError(f"candidates: expected at least {len(chosen)} heads to draw from")
+    if isinstance(random_draws, bool) or not isinstance(random_draws, int) or random_draws < 0:
+        raise InputError(f"random_draws: expected an integer >= 0, got {random_draws!r}")
     rng = np.random.default_rng(seed)
     draws = [
         [candidates[i] for i in rng.choice(len(candidates), len(chosen), replace=False)]
@@ -222,7 +225,7 @@ def _ablated_group_accuracies(
         )
     mu = means_for(source, means, progress)
     correct = np.zeros((1 + len(sets), n), dtype=bool)
-    for rows in chunks(n, progress, "repair"):
+    for rows in chunks(source, n, progress, "repair"):
         x = rows_f32(source.heads, rows)
         rep = x.sum((1, 2)) + rows_f32(source.mlps, rows).sum(1)
         reps = [rep]

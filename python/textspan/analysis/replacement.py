@@ -82,7 +82,7 @@ def replacement(
         u = spans[k].directions[:max_texts].astype(np.float32)
         through[i, : len(u)] = u @ w
     correct = np.zeros(max_texts + 2, dtype=np.int64)  # baseline, then n = 0..max_texts
-    for rows in chunks(n, progress, "replacement"):
+    for rows in chunks(source, n, progress, "replacement"):
         heads, mlps = rows_f32(source.heads, rows), rows_f32(source.mlps, rows)
         rep = heads.sum((1, 2)) + mlps.sum(1)
         y = labels[rows]

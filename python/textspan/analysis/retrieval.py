@@ -44,6 +44,8 @@ def retrieve(
     """
     n, layers, h, d = shapes(source)
     chosen = check_heads(heads, layers, h, "heads")
+    if n < 2:
+        raise InputError(f"retrieval needs at least 2 images, the source has {n}")
     if not 1 <= k < n:
         raise InputError(f"k: expected 1..{n - 1} neighbours, got {k}")
     b = None
@@ -59,7 +61,7 @@ def retrieve(
     combined = np.concatenate(
         [
             rows_f32(source.heads, rows)[:, idx[0], idx[1]].sum(1)
-            for rows in chunks(n, progress, "heads")
+            for rows in chunks(source, n, progress, "heads")
         ]
     )
     centred = features(combined - combined.mean(0))

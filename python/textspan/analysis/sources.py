@@ -110,12 +110,17 @@ def check_classifier(classifier: Any, dim: int) -> np.ndarray:
     return w
 
 
-def chunks(n: int, progress: bool, desc: str) -> Iterator[slice]:
+def chunks(source: Any, n: int, progress: bool, desc: str) -> Iterator[slice]:
+    """Slices of CHUNK rows, with a progress bar. A store checks the checksums of the rows
+    each slice reaches (once per range), so corrupt rows stop the analysis with an error."""
     from tqdm.auto import tqdm
 
+    check = getattr(source, "check_rows", None)
     bar = tqdm(total=n, desc=desc, unit="img", disable=not progress)
     for start in range(0, n, CHUNK):
         stop = min(n, start + CHUNK)
+        if check is not None:
+            check(slice(start, stop))
         yield slice(start, stop)
         bar.update(stop - start)
     bar.close()
@@ -140,7 +145,7 @@ def term_means(source: Any, progress: bool = True) -> TermMeans:
     n, *_ = shapes(source)
     ct = getattr(source, "class_token", None)
     sums: list[np.ndarray | None] = [None, None, None]
-    for rows in chunks(n, progress, "means"):
+    for rows in chunks(source, n, progress, "means"):
         for i, a in enumerate((source.heads, source.mlps, ct)):
             if a is not None:
                 s = np.asarray(a[rows], dtype=np.float64).sum(0)

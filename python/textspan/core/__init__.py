@@ -5,6 +5,9 @@ from .metrics import class_heatmaps, foreground, normalised_heatmaps, segmentati
 from .pools import common_words, default_pool, load_texts
 from .span import SpanResult, TextPool, text_span, text_span_from_stats, text_span_heads
 from .stats import HeadStats
+from .threads import apply_environment, get_num_threads, set_num_threads
+
+apply_environment()
 
 __all__ = [
     "HeadStats",
@@ -14,9 +17,11 @@ __all__ = [
     "common_words",
     "default_pool",
     "foreground",
+    "get_num_threads",
     "load_texts",
     "normalised_heatmaps",
     "segmentation_scores",
+    "set_num_threads",
     "text_span",
     "text_span_from_stats",
     "text_span_heads",

@@ -78,6 +78,8 @@ class SpanResult:
             raise InputError(
                 f"outputs: expected shape [..., {self.mean.shape[0]}], got {list(x.shape)}"
             )
+        if n_texts is not None and not 0 <= n_texts <= len(self):
+            raise InputError(f"n_texts: expected 0..{len(self)} (the texts found), got {n_texts}")
         u = self.directions if n_texts is None else self.directions[:n_texts]
         return self.mean + ((x - self.mean) @ u.T) @ u
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ from .common import (
     require_labels,
     span_options,
     store_options,
+    template_list,
     zero_shot_weights,
 )
 
@@ -118,6 +120,10 @@ def run(
     random-heads baseline → repair.json, repair.csv, head_scores.csv, repair.png."""
     span_layers = last_layers(store, layers)
     require_labels(store)
+    if top is not None and top < 1:
+        raise InputError(f"top: expected a number of heads >= 1, got {top}")
+    if draws < 0:
+        raise InputError(f"draws: expected a number of random draws >= 0, got {draws}")
     attr = np.asarray(attribute)
     if attr.shape != (len(store),):
         raise InputError(
@@ -125,6 +131,7 @@ def run(
         )
     if (keywords is None) == (examples is None):
         raise InputError("repair: expected keywords or example texts (one of them)")
+    template_list(templates)  # a bad templates file fails now, not after TextSpan
     texts = pool_texts(pool)
     model, _, tokenizer = model_of(store, device)
     keys = [(layer, h) for layer in span_layers for h in range(store.heads.shape[2])]
@@ -136,11 +143,23 @@ def run(
     else:
         example_emb = encode_texts(model, tokenizer, list(examples), progress=False)
         ranked = rank_heads(spans, examples=example_emb, pool=embeddings)
-    chosen = [k for k, _ in ranked[:top]] if top else [k for k, s in ranked if s >= min_score]
+    if top is not None:
+        chosen = [k for k, _ in ranked[:top]]
+        unrelated = [f"L{a}.H{b}" for (a, b), score in ranked[:top] if score == 0]
+        if unrelated:
+            warnings.warn(
+                f"{len(unrelated)} of the top {top} heads ({', '.join(unrelated[:5])}) scored 0: "
+                "none of their TextSpan texts is about the property, yet they are ablated",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+    else:
+        chosen = [k for k, score in ranked if score >= min_score]
     if not chosen:
+        (a, b), best = ranked[0]
         raise InputError(
-            f"no head scored at least {min_score} for the property (best: L{ranked[0][0][0]}."
-            f"H{ranked[0][0][1]} at {ranked[0][1]:.2f}); lower --min-score or use --top"
+            f"no head scored at least {min_score:g} for the property (best: L{a}.H{b} at "
+            f"{best:.3g}); lower --min-score or use --top"
         )
     w = zero_shot_weights(model, tokenizer, class_names(store.classes, classes_file), templates)
     result = repair(
@@ -163,32 +182,19 @@ def _write(
         ["layer", "head", "score", "chosen", "texts"],
         [[k[0], k[1], s, k in result.heads, " | ".join(spans[k].texts or [])] for k, s in ranked],
     )
+    named = [("before", result.before), ("after", result.after)]
+    if result.random_draws:  # no random baseline without draws
+        named.append(("random_best", result.random_best))
     report.write_csv(
         folder / "repair.csv",
-        ["class", "attribute", "before", "after", "random_best"],
-        [
-            [
-                y,
-                a,
-                result.before.groups[(y, a)],
-                result.after.groups[(y, a)],
-                result.random_best.groups[(y, a)],
-            ]
-            for y, a in result.before.groups
-        ],
+        ["class", "attribute", *(name for name, _ in named)],
+        [[y, a, *(g.groups[(y, a)] for _, g in named)] for y, a in result.before.groups],
     )
     report.write_json(
         folder / "repair.json",
         {
             "heads": [list(k) for k in result.heads],
-            **{
-                name: {"worst_group": g.worst, "average": g.average}
-                for name, g in [
-                    ("before", result.before),
-                    ("after", result.after),
-                    ("random_best", result.random_best),
-                ]
-            },
+            **{name: {"worst_group": g.worst, "average": g.average} for name, g in named},
             "random_draws": [
                 {"heads": [list(k) for k in d], "worst_group": g.worst, "average": g.average}
                 for d, g in result.random_draws

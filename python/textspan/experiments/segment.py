@@ -16,7 +16,13 @@ from ..core.metrics import foreground, segmentation_scores
 from ..errors import InputError, MissingFileError
 from ..models import load
 from ..store.images import ImageDataset, list_images
-from .common import class_names, model_options, store_options, zero_shot_weights
+from .common import (
+    class_names,
+    model_options,
+    store_options,
+    template_list,
+    zero_shot_weights,
+)
 
 NAME = "segment"
 HELP = "zero-shot segmentation of an image folder"
@@ -115,6 +121,12 @@ def run(
 
     if method not in ("decomposition", "attention"):
         raise InputError(f"method: expected 'decomposition' or 'attention', got {method!r}")
+    if overlays < 0 or batch_size < 1 or workers < 0:
+        raise InputError(
+            f"overlays >= 0, batch_size >= 1 and workers >= 0 expected, got {overlays}, "
+            f"{batch_size} and {workers}"
+        )
+    template_list(templates)  # a bad templates file fails now, not after the work
     root = Path(images)
     files, labels, folders = list_images(root)
     if given_class and folders == []:

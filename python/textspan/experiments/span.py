@@ -29,6 +29,7 @@ from .common import (
     require_labels,
     span_options,
     store_options,
+    template_list,
     zero_shot_weights,
 )
 
@@ -110,6 +111,7 @@ def run(
         raise InputError(f"n_texts and max_texts: expected >= 1, got {n_texts} and {max_texts}")
     if replace:
         require_labels(store)
+        template_list(templates)  # a bad templates file fails now, not after TextSpan
     texts = pool_texts(pool)
     word_list = common_words() if words is None else load_texts(words)
     model, _, tokenizer = model_of(store, device)

@@ -36,11 +36,20 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import InputError
+from ..errors import InputError, InputTypeError, UnsupportedModelError
 from .families import tower_of
 from .tower import Tower
 
 __all__ = ["Decomposer", "Decomposition"]
+
+_DROPOUTS = (
+    nn.Dropout,
+    nn.Dropout1d,
+    nn.Dropout2d,
+    nn.Dropout3d,
+    nn.AlphaDropout,
+    nn.FeatureAlphaDropout,
+)
 
 
 @dataclass
@@ -341,13 +350,45 @@ class Decomposer:
 
         With `spatial=True` the result also holds the per-token terms (`spatial`, `scores`).
         """
-        if not isinstance(images, torch.Tensor) or images.ndim != 4:
-            shape = list(images.shape) if hasattr(images, "shape") else type(images).__name__
-            raise InputError(f"images: expected a tensor [B, 3, H, W], got {shape}")
+        self._check_images(images)
+        self._refuse_active_dropout()
         with self._capturing(spatial) as cap:
             representation = self.tower.encode(images)
             self._check_fired(cap)
             return self._assemble(cap, representation.float())
+
+    def _check_images(self, images: Any) -> None:
+        h, w = self.tower.image_size
+        if not isinstance(images, torch.Tensor) or images.ndim != 4:
+            shape = list(images.shape) if hasattr(images, "shape") else type(images).__name__
+            raise InputError(f"images: expected a tensor [B, 3, {h}, {w}], got {shape}")
+        if not images.is_floating_point():
+            raise InputTypeError(
+                f"images: expected preprocessed float images, got dtype {images.dtype} (use the "
+                "model's preprocess)"
+            )
+        if images.shape[0] == 0 or tuple(images.shape[1:]) != (3, h, w):
+            raise InputError(
+                f"images: expected a tensor [B >= 1, 3, {h}, {w}] (the model's input size), got "
+                f"{list(images.shape)}"
+            )
+
+    def _refuse_active_dropout(self) -> None:
+        """Dropout changes the forward at random, so the parts would not add up to it."""
+        for name, m in self.tower.module.named_modules():
+            if not m.training:
+                continue
+            p = getattr(m, "p", None) if isinstance(m, _DROPOUTS) else None
+            if isinstance(m, nn.MultiheadAttention):
+                p = m.dropout
+            elif type(m).__name__ == "PatchDropout":
+                p = getattr(m, "prob", 0.0)
+            if p:
+                raise UnsupportedModelError(
+                    f"{type(self.tower.module).__name__}.{name or 'itself'} has active dropout "
+                    f"(p = {p}) in training mode, so the parts would not add up to the output: "
+                    "call model.eval()"
+                )
 
     def _readout_weights(self) -> tuple[torch.Tensor, torch.Tensor, list[_Readout]]:
         """The read-out maps, recomputed only when a parameter of the tower changed."""

@@ -16,6 +16,7 @@ __all__ = ["default_device", "load", "register_model", "resolve_model_name", "sk
 
 
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
+PRECISIONS = ("fp32", "fp16", "bf16", "pure_fp16", "pure_bf16")
 
 # Loaders of models known by a name of their own: name -> loader(pretrained, device).
 _NAMED: dict[str, Callable[[Any, str], Any]] = {}
@@ -85,9 +86,12 @@ def load(
     """
     import open_clip
 
+    if precision not in PRECISIONS:
+        raise InputError(f"precision: expected one of {', '.join(PRECISIONS)}, got {precision!r}")
+    device = _checked_device(device)
     named = _named_loader(str(name)) if not str(name).endswith(".json") else None
     if named is not None:
-        return named(pretrained, str(device or default_device()))
+        return named(pretrained, device)
     model_name = resolve_model_name(name)
     if model_name not in open_clip.list_models():
         raise InputError(
@@ -104,14 +108,39 @@ def load(
     # workers stays one model's.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        model, _, preprocess = open_clip.create_model_and_transforms(
-            model_name,
-            pretrained=None if pretrained is None else str(pretrained),
-            device=device or default_device(),
-            precision=precision,
-        )
+        try:
+            model, _, preprocess = open_clip.create_model_and_transforms(
+                model_name,
+                pretrained=None if pretrained is None else str(pretrained),
+                device=device,
+                precision=precision,
+            )
+        except (RuntimeError, OSError, ValueError) as e:
+            if pretrained is None or Path(str(pretrained)).is_file():
+                raise
+            tags = open_clip.list_pretrained_tags_by_model(model_name)
+            raise InputError(
+                f"pretrained: {str(pretrained)!r} could not be loaded for {model_name} ({e}). "
+                f"open_clip's tags for it: {', '.join(tags) or 'none'}; without a network, pass "
+                "the path of a checkpoint file instead"
+            ) from None
     model.eval()
     return model, preprocess, open_clip.get_tokenizer(model_name)
+
+
+def _checked_device(device: str | torch.device | None) -> str:
+    """The device to load on: the one given, or CUDA when there is one, else the CPU."""
+    if device is None:
+        return default_device()
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise InputError(
+            f"device: expected 'cpu', 'cuda' or 'cuda:N', got {device!r} ({e})"
+        ) from None
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"device: {device!r} asked for, but PyTorch sees no CUDA device here")
+    return str(device)
 
 
 def skeleton(name: str | os.PathLike, pretrained: Any = None) -> torch.nn.Module:

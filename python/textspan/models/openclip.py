@@ -49,8 +49,6 @@ class OpenClipTower:
             raise refuse("attentional pooling is not supported")
         if getattr(visual, "pool_type", "tok") != "tok":
             raise refuse(f"pool_type {visual.pool_type!r} is not supported, only 'tok'")
-        if not isinstance(visual.patch_dropout, nn.Identity) and visual.training:
-            raise refuse("patch dropout is active (call model.eval())")
         for i, block in enumerate(visual.transformer.resblocks):
             if type(block) is not ResidualAttentionBlock:
                 raise refuse(f"block {i} is a {type(block).__name__}, not a ResidualAttentionBlock")

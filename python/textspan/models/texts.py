@@ -20,6 +20,10 @@ __all__ = [
 
 def checked_texts(texts: Sequence[str], batch_size: int) -> list[str]:
     """The texts as a list, refused when empty or not strings, and the batch size checked."""
+    if isinstance(texts, str):
+        raise InputTypeError(
+            f"texts: expected a list of strings, got one string ({texts[:40]!r}); wrap it in a list"
+        )
     texts = list(texts)
     if not texts:
         raise InputError("texts: expected at least one text, got none")
@@ -75,6 +79,10 @@ def zero_shot_classifier(
     templates = list(open_clip.OPENAI_IMAGENET_TEMPLATES if templates is None else templates)
     if not classnames or not templates:
         raise InputError("zero_shot_classifier: expected at least one class name and one template")
+
+    bad = [t for t in templates if not callable(t) and "{}" not in str(t)]
+    if bad:
+        raise InputError(f"templates: expected '{{}}' where the class name goes, got {bad[0]!r}")
 
     def fill(template: str | Callable[[str], str], name: str) -> str:
         return template(name) if callable(template) else template.format(name)
