@@ -51,6 +51,7 @@ from .errors import (
     MissingFileError,
     StoreError,
     TextspanError,
+    UnreadableImageError,
     UnsupportedModelError,
 )
 
@@ -117,6 +118,7 @@ __all__ = [
     "StoreError",
     "TextPool",
     "TextspanError",
+    "UnreadableImageError",
     "UnsupportedModelError",
     "__version__",
     "ablation",

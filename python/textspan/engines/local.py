@@ -27,6 +27,7 @@ from ..store.format import (
     checksum,
     create_arrays,
     disk_full,
+    labels_of,
     load_progress,
     make_manifest,
     open_arrays,
@@ -87,8 +88,8 @@ class _Checkpoints:
     were consumed; progress only moves at a checkpoint, after the arrays are flushed and the
     statistics saved, so a store interrupted anywhere resumes from the last one."""
 
-    def __init__(self, out: Path, manifest: dict[str, Any], labels: list[int], device: Any):
-        self.out, self.labels = out, labels
+    def __init__(self, out: Path, manifest: dict[str, Any], device: Any):
+        self.out = out
         if (out / "manifest.json").exists():
             old = read_json(out / "manifest.json", f"store {out}: manifest.json")
             state, sums = load_progress(out, old)
@@ -96,6 +97,7 @@ class _Checkpoints:
             check_resume(old, manifest, set(state["skipped"]) | failed, out)
             for f in failed - set(manifest["files"]):  # removed since --strict stopped at it
                 state["skipped"][f] = "removed after it could not be read"
+                state["files_done"] += 1  # --strict stopped just before it
             state["failed"] = None
             old["images"] = manifest["images"]  # the folder may have moved
             write_atomic(out / "manifest.json", json.dumps(old, indent=1).encode())
@@ -107,6 +109,7 @@ class _Checkpoints:
             self.state, sums = {"done": 0, "files_done": 0, "skipped": {}, "ranges": []}, None
             write_atomic(out / "progress.json", json.dumps(self.state).encode())
             write_atomic(out / "manifest.json", json.dumps(manifest, indent=1).encode())
+        self.labels = labels_of(self.manifest)
         self.rows, self.files = self.state["done"], self.state["files_done"]
         self.skipped = dict(self.state["skipped"])
         shape = (manifest["layers"], manifest["heads"])
@@ -195,7 +198,7 @@ def extract_local(
     if out.exists() and not out.is_dir():
         raise InputError(f"out: expected a folder for the store, got the file {out}")
     listing = list_images(root)
-    files, labels, _ = listing
+    files = listing[0]
     net, preprocess, _ = load(model, pretrained=pretrained, device=device, precision=precision)
     tower = tower_of(net)
     shape = (tower.layers, tower.heads, tower.dim)
@@ -205,7 +208,7 @@ def extract_local(
     interrupts = _Interrupts()
     with writer_lock(out), interrupts.installed():
         device_ = next(net.parameters()).device
-        store = _Checkpoints(out, manifest, labels, device_)
+        store = _Checkpoints(out, manifest, device_)
         print(
             f"textspan extract: {len(files)} images into {out} ({store.files} done before)",
             flush=True,

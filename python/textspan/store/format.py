@@ -55,6 +55,7 @@ __all__ = [
     "create_arrays",
     "disk_full",
     "expected_shapes",
+    "labels_of",
     "load_progress",
     "make_manifest",
     "open_arrays",
@@ -245,7 +246,8 @@ def load_progress(
         return progress, None
     shape = (manifest["layers"], manifest["heads"], manifest["dim"])
     try:
-        with np.load(path / f"stats-{done}.npz") as f:
+        # Opened here, so that it is closed even when NumPy fails on a corrupt archive.
+        with open(path / f"stats-{done}.npz", "rb") as fh, np.load(fh) as f:
             sums = {k: f[k] for k in ("count", "shift", "sum1", "sum2")}
     except FileNotFoundError:
         raise StoreError(
@@ -386,6 +388,12 @@ def make_manifest(
         "stamps": stamps,
         "labels_digest": hashlib.blake2b(json.dumps(labels).encode(), digest_size=16).hexdigest(),
     }
+
+
+def labels_of(manifest: dict[str, Any]) -> list[int]:
+    """Each listed file's label: its class folder's index, or -1 in a flat set."""
+    classes = {name: i for i, name in enumerate(manifest["classes"])}
+    return [classes.get(Path(f).parts[0], -1) if classes else -1 for f in manifest["files"]]
 
 
 ARGUMENTS = ("version", "model", "pretrained", "precision", "dtype", "layers", "heads", "dim")
