@@ -200,3 +200,19 @@ def test_without_ray_the_engine_says_how_to_install_it(image_folder, tiny, tmp_p
         textspan.extract(image_folder, tmp_path / "s", engine="ray", **options(tiny))
     with pytest.raises(ValueError, match="engine: expected 'local' or 'ray', got 'spark'"):
         textspan.extract(image_folder, tmp_path / "s", engine="spark", **options(tiny))
+
+
+@pytest.mark.slow
+def test_the_ray_engine_takes_a_model_known_by_name(cluster, tmp_path):
+    from PIL import Image
+
+    from textspan.toy import world as tw
+
+    root = tmp_path / "images"
+    root.mkdir()
+    for i, image in enumerate(tw.generate(6, seed=1, size=48).images):
+        Image.fromarray(image).save(root / f"{i}.png")
+    common = {"model": "toy", "batch_size": 3, "dtype": "float32", "progress": False}
+    by_ray = textspan.extract(root, tmp_path / "ray", engine="ray", workers=1, **common)
+    local = textspan.extract(root, tmp_path / "local", workers=0, device="cpu", **common)
+    np.testing.assert_allclose(by_ray.heads, local.heads, atol=2e-6, rtol=1e-5)
