@@ -62,3 +62,20 @@ def extract_killed_after(count: int, images, out, tiny, **options) -> subprocess
         f"textspan.extract({str(images)!r}, {str(out)!r}, after_batch=stop, **{arguments!r})\n"
     )
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+
+
+def extract_options(tiny, **extra) -> dict:
+    """`textspan.extract` arguments for the tiny model on the CPU, small batches and
+    checkpoints, no progress bars; `extra` overrides them."""
+    config, checkpoint = tiny
+    return {
+        "model": str(config),
+        "pretrained": str(checkpoint),
+        "batch_size": 4,
+        "workers": 0,
+        "device": "cpu",
+        "dtype": "float32",
+        "checkpoint_every": 8,
+        "progress": False,
+        **extra,
+    }

@@ -15,7 +15,7 @@ import pytest
 import ray
 
 import textspan
-from conftest import extract_killed_after
+from conftest import extract_killed_after, extract_options
 from textspan.engines import ray as ray_engine
 
 ARRAYS = ("heads", "mlps", "class_token", "representation")
@@ -56,15 +56,13 @@ class KillOnce:
 
 
 def options(tiny, **extra):
-    config, checkpoint = tiny
-    return {
-        "model": str(config),
-        "pretrained": str(checkpoint),
-        "batch_size": 4,
-        "dtype": "float32",
-        "progress": False,
-        **extra,
-    }
+    """The tiny model's arguments for either engine (the Ray engine takes no device and
+    checkpoints by shards)."""
+    ray_options = extract_options(tiny, **extra)
+    for local_only in ("workers", "device", "checkpoint_every"):
+        if local_only not in extra:
+            del ray_options[local_only]
+    return ray_options
 
 
 @pytest.fixture(scope="module")

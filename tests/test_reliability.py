@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 
 import textspan
+from conftest import extract_options
 from textspan import HeadStats, InputError, StoreError, UnsupportedModelError
 from textspan.cli import main
 from textspan.engines import local
@@ -29,19 +30,7 @@ from textspan.store import format as store_format
 ARRAYS = ("heads", "mlps", "class_token", "representation", "labels")
 
 
-def options(tiny, **extra):
-    config, checkpoint = tiny
-    return {
-        "model": str(config),
-        "pretrained": str(checkpoint),
-        "batch_size": 4,
-        "workers": 0,
-        "device": "cpu",
-        "dtype": "float32",
-        "checkpoint_every": 8,
-        "progress": False,
-        **extra,
-    }
+options = extract_options
 
 
 @pytest.fixture(scope="module")

@@ -14,24 +14,13 @@ import torch
 from PIL import Image
 
 import textspan
-from conftest import extract_killed_after
+from conftest import extract_killed_after, extract_options
 from textspan import HeadStats, StoreError, extract, open_store
 from textspan.models import Decomposer
 
 
 def run_extract(images, out, tiny, **kwargs):
-    config, checkpoint = tiny
-    args = {
-        "model": str(config),
-        "pretrained": str(checkpoint),
-        "batch_size": 4,
-        "workers": 0,
-        "device": "cpu",
-        "dtype": "float32",
-        "checkpoint_every": 8,
-        "progress": False,
-    }
-    return extract(images, out, **{**args, **kwargs})
+    return extract(images, out, **extract_options(tiny, **kwargs))
 
 
 def cli(images, out, tiny):
