@@ -18,7 +18,14 @@ from pathlib import Path
 
 from ..errors import InputError, MissingFileError
 
-__all__ = ["DEFAULT_POOL_SIZE", "common_words", "default_pool", "load_texts"]
+__all__ = [
+    "DEFAULT_POOL_SIZE",
+    "common_words",
+    "default_pool",
+    "default_topics",
+    "load_texts",
+    "topic_of",
+]
 
 DEFAULT_POOL_SIZE = 3600
 
@@ -307,3 +314,35 @@ def load_texts(path: str | os.PathLike) -> list[str]:
     if not texts:
         raise InputError(f"text pool {path}: expected one text per line, got an empty file")
     return texts
+
+
+def default_topics() -> dict[str, list[str]]:
+    """The default pool's word lists, by topic: what a text of the pool is about."""
+    return {
+        "colour": COLOURS,
+        "shape": SHAPES,
+        "texture": TEXTURES,
+        "material": MATERIALS,
+        "object": OBJECTS,
+        "animal": ANIMALS,
+        "scene": SCENES,
+        "place": COUNTRIES + CITIES,
+        "weather": WEATHER,
+        "lighting": LIGHTING,
+        "time": TIMES,
+        "style": STYLES,
+        "count": COUNTS,
+        "position": POSITIONS,
+        "mood": MOODS,
+    }
+
+
+def topic_of(text: str, topics: dict[str, list[str]]) -> str:
+    """The first topic (in `topics`' order) one of whose phrases the text contains as whole
+    words, or "other"."""
+    lowered = f" {re.sub(r'[^a-z0-9-]+', ' ', text.lower())} "
+    for topic, phrases in topics.items():
+        for phrase in phrases:
+            if f" {re.sub(r'[^a-z0-9-]+', ' ', phrase.lower()).strip()} " in lowered:
+                return topic
+    return "other"

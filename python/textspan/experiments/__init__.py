@@ -8,17 +8,18 @@ that write an output folder), e.g.
 The command line (`textspan.cli`) is assembled from `COMMANDS`.
 """
 
-from . import ablate, demo, extract, repair, retrieve, segment, span, toy_train
+from . import ablate, demo, explore, extract, repair, retrieve, segment, span, toy_train
 from .common import class_names
 
 # In the order `textspan --help` lists them.
-COMMANDS = (demo, extract, ablate, span, repair, toy_train, retrieve, segment)
+COMMANDS = (demo, extract, ablate, span, repair, retrieve, segment, explore, toy_train)
 
 __all__ = [
     "COMMANDS",
     "ablate",
     "class_names",
     "demo",
+    "explore",
     "extract",
     "repair",
     "retrieve",

@@ -69,7 +69,10 @@ def class_names(folders: Sequence[str], classes_file: str | os.PathLike | None =
     return [f.replace("_", " ") for f in folders]
 
 
-TEMPLATE_SETS = {"simple": ["a photo of a {}."]}
+TEMPLATE_SETS = {
+    "simple": ["a photo of a {}."],
+    "article": ["a {}"],  # for the toy model, whose tokenizer knows only the world's words
+}
 
 
 def template_list(templates: str | None) -> list[str] | None:
@@ -144,7 +147,8 @@ def store_options(p: argparse.ArgumentParser, store: bool = True) -> None:
     p.add_argument(
         "--templates",
         default="openai",
-        help="'openai' (80 ImageNet templates), 'simple', or a file of templates with {}",
+        help="'openai' (80 ImageNet templates), 'simple', 'article' ('a {}'), or a file of "
+        "templates with {}",
     )
 
 

@@ -4,10 +4,17 @@ the toy world's ground truth, printed and written to one self-contained HTML rep
 from __future__ import annotations
 
 import argparse
+import shutil
 import time
+from pathlib import Path
 
+from ..engines import extract
+from ..explorer import Site
 from ..toy.model import describe
 from ..toy.study import StudyResult, study
+from . import explore
+
+EXPLORER = "explorer/index.html"
 
 NAME = "demo"
 HELP = "the method on the embedded toy CLIP, checked against ground truth"
@@ -32,11 +39,42 @@ def main(args: argparse.Namespace) -> int:
     print("world's ground truth (decomposition, TextSpan for every head, mean-ablations,")
     print("segmentation, spurious-feature repair, retrieval by a head)")
     start = time.perf_counter()
-    r = study(args.out, model_dir=args.model, images=args.images, spurious_dir=args.spurious_model)
+    r = study(
+        args.out,
+        model_dir=args.model,
+        images=args.images,
+        spurious_dir=args.spurious_model,
+        explorer=EXPLORER,
+    )
+    site = toy_explorer(Path(args.out), r, args.model)
     print()
     print_summary(r)
+    print(f"explorer: {site.path} ({site.pages} pages, {site.bytes / 1e6:.1f} MB)")
     print(f"report: {r.report}  ({time.perf_counter() - start:.0f} s)")
     return 0
+
+
+def toy_explorer(out: Path, r: StudyResult, model_dir: str | None) -> Site:
+    """The explorer of the toy model: the study's images written to a folder, extracted to a
+    store, the site built from it (`out/explorer/`)."""
+    from PIL import Image
+
+    data = out / "explorer-data"
+    shutil.rmtree(data, ignore_errors=True)  # made afresh: a rerun must not resume on it
+    images = data / "images"
+    images.mkdir(parents=True)
+    for i, image in enumerate(r.world.images):
+        Image.fromarray(image).save(images / f"{i:04d}.png")
+    store = extract(
+        images,
+        data / "store",
+        model="toy",
+        pretrained=model_dir,
+        workers=0,
+        device="cpu",
+        progress=False,
+    )
+    return explore.run(store, out / "explorer", samples=6, device="cpu", progress=False)
 
 
 def print_summary(r: StudyResult) -> None:

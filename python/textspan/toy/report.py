@@ -71,13 +71,14 @@ def _pct(x: float) -> str:
     return f"{x:.1%}"
 
 
-def write(out: str | Path, r: StudyResult) -> Path:
-    """Writes the PNGs and `report.html` into `out` and returns the HTML's path."""
+def write(out: str | Path, r: StudyResult, explorer: str | None = None) -> Path:
+    """Writes the PNGs and `report.html` into `out` and returns the HTML's path; `explorer`
+    (a path relative to `out`) is linked from the introduction."""
     folder = report.output_folder(out)
     pngs = _pictures(folder, r)
     timing = ", ".join(f"{k} {v:.1f} s" for k, v in r.timings.items())
     sections = [
-        *_introduction(),
+        *_introduction(explorer),
         *_world_section(r, pngs),
         *_span_section(r, pngs),
         *_ablation_section(r, pngs),
@@ -139,7 +140,13 @@ def _pictures(folder: Path, r: StudyResult) -> dict[str, Path]:
     return pngs
 
 
-def _introduction() -> list[str]:
+def _introduction(explorer: str | None) -> list[str]:
+    link = (
+        f"<p>Every head, its texts and the images at the ends of its directions can be browsed "
+        f"in <a href='{html.escape(explorer)}'>the explorer of this model</a>.</p>"
+        if explorer
+        else ""
+    )
     return [
         "<!doctype html><meta charset='utf-8'><title>textspan on the toy CLIP</title>",
         "<style>body{font-family:sans-serif;max-width:62em;margin:2em auto;line-height:1.45;"
@@ -154,6 +161,7 @@ def _introduction() -> list[str]:
         "project trained from scratch on a toy world of its own. In that world every image's "
         "shape, colour, size, position and background are known, so what the method says about "
         "the model can be checked, not just believed.</p>",
+        link,
     ]
 
 

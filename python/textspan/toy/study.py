@@ -336,10 +336,12 @@ def study(
     images: int = 2000,
     progress: bool = True,
     spurious_dir: str | Path | None = None,
+    explorer: str | None = None,
 ) -> StudyResult:
     """Everything above on the toy CLIP (`model_dir`, default the embedded one; the repair
     on `spurious_dir`, default the embedded model that leans on the background) →
-    `out/report.html` (self-contained) and PNGs."""
+    `out/report.html` (self-contained) and PNGs; `explorer`, the path of the model's
+    explorer relative to `out`, is linked from the report."""
     timings: dict[str, float] = {}
     clock = time.perf_counter()
 
@@ -417,6 +419,6 @@ def study(
         held_out=held_out,
         timings=timings,
     )
-    result.report = report.write(out, result)
+    result.report = report.write(out, result, explorer=explorer)
     lap("report")
     return result
