@@ -98,7 +98,9 @@ class _Checkpoints:
             for f in failed - set(manifest["files"]):  # removed since --strict stopped at it
                 state["skipped"][f] = "removed after it could not be read"
                 state["files_done"] += 1  # --strict stopped just before it
-            state["failed"] = None
+            if state["failed"]:
+                state["failed"] = None
+                write_atomic(out / "progress.json", json.dumps(state).encode())
             old["images"] = manifest["images"]  # the folder may have moved
             write_atomic(out / "manifest.json", json.dumps(old, indent=1).encode())
             self.manifest, self.state = old, state

@@ -335,6 +335,8 @@ def open_store(path: str | os.PathLike, verify: bool = False) -> Store:
         )
     _check_manifest(path, manifest)
     progress, sums = load_progress(path, manifest)
+    if sums is None and progress["files_done"] == manifest["count"]:
+        raise StoreError(f"store {path}: none of its {manifest['count']} images could be read")
     if sums is None or progress["files_done"] < manifest["count"]:
         raise StoreError(
             f"store {path} is incomplete: {progress['files_done']} of {manifest['count']} "
