@@ -225,7 +225,7 @@ def _overview(
         worst = sorted(heads, key=lambda h: h.ablated_accuracy)[:5]
         ablation = (
             f"<p>Zero-shot accuracy {baseline:.1%}; mean-ablating one head at a time, the "
-            "largest drops: "
+            "heads it depends on most: "
             + ", ".join(
                 f"<a href='heads/{h.page}'>{h.name}</a> {h.ablated_accuracy - baseline:+.1%}"
                 for h in worst
