@@ -460,14 +460,17 @@ def writer_lock(path: Path) -> Iterator[None]:
 def writer_of(path: Path) -> str | None:
     """The process id of the process writing the store now, or None."""
     lock = path / ".lock"
-    if not lock.exists():
+    try:
+        fd = os.open(lock, os.O_RDONLY)
+    except OSError:  # no lock file (nobody ever wrote here), or not ours to read
         return None
-    fd = os.open(lock, os.O_RDONLY)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:
             return os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+        except OSError:  # a file system without locks: nobody can be told apart
+            return None
         return None
     finally:
         os.close(fd)
