@@ -108,11 +108,12 @@ def _one_pass(store: Any, heads: list[_Head], classifier: np.ndarray | None) -> 
     labels = np.asarray(store.labels)
     correct = np.zeros(len(heads) + 1, dtype=np.int64)
     for rows in chunks(store, n, False, "explore"):
-        x = rows_f32(store.heads, rows)[:, keys[0], keys[1]] - means  # [n, K, D]
+        every = rows_f32(store.heads, rows)
+        x = every[:, keys[0], keys[1]] - means  # [n, K, D]
         for i, b in enumerate(bases):
             projections[i][rows] = x[:, i] @ b.T
         if classifier is not None:
-            rep = rows_f32(store.heads, rows).sum((1, 2)) + rows_f32(store.mlps, rows).sum(1)
+            rep = every.sum((1, 2)) + rows_f32(store.mlps, rows).sum(1)
             y = labels[rows]
             correct[0] += ((rep @ classifier).argmax(-1) == y).sum()
             for i in range(len(heads)):
