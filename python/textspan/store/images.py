@@ -135,3 +135,9 @@ class ReadableBatch:
     images: torch.Tensor | None  # [len(indices), 3, H, W]
     unreadable: list[tuple[int, str]]  # file index and reason of each unreadable image
     last: int  # the batch's last file index
+
+    def pin_memory(self) -> ReadableBatch:
+        """Called by a DataLoader with `pin_memory=True` (on CUDA): page-locks the images."""
+        if self.images is not None:
+            self.images = self.images.pin_memory()
+        return self
