@@ -12,12 +12,13 @@ DEPS_STAMP := $(VENV)/.deps-installed
 EXT_STAMP := $(VENV)/.extension-built
 RUST_SOURCES := Cargo.toml Cargo.lock pyproject.toml $(wildcard rust/*/Cargo.toml rust/*/src/*.rs)
 
-.PHONY: help setup demo test test-fast lint rust-test pytest bench wheel wheel-check clean
+.PHONY: help setup demo test test-fast lint rust-test pytest bench bench-gpu wheel wheel-check clean
 
 help:
 	@echo "make demo   set up, then run the main job on the embedded default"
 	@echo "make test   set up, then run every check and test"
 	@echo "make bench  criterion benches and the Python side-by-side benchmarks"
+	@echo "make bench-gpu  the GPU benchmark (needs a CUDA device)"
 	@echo "make wheel  build a release wheel into dist/ (make wheel-check installs it fresh)"
 
 # One install step owns every Python dependency (pinned in requirements-dev.txt).
@@ -64,6 +65,11 @@ bench: setup
 	$(PY) benches/bench_decompose.py
 	$(PY) benches/bench_segmentation.py
 	$(PY) benches/bench_ray.py
+
+# On a CUDA device: decomposition / encode_image ratios and extraction throughput for ViT-B-16
+# and ViT-L-14 (random weights), fp32 and fp16, batch 64 and 256.
+bench-gpu: setup
+	$(PY) benches/bench_gpu.py
 
 wheel: setup
 	$(VENV)/bin/maturin build --release --out dist
