@@ -13,9 +13,9 @@ Representation via Text-Based Decomposition" (ICLR 2024).
 The package is built in tiers, each importing only those below it: `core` (NumPy and the Rust
 extension: TextSpan, statistics, metrics, text pools) → `models` (PyTorch: loading, texts,
 the decomposition) → `store` (the on-disk format) → `engines` (local and Ray extraction) →
-`analysis` → `report` → `toy` → `experiments` → `cli`. This front re-exports the public API;
-TextSpan, the analyses on stores and the segmentation metrics need only NumPy, and the
-model side (`pip install 'textspan[torch]'`) is imported on first use.
+`analysis` → `report` → `explorer` → `toy` → `experiments` → `cli`. This front re-exports
+the public API; TextSpan, the analyses on stores and the segmentation metrics need only
+NumPy, and the model side (`pip install 'textspan[torch]'`) is imported on first use.
 """
 
 from __future__ import annotations
