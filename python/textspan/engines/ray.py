@@ -35,6 +35,7 @@ from ..store.format import (
     make_manifest,
     open_store,
     read_json,
+    row_shapes,
     write_atomic,
     writer_lock,
 )
@@ -144,13 +145,7 @@ class _ShardWriter:
         self.decomposer = Decomposer(net)
         tower = self.decomposer.tower
         self.shape = (tower.layers, tower.heads, tower.dim)
-        layers, heads, dim = self.shape
-        self.shapes = {
-            "heads": (layers, heads, dim),
-            "mlps": (layers + 1, dim),
-            "class_token": (layers, dim),
-            "representation": (dim,),
-        }
+        self.shapes = row_shapes(*self.shape)
         self.files = ray.get(files) if isinstance(files, ray.ObjectRef) else files
         self.root, self.out = Path(root), Path(out)
         self.dtype, self.batch_size = np.dtype(dtype), batch_size

@@ -61,6 +61,7 @@ __all__ = [
     "open_arrays",
     "open_store",
     "read_json",
+    "row_shapes",
     "write_atomic",
     "writer_lock",
 ]
@@ -191,13 +192,21 @@ class Store:
             self._verified.add(i)
 
 
-def expected_shapes(m: dict[str, Any]) -> dict[str, tuple[tuple[int, ...], str]]:
-    n, layers, heads, dim = m["count"], m["layers"], m["heads"], m["dim"]
+def row_shapes(layers: int, heads: int, dim: int) -> dict[str, tuple[int, ...]]:
+    """The shape of one image's row of each contribution array."""
     return {
-        "heads": ((n, layers, heads, dim), m["dtype"]),
-        "mlps": ((n, layers + 1, dim), m["dtype"]),
-        "class_token": ((n, layers, dim), m["dtype"]),
-        "representation": ((n, dim), m["dtype"]),
+        "heads": (layers, heads, dim),
+        "mlps": (layers + 1, dim),
+        "class_token": (layers, dim),
+        "representation": (dim,),
+    }
+
+
+def expected_shapes(m: dict[str, Any]) -> dict[str, tuple[tuple[int, ...], str]]:
+    n = m["count"]
+    rows = row_shapes(m["layers"], m["heads"], m["dim"])
+    return {
+        **{name: ((n, *shape), m["dtype"]) for name, shape in rows.items()},
         "labels": ((n,), "int64"),
     }
 
@@ -372,7 +381,7 @@ def make_manifest(
     """What identifies a store: the model, the images (`listing`: files, labels and classes,
     as `list_images` gives them, and each file's size and modification time) and the
     arrays' shape (layers, heads, D)."""
-    files, labels, classes = listing
+    files, _, classes = listing  # the labels follow from the classes and the files
     layers, heads, dim = shape
     return {
         "version": STORE_VERSION,
@@ -388,7 +397,6 @@ def make_manifest(
         "classes": classes,
         "files": files,
         "stamps": stamps,
-        "labels_digest": hashlib.blake2b(json.dumps(labels).encode(), digest_size=16).hexdigest(),
     }
 
 
