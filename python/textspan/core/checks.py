@@ -38,3 +38,17 @@ def check_finite(a: np.ndarray, name: str) -> None:
     if not np.isfinite(a).all():
         where = tuple(int(i) for i in np.argwhere(~np.isfinite(a))[0])
         raise InputError(f"{name}: expected finite values, got NaN or Inf at index {list(where)}")
+
+
+# The decomposition's conventions (see `textspan.models.decompose`): textspan's own first, the
+# default everywhere; "paper" gives the numbers of Gandelsman et al.'s code.
+CONVENTIONS = ("textspan", "paper")
+
+
+def check_convention(convention: Any) -> str:
+    """The convention, or an InputError naming the choices."""
+    if convention not in CONVENTIONS:
+        raise InputError(
+            f"convention: expected one of {', '.join(map(repr, CONVENTIONS))}, got {convention!r}"
+        )
+    return convention

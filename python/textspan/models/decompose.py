@@ -24,6 +24,12 @@ sum to `encode_image`):
 
 Only the class-token row of each attention map is computed, from the block's LayerNorm
 output, so no [B, T, T, H, D] tensor is ever built.
+
+`convention="paper"` gives the terms of Gandelsman et al.'s own code instead: the final
+norm's mean μ and bias β (of the whole stream) are shared equally among the K = 2L + 1
+additive blocks (the embedding, L attention layers, L MLPs), an attention layer's share
+equally among its H heads and, for token terms, among its T source tokens; every term is then
+divided by the image's ‖r‖, so the terms sum to the normalised representation r/‖r‖.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..core.checks import check_convention
 from ..errors import InputError, InputTypeError, UnsupportedModelError
 from .families import tower_of
 from .tower import Tower
@@ -75,28 +82,42 @@ class _Readout:
 class Decomposition:
     """Direct contributions to the image representation, in the joint image–text space.
 
-    `heads.sum((1, 2)) + mlps.sum(1)` equals `representation` (what
-    `model.encode_image(images, normalize=False)` returns) up to float rounding.
-    See the module docstring for how biases and LayerNorm means are shared.
+    `heads.sum((1, 2)) + mlps.sum(1)` equals `representation` up to float rounding: what
+    `model.encode_image(images, normalize=False)` returns, or (convention "paper") that
+    divided by its norm. See the module docstring for how biases and LayerNorm means are
+    shared under each convention.
 
     Attributes:
         heads: [B, L, H, D], each attention head's contribution at the class token.
         mlps: [B, L+1, D], the embedding term (index 0: class embedding, positional
-            embedding and `ln_pre`, plus `ln_post`'s bias) then each layer's MLP.
+            embedding and `ln_pre`, plus, in textspan's convention, `ln_post`'s bias) then
+            each layer's MLP.
         representation: [B, D].
         class_token: [B, L, D], the part of each layer's attention term (all heads) that
             flows from the class token's own position: `spatial[:, :, 0].sum(2)`.
+        convention: "textspan" or "paper".
     """
 
     heads: torch.Tensor
     mlps: torch.Tensor
     representation: torch.Tensor
     class_token: torch.Tensor
+    convention: str = "textspan"
     _attention: list[torch.Tensor] = field(default_factory=list, repr=False)  # [B, H, T] per layer
     # Each layer's attention input (ln_1 output) [B, T, W].
     _inputs: list[torch.Tensor] = field(default_factory=list, repr=False)
     _readouts: list[_Readout] = field(default_factory=list, repr=False)
-    _sigma: torch.Tensor | None = field(default=None, repr=False)  # [B]
+    # [B]: what every term is multiplied by at the end: 1/σ, or 1/(σ‖r‖) (paper).
+    _scale: torch.Tensor | None = field(default=None, repr=False)
+    # [B, D] (paper only): each additive block's share of −μ and β, before `_scale`; a head
+    # takes 1/H of its layer's, a token term 1/(H·T).
+    _shared: torch.Tensor | None = field(default=None, repr=False)
+
+    def _share(self, d: torch.Tensor | None = None) -> torch.Tensor | None:
+        """The block's share [B, D], or scored against directions d [K, D] → [B, K]."""
+        if self._shared is None:
+            return None
+        return self._shared if d is None else self._shared @ d.T
 
     def _need_tokens(self) -> None:
         if not self._attention:
@@ -117,10 +138,14 @@ class Decomposition:
         Materialised on each access (B·L·T·H·D floats); `scores` avoids that."""
         self._need_tokens()
         layers = []
+        share = self._share()
         for a, x, r in zip(self._attention, self._inputs, self._readouts, strict=True):
-            t = a.shape[-1]
-            layers.append(torch.einsum("bhj,bjhe,hed->bjhd", a, r.values(x), r.heads) + r.bias / t)
-        return torch.stack(layers, 1) / self._sigma[:, None, None, None, None]
+            h, t = a.shape[1:]
+            layer = torch.einsum("bhj,bjhe,hed->bjhd", a, r.values(x), r.heads) + r.bias / t
+            if share is not None:
+                layer = layer + share[:, None, None] / (h * t)
+            layers.append(layer)
+        return torch.stack(layers, 1) * self._scale[:, None, None, None, None]
 
     def _directions(self, directions: Any) -> torch.Tensor:
         d = torch.as_tensor(directions, dtype=torch.float32, device=self.heads.device)
@@ -136,6 +161,7 @@ class Decomposition:
         `scores(directions).sum((1, 3))` without its O(B·L·T·H·K) memory."""
         self._need_tokens()
         d = self._directions(directions)
+        share = self._share(d)
         total = None
         for a, x, r in zip(self._attention, self._inputs, self._readouts, strict=True):
             b, t, _ = x.shape
@@ -145,8 +171,10 @@ class Decomposition:
             layer = weighted @ through_values.reshape(-1, d.shape[0])
             layer = layer + a.transpose(1, 2) @ torch.einsum("he,hek->hk", r.value_bias, read)
             layer = layer + (r.bias @ d.T).sum(0) / t
+            if share is not None:  # the layer's H heads' shares at each token
+                layer = layer + share[:, None] / t
             total = layer if total is None else total + layer
-        return total / self._sigma[:, None, None]
+        return total * self._scale[:, None, None]
 
     def scores(self, directions: Any) -> torch.Tensor:
         """Token-by-head contributions scored against K directions [K, D] → [B, L, T, H, K].
@@ -155,17 +183,20 @@ class Decomposition:
         O(B·L·T·H·D)."""
         self._need_tokens()
         d = self._directions(directions)
+        share = self._share(d)
         layers = []
         for a, x, r in zip(self._attention, self._inputs, self._readouts, strict=True):
-            t = a.shape[-1]
+            h, t = a.shape[1:]
             read = r.heads @ d.T  # [H, d_h, K]
             # Fold the value projection into the read-out: tokens meet K columns per head.
             through_values = torch.einsum("hew,hek->hwk", r.value_weight, read)
             per_token = torch.einsum("btw,hwk->bthk", x, through_values)
             per_token = per_token + torch.einsum("he,hek->hk", r.value_bias, read)
-            scored = per_token * a.transpose(1, 2)[..., None]
-            layers.append(scored + (r.bias @ d.T) / t)
-        return torch.stack(layers, 1) / self._sigma[:, None, None, None, None]
+            scored = per_token * a.transpose(1, 2)[..., None] + (r.bias @ d.T) / t
+            if share is not None:
+                scored = scored + share[:, None, None] / (h * t)
+            layers.append(scored)
+        return torch.stack(layers, 1) * self._scale[:, None, None, None, None]
 
 
 @dataclass
@@ -282,8 +313,7 @@ class Decomposer:
     # readout -------------------------------------------------------------------------------
 
     def _post(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The final norm's γ folded into the projection and centred over the width, and
-        β @ projection."""
+        """The final norm's γ folded into the projection [W, D], and β @ projection [D]."""
         norm = self.tower.final_norm
         width = norm.normalized_shape[0]
         device = next(self.tower.module.parameters()).device
@@ -292,21 +322,20 @@ class Decomposer:
             proj = torch.eye(width, device=device)
         gamma = norm.weight.detach().float() if norm.weight is not None else None
         scaled = proj if gamma is None else gamma[:, None] * proj
-        centred = scaled - scaled.mean(0, keepdim=True)
         beta = norm.bias
         offset = (
             beta.detach().float() @ proj
             if beta is not None
             else torch.zeros(proj.shape[1], device=device)
         )
-        return centred, offset
+        return scaled, offset
 
-    def _readouts(self, centred: torch.Tensor) -> list[_Readout]:
+    def _readouts(self, read: torch.Tensor) -> list[_Readout]:
         readouts = []
         for i in range(self.tower.layers):
-            lw = self.tower.layer_weights(i, centred.device)
+            lw = self.tower.layer_weights(i, read.device)
             _, h, dh, _ = lw.qkv_weight.shape
-            layer = lw.scale[:, None] * centred  # [W, D]
+            layer = lw.scale[:, None] * read  # [W, D]
             heads = torch.stack(
                 [lw.out_weight[:, j * dh : (j + 1) * dh].T @ layer for j in range(h)]
             )
@@ -345,17 +374,23 @@ class Decomposer:
             )
 
     @torch.no_grad()
-    def decompose(self, images: torch.Tensor, spatial: bool = False) -> Decomposition:
+    def decompose(
+        self, images: torch.Tensor, spatial: bool = False, convention: str = "textspan"
+    ) -> Decomposition:
         """Runs the image tower on `images` [B, 3, H, W] and splits its output.
 
         With `spatial=True` the result also holds the per-token terms (`spatial`, `scores`).
+        `convention`: "textspan" (each term centred by its own mean, β in the embedding term,
+        the unnormalised representation) or "paper" (the shares and ‖r‖ of Gandelsman et
+        al.'s code; see the module docstring).
         """
+        check_convention(convention)
         self._check_images(images)
         self._refuse_active_dropout()
         with self._capturing(spatial) as cap:
             representation = self.tower.encode(images)
             self._check_fired(cap)
-            return self._assemble(cap, representation.float())
+            return self._assemble(cap, representation.float(), convention)
 
     def _check_images(self, images: Any) -> None:
         h, w = self.tower.image_size
@@ -390,17 +425,26 @@ class Decomposer:
                     "call model.eval()"
                 )
 
-    def _readout_weights(self) -> tuple[torch.Tensor, torch.Tensor, list[_Readout]]:
-        """The read-out maps, recomputed only when a parameter of the tower changed."""
+    def _readout_weights(
+        self, convention: str
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[_Readout]]:
+        """(read-out of a width vector [W, D], γ @ projection [D], β @ projection [D], the
+        heads' read-outs), recomputed only when a parameter of the tower changed.
+
+        textspan's convention reads through the projection centred over the width (each term
+        centred by its own mean); the paper's through the plain one (μ is shared instead)."""
         params = list(self.tower.module.parameters())
-        key = tuple(p._version for p in params) + tuple(p.data_ptr() for p in params)
+        key = (convention, *(p._version for p in params), *(p.data_ptr() for p in params))
         if self._cached is None or self._cached[0] != key:
-            centred, offset = self._post()
-            self._cached = (key, (centred, offset, self._readouts(centred)))
+            scaled, offset = self._post()
+            read = scaled - scaled.mean(0, keepdim=True) if convention == "textspan" else scaled
+            self._cached = (key, (read, scaled.sum(0), offset, self._readouts(read)))
         return self._cached[1]
 
-    def _assemble(self, cap: _Capture, representation: torch.Tensor) -> Decomposition:
-        centred, offset, readouts = self._readout_weights()
+    def _assemble(
+        self, cap: _Capture, representation: torch.Tensor, convention: str
+    ) -> Decomposition:
+        read, gamma_p, offset, readouts = self._readout_weights(convention)
         z = cap.final
         eps = self.tower.final_norm.eps
         sigma = torch.sqrt(z.var(dim=-1, unbiased=False) + eps)  # [B]
@@ -413,6 +457,7 @@ class Decomposer:
         )
         # The class token's own share of each attention term: its attention weight times
         # its value, plus its 1/T share of the output bias.
+        tokens = cap.own[0][2]
         class_token = torch.stack(
             [
                 torch.einsum("bh,bhe,hed->bd", weight, r.values(x0[:, None])[:, 0], r.heads)
@@ -421,16 +466,30 @@ class Decomposer:
             ],
             1,
         )
-        mlps = torch.stack([cap.embedding, *cap.mlp], 1) @ centred
-        mlps[:, 0] += offset * sigma[:, None]
-        inv = 1.0 / sigma
+        mlps = torch.stack([cap.embedding, *cap.mlp], 1) @ read
+        shared = None
+        if convention == "textspan":
+            mlps[:, 0] += offset * sigma[:, None]
+            scale = 1.0 / sigma
+        else:
+            # −μ and β shared equally among the 2L + 1 additive blocks, per image.
+            blocks = 2 * self.tower.layers + 1
+            shared = (sigma[:, None] * offset - z.mean(-1, keepdim=True) * gamma_p) / blocks
+            heads = heads + shared[:, None, None] / heads.shape[2]
+            class_token = class_token + shared[:, None] / tokens
+            mlps = mlps + shared[:, None]
+            norm = representation.norm(dim=-1)
+            scale = 1.0 / (sigma * norm)
+            representation = representation / norm[:, None]
         return Decomposition(
-            heads=heads * inv[:, None, None, None],
-            mlps=mlps * inv[:, None, None],
+            heads=heads * scale[:, None, None, None],
+            mlps=mlps * scale[:, None, None],
             representation=representation,
-            class_token=class_token * inv[:, None, None],
+            class_token=class_token * scale[:, None, None],
+            convention=convention,
             _attention=[a for a in cap.attention if a is not None],
             _inputs=[x for x in cap.inputs if x is not None],
             _readouts=readouts if cap.spatial else [],
-            _sigma=sigma,
+            _scale=scale,
+            _shared=shared,
         )

@@ -1,0 +1,64 @@
+"""convention="paper": every place a convention enters gives the numbers of the paper's own
+code, checked against the direct implementations in tests/paper.py and tests/published.py."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from paper import paper_terms
+from test_decompose import images, make_model
+from textspan import Decomposer, InputError
+
+
+@pytest.fixture(scope="module")
+def b32():
+    """A random ViT-B/32 with biases and LayerNorm affines perturbed away from their
+    defaults, and a batch of images."""
+    return make_model("ViT-B-32", 64), images(64, batch=8)
+
+
+def test_paper_terms_equal_the_direct_implementation(b32):
+    model, x = b32
+    tokens, mlps, normalised = paper_terms(model, x)
+    with Decomposer(model) as decomposer:
+        parts = decomposer.decompose(x, spatial=True, convention="paper")
+    assert parts.convention == "paper"
+    np.testing.assert_allclose(parts.representation.numpy(), normalised, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(parts.mlps.numpy(), mlps, rtol=1e-3, atol=2e-6)
+    np.testing.assert_allclose(parts.heads.numpy(), tokens.sum(2), rtol=1e-3, atol=2e-6)
+    np.testing.assert_allclose(parts.spatial.numpy(), tokens, rtol=1e-3, atol=2e-6)
+    np.testing.assert_allclose(parts.class_token.numpy(), tokens[:, :, 0].sum(2), atol=2e-6)
+    d = torch.randn(5, parts.heads.shape[-1], generator=torch.Generator().manual_seed(2))
+    np.testing.assert_allclose(
+        parts.token_scores(d).numpy(), tokens.sum((1, 3)) @ d.numpy().T, atol=2e-5
+    )
+    np.testing.assert_allclose(parts.scores(d).numpy(), tokens @ d.numpy().T, atol=2e-6)
+    total = parts.heads.sum((1, 2)) + parts.mlps.sum(1)
+    np.testing.assert_allclose(total.numpy(), normalised, atol=2e-6)
+
+
+def test_the_conventions_differ_where_the_issue_says(b32):
+    """Same weights and images: the heads barely move, the embedding term a lot."""
+    model, x = b32
+    with Decomposer(model) as decomposer:
+        ours = decomposer.decompose(x)
+        paper = decomposer.decompose(x, convention="paper")
+    norm = ours.representation.norm(dim=-1)
+
+    def cosine(a, b):
+        return float(
+            torch.nn.functional.cosine_similarity(a.flatten(0, -2), b.flatten(0, -2)).mean()
+        )
+
+    heads = cosine(ours.heads / norm[:, None, None, None], paper.heads)
+    embedding = cosine(ours.mlps[:, 0], paper.mlps[:, 0])
+    assert heads > embedding
+    assert not torch.allclose(ours.mlps[:, 0] / norm[:, None], paper.mlps[:, 0], atol=1e-4)
+
+
+def test_an_unknown_convention_is_named():
+    model = make_model("tiny", 32)
+    with Decomposer(model) as decomposer, pytest.raises(InputError, match="'paper'"):
+        decomposer.decompose(images(32), convention="Paper")
