@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from paper import paper_terms
+from paper import paper_ablations, paper_terms
 from test_decompose import images, make_model
-from textspan import Decomposer, InputError
+from textspan import Contributions, Decomposer, InputError, ablation
 
 
 @pytest.fixture(scope="module")
@@ -62,3 +62,45 @@ def test_an_unknown_convention_is_named():
     model = make_model("tiny", 32)
     with Decomposer(model) as decomposer, pytest.raises(InputError, match="'paper'"):
         decomposer.decompose(images(32), convention="Paper")
+
+
+def test_paper_ablation_equals_the_papers_on_its_own_arrays():
+    """Every condition, including the two whose definition differs (the embedding term)."""
+    model, x = make_model("ViT-B-32", 64), images(64, batch=64)
+    tokens, mlps, _ = paper_terms(model, x)
+    with Decomposer(model) as decomposer:
+        parts = decomposer.decompose(x, convention="paper")
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(mlps.shape[-1], 6)).astype(np.float32)
+    # Labels the model gets right about half of the time, so that ablations move accuracy.
+    predicted = (parts.representation.numpy() @ w).argmax(-1)
+    labels = np.where(rng.random(len(x)) < 0.5, predicted, rng.integers(0, 6, len(x)))
+    expected, curve = paper_ablations(tokens.sum(2), mlps, tokens[:, :, 0].sum(2), w, labels)
+    source = Contributions.from_decomposition(parts, labels=labels)
+    result = ablation(source, w, progress=False)
+    assert result.convention == "paper"
+    assert "embedding" in result.definitions["MLPs mean-ablated"]
+    assert result.conditions == pytest.approx(expected, abs=1e-12)
+    np.testing.assert_array_equal(result.layers, curve)
+    # textspan's convention keeps the embedding term: a different condition.
+    with Decomposer(model) as decomposer:
+        ours = Contributions.from_decomposition(decomposer.decompose(x), labels=labels)
+    assert "kept" in ablation(ours, w, progress=False).definitions["MLPs mean-ablated"]
+    with pytest.raises(InputError, match="convention"):
+        ablation(source, w, means=ours, progress=False)
+
+
+def test_a_store_records_its_convention_and_refuses_the_other(tiny, image_folder, tmp_path):
+    import textspan
+    from conftest import extract_options
+    from textspan import StoreError
+
+    store = textspan.extract(
+        image_folder, tmp_path / "s", **extract_options(tiny, convention="paper")
+    )
+    assert store.convention == "paper"
+    assert textspan.open_store(tmp_path / "s").convention == "paper"
+    total = store.heads[:].sum((1, 2)) + store.mlps[:].sum(1)
+    np.testing.assert_allclose(np.linalg.norm(total, axis=-1), 1.0, atol=1e-4)  # r / ‖r‖
+    with pytest.raises(StoreError, match="convention: 'paper' there, 'textspan' now"):
+        textspan.extract(image_folder, tmp_path / "s", **extract_options(tiny))

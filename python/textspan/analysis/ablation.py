@@ -3,7 +3,7 @@ attention layers replaced by their means over a set of images."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -12,6 +12,7 @@ from .sources import (
     check_classifier,
     check_labels,
     chunks,
+    convention_of,
     correct_counts,
     means_for,
     rows_f32,
@@ -29,15 +30,39 @@ class AblationResult:
         conditions: name → accuracy (baseline; MLPs; class-token attention; both).
         layers: [L+1] accuracy with the first k attention layers mean-ablated, k = 0..L.
         count: images evaluated.
+        convention: the decomposition's convention of the terms ("textspan" or "paper").
+        definitions: condition → what exactly was mean-ablated under that convention.
     """
 
     conditions: dict[str, float]
     layers: np.ndarray
     count: int
+    convention: str = "textspan"
+    definitions: dict[str, str] = field(default_factory=dict)
 
     def table(self) -> str:
         width = max(len(k) for k in self.conditions)
-        return "\n".join(f"{k:<{width}}  {v:7.2%}" for k, v in self.conditions.items())
+        rows = [f"{k:<{width}}  {v:7.2%}" for k, v in self.conditions.items()]
+        return "\n".join([*rows, f"(convention: {self.convention}; {self.definitions[MLPS]})"])
+
+
+MLPS = "MLPs mean-ablated"
+CLASS_TOKEN = "class-token attention mean-ablated"
+BOTH = "MLPs + class-token attention mean-ablated"
+
+
+def _definitions(convention: str) -> dict[str, str]:
+    mlps = (
+        "every layer's MLP and the embedding term, as the paper's code does"
+        if convention == "paper"
+        else "every layer's MLP; the embedding term is kept"
+    )
+    return {
+        "baseline": "nothing",
+        MLPS: mlps,
+        CLASS_TOKEN: "each layer's attention term from the class token's own position",
+        BOTH: f"{mlps}; and the class-token attention terms",
+    }
 
 
 def ablation(
@@ -45,9 +70,11 @@ def ablation(
 ) -> AblationResult:
     """The paper's mean-ablation study.
 
-    Accuracy for: the baseline; every layer's MLP mean-ablated (the embedding term is kept);
-    the class token's own attention term mean-ablated in every layer; both; and attention
-    layers mean-ablated cumulatively from the first (all heads of layers 0..k−1).
+    Accuracy for: the baseline; every layer's MLP mean-ablated (in the paper's convention the
+    embedding term too, as its code does; in textspan's it is kept); the class token's own
+    attention term mean-ablated in every layer; both; and attention layers mean-ablated
+    cumulatively from the first (all heads of layers 0..k−1). The convention is the source's
+    (`Store.convention`); means from a source of the other convention are refused.
 
     Args:
         source: a Store or Contributions with labels.
@@ -62,13 +89,15 @@ def ablation(
     ct = getattr(source, "class_token", None)
     has_cls = ct is not None and mu.class_token is not None
     attn_mean = mu.heads.sum(1).astype(np.float32)  # [L, D]
-    mlp_mean = mu.mlps[1:].sum(0).astype(np.float32)
+    # The paper's "MLPs" are every entry of its mlps array, the embedding term included.
+    first = 0 if convention_of(source) == "paper" else 1
+    mlp_mean = mu.mlps[first:].sum(0).astype(np.float32)
     correct = np.zeros(4 + layers, dtype=np.int64)
     for rows in chunks(source, n, progress, "ablation"):
         heads, mlps = rows_f32(source.heads, rows), rows_f32(source.mlps, rows)
         attn = heads.sum(2)  # [n, L, D]
         rep = attn.sum(1) + mlps.sum(1)
-        mlp_dev = mlps[:, 1:].sum(1) - mlp_mean
+        mlp_dev = mlps[:, first:].sum(1) - mlp_mean
         if has_cls:
             cls_dev = rows_f32(ct, rows).sum(1) - mu.class_token.sum(0).astype(np.float32)
         else:
@@ -82,9 +111,16 @@ def ablation(
         )
         correct += correct_counts(reps, w, labels[rows])
     accuracy = correct / n
-    conditions = {"baseline": accuracy[0], "MLPs mean-ablated": accuracy[1]}
+    conditions = {"baseline": accuracy[0], MLPS: accuracy[1]}
     if has_cls:
-        conditions["class-token attention mean-ablated"] = accuracy[2]
-        conditions["MLPs + class-token attention mean-ablated"] = accuracy[3]
+        conditions[CLASS_TOKEN] = accuracy[2]
+        conditions[BOTH] = accuracy[3]
     curve = np.concatenate([accuracy[:1], accuracy[4:]])
-    return AblationResult({k: float(v) for k, v in conditions.items()}, curve, n)
+    definitions = {k: v for k, v in _definitions(convention_of(source)).items() if k in conditions}
+    return AblationResult(
+        {k: float(v) for k, v in conditions.items()},
+        curve,
+        n,
+        convention_of(source),
+        definitions,
+    )

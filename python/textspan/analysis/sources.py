@@ -25,6 +25,7 @@ __all__ = [
     "check_heads",
     "check_labels",
     "chunks",
+    "convention_of",
     "correct_counts",
     "means_for",
     "rows_f32",
@@ -42,13 +43,15 @@ class Contributions:
 
     Attributes:
         heads: [N, L, H, D]; mlps: [N, L+1, D]; class_token: [N, L, D] or None (the class
-        token's own share of each attention layer); labels: [N] class indices or None.
+        token's own share of each attention layer); labels: [N] class indices or None;
+        convention: the decomposition's ("textspan" or "paper").
     """
 
     heads: Any
     mlps: Any
     class_token: Any = None
     labels: Any = None
+    convention: str = "textspan"
 
     @classmethod
     def from_decomposition(cls, parts: Any, labels: Any = None) -> Contributions:
@@ -58,6 +61,7 @@ class Contributions:
             mlps=as_float_array(parts.mlps, "mlps"),
             class_token=as_float_array(parts.class_token, "class_token"),
             labels=labels,
+            convention=parts.convention,
         )
 
 
@@ -133,11 +137,17 @@ def rows_f32(a: Any, rows: slice) -> np.ndarray:
 @dataclass
 class TermMeans:
     """Each term's mean over a set of images: heads [L, H, D], mlps [L+1, D], class_token
-    [L, D] (None when the source has none)."""
+    [L, D] (None when the source has none), in the source's convention."""
 
     heads: np.ndarray
     mlps: np.ndarray
     class_token: np.ndarray | None
+    convention: str = "textspan"
+
+
+def convention_of(source: Any) -> str:
+    """The decomposition's convention a source was made in (arrays without one: textspan's)."""
+    return getattr(source, "convention", "textspan")
 
 
 def term_means(source: Any, progress: bool = True) -> TermMeans:
@@ -151,12 +161,18 @@ def term_means(source: Any, progress: bool = True) -> TermMeans:
                 s = np.asarray(a[rows], dtype=np.float64).sum(0)
                 sums[i] = s if sums[i] is None else sums[i] + s
     heads, mlps, cls = (None if s is None else s / n for s in sums)
-    return TermMeans(heads, mlps, cls)
+    return TermMeans(heads, mlps, cls, convention_of(source))
 
 
 def means_for(source: Any, means: Any, progress: bool) -> TermMeans:
     if means is None:
         return term_means(source, progress)
+    if convention_of(means) != convention_of(source):
+        raise InputError(
+            f"means: expected terms in the source's convention {convention_of(source)!r}, got "
+            f"{convention_of(means)!r} (their terms share biases and norms differently, so "
+            "they cannot replace one another)"
+        )
     if isinstance(means, TermMeans):
         return means
     _, layers, h, d = shapes(source)

@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from ..core.checks import check_convention
 from ..errors import InputError
 from ..models import texts as _texts
 from ..store.format import Store
@@ -43,6 +44,7 @@ def extract(
     after_batch: Callable[[int], None] | None = None,
     before_shard: Callable[[int], None] | None = None,
     strict: bool = False,
+    convention: str = "textspan",
 ) -> Store:
     """Decomposes every image under `images` into a store in `out`, resuming if it exists.
 
@@ -71,6 +73,9 @@ def extract(
             before it is kept, and a rerun resumes once it is removed or repaired); by
             default unreadable images are skipped, named in a warning, and recorded
             (`Store.skipped`).
+        convention: the decomposition's convention, "textspan" or "paper" (see
+            `Decomposer.decompose`); recorded in the store, which a rerun with the other one
+            refuses to resume.
 
     Only one process writes a store at a time: a second one is refused, naming the first.
     A rerun resumes when the images are the same (names, classes, sizes and modification
@@ -84,6 +89,7 @@ def extract(
             f"{batch_size}, {workers} and {checkpoint_every}"
         )
     _check_engine(engine)
+    check_convention(convention)
     if engine == "ray":
         from .ray import extract_ray
 
@@ -103,6 +109,7 @@ def extract(
             after_shard=after_batch,
             before_shard=before_shard,
             strict=strict,
+            convention=convention,
         )
     from .local import extract_local
 
@@ -120,6 +127,7 @@ def extract(
         progress=progress,
         after_batch=after_batch,
         strict=strict,
+        convention=convention,
     )
 
 

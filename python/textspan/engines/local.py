@@ -30,6 +30,7 @@ from ..store.format import (
     labels_of,
     load_progress,
     make_manifest,
+    manifest_value,
     open_arrays,
     open_store,
     read_json,
@@ -193,6 +194,7 @@ def extract_local(
     progress: bool = True,
     after_batch: Callable[[int], None] | None = None,
     strict: bool = False,
+    convention: str = "textspan",
 ) -> Store:
     """`textspan.extract(..., engine="local")`. `after_batch(rows)` is called after each
     batch is recorded, with the number of rows written so far (before any checkpoint)."""
@@ -205,7 +207,9 @@ def extract_local(
     tower = tower_of(net)
     shape = (tower.layers, tower.heads, tower.dim)
     stamped = stamps(root, files)
-    manifest = make_manifest(model, pretrained, precision, dtype, root, listing, shape, stamped)
+    manifest = make_manifest(
+        model, pretrained, precision, dtype, root, listing, shape, stamped, convention
+    )
     out.mkdir(parents=True, exist_ok=True)
     interrupts = _Interrupts()
     with writer_lock(out), interrupts.installed():
@@ -265,7 +269,10 @@ def _run(
             for batch in loader:
                 parts = None
                 if batch.images is not None:
-                    parts = decomposer.decompose(batch.images.to(device, non_blocking=True))
+                    parts = decomposer.decompose(
+                        batch.images.to(device, non_blocking=True),
+                        convention=manifest_value(store.manifest, "convention"),
+                    )
                 stop = batch.unreadable[0] if strict and batch.unreadable else None
                 with interrupts.critical():
                     store.write(batch, parts, batch.last + 1 if stop is None else stop[0])

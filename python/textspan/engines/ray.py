@@ -132,6 +132,7 @@ class _ShardWriter:
         batch_size: int,
         use_gpu: bool,
         before_shard: Callable[[int], None] | None = None,
+        convention: str = "textspan",
     ) -> None:
         import ray
         import torch
@@ -150,6 +151,7 @@ class _ShardWriter:
         self.root, self.out = Path(root), Path(out)
         self.dtype, self.batch_size = np.dtype(dtype), batch_size
         self.before_shard = before_shard
+        self.convention = convention
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         for start, end in zip(batch["start"], batch["end"], strict=True):
@@ -179,7 +181,7 @@ class _ShardWriter:
             skipped.update({self.files[i]: why for i, why in batch.unreadable})
             if batch.images is None:
                 continue
-            d = self.decomposer.decompose(batch.images.to(self.device))
+            d = self.decomposer.decompose(batch.images.to(self.device), convention=self.convention)
             acc.update(d.heads)
             indices += batch.indices
             for k, v in parts.items():
@@ -334,6 +336,7 @@ def _write_shards(
         dtype=manifest["dtype"],
         batch_size=options["batch_size"],
         before_shard=options["before_shard"],
+        convention=manifest["convention"],
     )
     bar = tqdm(
         total=total,
@@ -365,6 +368,7 @@ def extract_ray(
     after_shard: Callable[[int], None] | None = None,
     before_shard: Callable[[int], None] | None = None,
     strict: bool = False,
+    convention: str = "textspan",
 ) -> Any:
     """`textspan.extract(..., engine="ray")`: see the module docstring.
 
@@ -385,7 +389,9 @@ def extract_ray(
     files, labels, _ = listing
     shape = _tower_shape(model, pretrained)
     stamped = stamps(root, files)
-    manifest = make_manifest(model, pretrained, precision, dtype, root, listing, shape, stamped)
+    manifest = make_manifest(
+        model, pretrained, precision, dtype, root, listing, shape, stamped, convention
+    )
     if out.exists() and not out.is_dir():
         raise InputError(f"out: expected a folder for the store, got the file {out}")
     out.mkdir(parents=True, exist_ok=True)

@@ -61,7 +61,11 @@ def run(
     w = zero_shot_weights(model, tokenizer, class_names(store.classes, classes_file), templates)
     result = ablation(store, w, means=means, progress=progress)
     folder = report.output_folder(out)
-    report.write_csv(folder / "ablation.csv", ["condition", "accuracy"], result.conditions.items())
+    report.write_csv(
+        folder / "ablation.csv",
+        ["condition", "accuracy", "mean-ablated", "convention"],
+        [(k, v, result.definitions[k], result.convention) for k, v in result.conditions.items()],
+    )
     layers = np.arange(len(result.layers))
     report.write_csv(
         folder / "ablation_layers.csv",
@@ -73,7 +77,7 @@ def run(
         {"attention layers 0..k−1 mean-ablated": (layers, result.layers)},
         "attention layers mean-ablated, from the first",
         "zero-shot accuracy",
-        f"Mean-ablation ({result.count} images)",
+        f"Mean-ablation ({result.count} images, {result.convention} convention)",
         hlines={k: v for k, v in result.conditions.items() if k != "baseline"},
     )
     print(result.table())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..core.checks import CONVENTIONS
 from ..engines import ENGINES, extract
 
 NAME = "extract"
@@ -50,6 +51,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="stop at the first unreadable image (default: skip it, name it in a warning)",
     )
     p.add_argument(
+        "--convention",
+        choices=list(CONVENTIONS),
+        default="textspan",
+        help="the decomposition's convention: textspan's (default) or the paper's code's "
+        "(README: Conventions)",
+    )
+    p.add_argument(
         "--shard-size",
         type=int,
         default=1024,
@@ -74,6 +82,7 @@ def main(args: argparse.Namespace) -> int:
         num_gpus_per_worker=args.num_gpus_per_worker,
         shard_size=args.shard_size,
         strict=args.strict,
+        convention=args.convention,
     )
     skipped = f", {len(store.skipped)} unreadable skipped" if store.skipped else ""
     print(f"store: {store.path} ({len(store)} images{skipped}, heads {list(store.heads.shape)})")

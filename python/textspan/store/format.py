@@ -58,6 +58,7 @@ __all__ = [
     "labels_of",
     "load_progress",
     "make_manifest",
+    "manifest_value",
     "open_arrays",
     "open_store",
     "read_json",
@@ -172,6 +173,11 @@ class Store:
     @property
     def classes(self) -> list[str]:
         return self.manifest["classes"]
+
+    @property
+    def convention(self) -> str:
+        """The decomposition's convention the rows were written in ("textspan", "paper")."""
+        return manifest_value(self.manifest, "convention")
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -377,10 +383,11 @@ def make_manifest(
     listing: tuple[list[str], list[int], list[str]],
     shape: tuple[int, int, int],
     stamps: list[list[int]],
+    convention: str = "textspan",
 ) -> dict[str, Any]:
     """What identifies a store: the model, the images (`listing`: files, labels and classes,
-    as `list_images` gives them, and each file's size and modification time) and the
-    arrays' shape (layers, heads, D)."""
+    as `list_images` gives them, and each file's size and modification time), the arrays'
+    shape (layers, heads, D) and the decomposition's convention."""
     files, _, classes = listing  # the labels follow from the classes and the files
     layers, heads, dim = shape
     return {
@@ -389,6 +396,7 @@ def make_manifest(
         "pretrained": None if pretrained is None else str(pretrained),
         "precision": precision,
         "dtype": dtype,
+        "convention": convention,
         "images": str(root.resolve()),
         "count": len(files),
         "layers": layers,
@@ -406,7 +414,22 @@ def labels_of(manifest: dict[str, Any]) -> list[int]:
     return [classes.get(Path(f).parts[0], -1) if classes else -1 for f in manifest["files"]]
 
 
-ARGUMENTS = ("version", "model", "pretrained", "precision", "dtype", "layers", "heads", "dim")
+ARGUMENTS = (
+    "version",
+    "model",
+    "pretrained",
+    "precision",
+    "dtype",
+    "convention",
+    "layers",
+    "heads",
+    "dim",
+)
+
+
+def manifest_value(manifest: dict[str, Any], key: str) -> Any:
+    """A manifest's entry; stores from before conventions were recorded are textspan's."""
+    return manifest.get(key, "textspan" if key == "convention" else None)
 
 
 def check_resume(old: dict[str, Any], new: dict[str, Any], passed: set[str], out: Path) -> None:
@@ -416,9 +439,12 @@ def check_resume(old: dict[str, Any], new: dict[str, Any], passed: set[str], out
     modification times — not by the folder's path, so a moved folder resumes. Files the
     store already `passed` (skipped as unreadable, or stopped at by --strict) may since have
     been removed."""
-    differing = [k for k in ARGUMENTS if old.get(k) != new.get(k)]
+    differing = [k for k in ARGUMENTS if manifest_value(old, k) != manifest_value(new, k)]
     if differing:
-        shown = ", ".join(f"{k}: {old.get(k)!r} there, {new.get(k)!r} now" for k in differing)
+        shown = ", ".join(
+            f"{k}: {manifest_value(old, k)!r} there, {manifest_value(new, k)!r} now"
+            for k in differing
+        )
         raise StoreError(
             f"{out} already holds a store made with other arguments ({shown}). "
             "Use another output folder, or rerun with the same arguments to resume."
