@@ -161,11 +161,11 @@ def test_resumes_after_ctrl_c_keeping_finished_batches(
     calls = {"n": 0}
     original = Decomposer.decompose
 
-    def interrupted(self, images, spatial=False):
+    def interrupted(self, images, **options):
         calls["n"] += 1
         if calls["n"] == 4:  # after 3 batches = 12 rows, one checkpoint at 8
             raise KeyboardInterrupt
-        return original(self, images, spatial)
+        return original(self, images, **options)
 
     monkeypatch.setattr(Decomposer, "decompose", interrupted)
     with pytest.raises(KeyboardInterrupt):
