@@ -104,3 +104,55 @@ def test_a_store_records_its_convention_and_refuses_the_other(tiny, image_folder
     np.testing.assert_allclose(np.linalg.norm(total, axis=-1), 1.0, atol=1e-4)  # r / ‖r‖
     with pytest.raises(StoreError, match="convention: 'paper' there, 'textspan' now"):
         textspan.extract(image_folder, tmp_path / "s", **extract_options(tiny))
+
+
+def _low_rank_head(seed: int, n=400, d=64, r=40):
+    """Outputs of numerical rank r + 1 (r directions and a mean) and a pool."""
+    rng = np.random.default_rng(seed)
+    x = (rng.normal(size=(n, r)) * np.linspace(3, 0.2, r)) @ rng.normal(size=(r, d))
+    x = (x + 0.5 * rng.normal(size=d)).astype(np.float32)
+    return x, rng.normal(size=(300, d)).astype(np.float32)
+
+
+def _prefix(a, b) -> int:
+    return next((i for i, (u, v) in enumerate(zip(a, b, strict=False)) if u != v), len(a))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_paper_textspan_is_the_published_algorithm_without_a_null_space(seed):
+    import textspan
+    from published import published_text_span
+
+    x, pool = _low_rank_head(seed)
+    for rank in (30, 41):  # at most the outputs' rank of 41: no null-space directions
+        found = textspan.text_span(x, pool, n_texts=30, rank=rank, convention="paper")
+        expected, _, _ = published_text_span(x, pool, 30, rank)
+        np.testing.assert_array_equal(found.indices, expected)
+        assert found.rank == rank and found.stable == 30
+    full = np.random.default_rng(seed).normal(size=(300, 24)).astype(np.float16)
+    found = textspan.text_span(full, pool[:, :24], n_texts=15, rank=24, convention="paper")
+    np.testing.assert_array_equal(found.indices, published_text_span(full, pool[:, :24], 15, 24)[0])
+
+
+def test_paper_textspan_past_the_rank_depends_on_rounding_and_says_so():
+    import textspan
+    from published import published_text_span
+
+    x, pool = _low_rank_head(0)
+    with pytest.warns(RuntimeWarning, match="rounding noise"):
+        paper = textspan.text_span(x, pool, n_texts=30, rank=50, convention="paper")
+    assert paper.rank == 50 and paper.stable < 30
+    assert "(rounding)" in paper.table().splitlines()[paper.stable]
+    # The published algorithm itself: the outputs times 1.0000001 change its list.
+    a, _, _ = published_text_span(x, pool, 30, 50)
+    b, _, _ = published_text_span(x * np.float32(1.0000001), pool, 30, 50)
+    assert _prefix(a, b) < 30
+    # textspan's convention drops the null space: the same list under any rescaling or
+    # reordering of the outputs, equal to the published one at the numerical rank.
+    ours = textspan.text_span(x, pool, n_texts=30, rank=50)
+    assert ours.rank == 41 and ours.stable == 30
+    again = textspan.text_span(x[::-1] * np.float32(1.0000001), pool, n_texts=30, rank=50)
+    np.testing.assert_array_equal(ours.indices, again.indices)
+    np.testing.assert_array_equal(ours.indices, published_text_span(x, pool, 30, 41)[0])
+    with pytest.raises(InputError, match="no tolerance"):
+        textspan.text_span(x, pool, rank=50, convention="paper", rank_tolerance=1e-6)

@@ -21,7 +21,7 @@ import numpy as np
 import textspan._core as _core
 
 from ..errors import InputError, InputTypeError
-from .checks import as_float_array, check_ndim
+from .checks import as_float_array, check_convention, check_ndim
 from .stats import HeadStats
 
 __all__ = [
@@ -49,6 +49,13 @@ class SpanResult:
         mean: the head's mean output [D].
         rank: the dimension of the span the texts were projected on.
         texts: the chosen texts, when the pool's strings were given.
+        stable: how many of the first picks stayed the same when the head's outputs were
+            perturbed at rounding level (`STABILITY_TRIALS` times) and, in the paper's
+            convention, when the null-space directions were dropped: picks past it were
+            decided by rounding (those before it survived the perturbations tried, so it
+            is an upper bound). None when not measured.
+        convention: "textspan" (the span is the outputs' numerical rank, at most `rank`)
+            or "paper" (exactly `rank` directions, as published).
     """
 
     indices: np.ndarray
@@ -58,6 +65,8 @@ class SpanResult:
     mean: np.ndarray
     rank: int
     texts: list[str] | None = None
+    stable: int | None = None
+    convention: str = "textspan"
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -84,10 +93,12 @@ class SpanResult:
         return self.mean + ((x - self.mean) @ u.T) @ u
 
     def table(self) -> str:
-        """The chosen texts with the share of variance each explains, one per line."""
+        """The chosen texts with the share of variance each explains, one per line; picks
+        past the stable prefix are marked "(rounding)"."""
         names = self.texts or [f"#{i}" for i in self.indices]
         return "\n".join(
             f"{i + 1:>3}. {name}  ({share:.1%})"
+            + ("  (rounding)" if self.stable is not None and i >= self.stable else "")
             for i, (name, share) in enumerate(zip(names, self.explained, strict=True))
         )
 
@@ -165,6 +176,49 @@ def _check_covariance(s: HeadStats, head: int) -> None:
         )
 
 
+# Unit roundoff of float32, the precision outputs are computed in: the least rounding any
+# head's statistics carry.
+FLOAT32_ROUNDOFF = 2.0**-24
+# Rounding-level perturbations tried for `SpanResult.stable` (each is one more run).
+STABILITY_TRIALS = 2
+
+
+def _rounded(s: HeadStats, seed: tuple[int, int]) -> HeadStats:
+    """The statistics of the same outputs rounded once more at their precision: rounding
+    adds to coordinate i independent noise of variance about u²·E[x_i²]/3 (the factor in
+    [0.5, 1.5) stands for how the rounding of each coordinate happens to fall)."""
+    u = max(s.roundoff, FLOAT32_ROUNDOFF)
+    second = np.diagonal(s.covariance) + s.mean**2
+    factor = np.random.default_rng(seed).uniform(0.5, 1.5, s.dim)
+    return HeadStats(
+        s.count, s.mean, s.covariance + np.diag(u**2 / 3 * second * factor), s.roundoff
+    )
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _spans(chunk: list[HeadStats], pool: TextPool, n_texts: int, rank: int, tolerances, start):
+    try:
+        return _core.text_span_heads(
+            pool,
+            np.array([s.count for s in chunk], dtype=np.float64),
+            np.stack([s.mean for s in chunk]),
+            np.stack([s.covariance for s in chunk]),
+            np.asarray(tolerances, dtype=np.float64),
+            int(n_texts),
+            rank,
+        )
+    except InputError as e:  # the core checks each head; it numbers them within the group
+        raise InputError(_renumber(str(e), start)) from None
+
+
 def _run(
     stats: list[HeadStats],
     pool: TextPool,
@@ -173,6 +227,8 @@ def _run(
     texts: list[str] | None,
     progress: bool,
     rank_tolerance: float | None = None,
+    convention: str = "textspan",
+    stability: bool = True,
 ) -> list[SpanResult]:
     if not isinstance(n_texts, int | np.integer) or not isinstance(rank, int | np.integer):
         raise InputTypeError(f"n_texts and rank: expected integers, got {n_texts!r} and {rank!r}")
@@ -182,6 +238,12 @@ def _run(
         raise InputError(
             f"n_texts: expected an integer between 1 and the pool size {len(pool)}, got {n_texts}"
         )
+    paper = check_convention(convention) == "paper"
+    if paper and rank_tolerance is not None:
+        raise InputError(
+            "rank_tolerance: the paper's convention keeps exactly `rank` directions, so it "
+            f"takes no tolerance (got {rank_tolerance!r})"
+        )
     rank = min(int(rank), pool.dim)  # a span has at most D directions
     for i, s in enumerate(stats):
         if s.dim == pool.dim and np.isfinite(s.covariance).all():
@@ -190,23 +252,32 @@ def _run(
     # moves between groups (Ctrl-C is honoured there too).
     group = max(8, 2 * _core.get_num_threads())
     results: list[SpanResult] = []
+    numerical_ranks: list[int] = []
     bar = _progress(len(stats), progress and len(stats) > group)
     for start in range(0, len(stats), group):
         chunk = stats[start : start + group]
-        try:
-            spans = _core.text_span_heads(
-                pool,
-                np.array([s.count for s in chunk], dtype=np.float64),
-                np.stack([s.mean for s in chunk]),
-                np.stack([s.covariance for s in chunk]),
-                np.array([rank_tolerance_for(s, rank_tolerance) for s in chunk]),
-                int(n_texts),
-                rank,
-            )
-        except InputError as e:  # the core checks each head; it numbers them within the group
-            raise InputError(_renumber(str(e), start)) from None
-        for s, (indices, variance, total, directions, used_rank) in zip(chunk, spans, strict=True):
+        own = [rank_tolerance_for(s, rank_tolerance) for s in chunk]
+        tolerances = [0.0] * len(chunk) if paper else own
+        spans = _spans(chunk, pool, n_texts, rank, tolerances, start)
+        # What rounding decides: the picks again from rounded statistics, and (paper) with
+        # the null-space directions dropped.
+        others = []
+        for trial in range(STABILITY_TRIALS if stability else 0):
+            seeds = [(trial, start + i) for i in range(len(chunk))]
+            rounded = [_rounded(s, seed) for s, seed in zip(chunk, seeds, strict=True)]
+            others.append(_spans(rounded, pool, n_texts, rank, tolerances, start))
+        if paper:
+            dropped = _spans(chunk, pool, n_texts, rank, own, start)
+            numerical_ranks += [int(d[4]) for d in dropped]
+            if stability:
+                others.append(dropped)
+        for i, (s, (indices, variance, total, directions, used_rank)) in enumerate(
+            zip(chunk, spans, strict=True)
+        ):
             idx = np.asarray(indices, dtype=np.int64)
+            stable = None
+            if stability:
+                stable = min(_common_prefix(idx, o[i][0]) for o in others)
             results.append(
                 SpanResult(
                     indices=idx,
@@ -216,10 +287,36 @@ def _run(
                     mean=s.mean.copy(),
                     rank=int(used_rank),
                     texts=None if texts is None else [texts[i] for i in idx],
+                    stable=stable,
+                    convention=convention,
                 )
             )
         bar.update(len(chunk))
     bar.close()
+    _check_found(results, n_texts)
+    if paper:
+        _warn_null_space(results, numerical_ranks, rank)
+    return results
+
+
+def _warn_null_space(results: list[SpanResult], numerical_ranks: list[int], rank: int) -> None:
+    noisy = [i for i, r in enumerate(numerical_ranks) if r < rank]
+    if not noisy:
+        return
+    lowest = min(numerical_ranks[i] for i in noisy)
+    unstable = [results[i].stable for i in noisy if results[i].stable is not None]
+    where = f"; their lists are stable only up to pick {min(unstable)}" if unstable else ""
+    warnings.warn(
+        f"{len(noisy)} head(s) have outputs of numerical rank below rank={rank} (as low as "
+        f"{lowest}): the paper's convention fills the rest of the span with directions of "
+        f"rounding noise, so their picks depend on rounding{where} (SpanResult.stable). "
+        "textspan's convention drops those directions.",
+        RuntimeWarning,
+        stacklevel=4,
+    )
+
+
+def _check_found(results: list[SpanResult], n_texts: int) -> None:
     short = [i for i, r in enumerate(results) if len(r) < n_texts]
     empty = [i for i in short if len(results[i]) == 0]
     if empty:
@@ -239,9 +336,8 @@ def _run(
             f"{len(short)} head(s) yielded fewer than n_texts={n_texts} texts (as few as "
             f"{found}): every direction of their span was used. Lower n_texts, or raise rank.",
             RuntimeWarning,
-            stacklevel=3,
+            stacklevel=4,
         )
-    return results
 
 
 def _renumber(message: str, first: int) -> str:
@@ -261,6 +357,8 @@ def text_span_from_stats(
     rank: int = 80,
     texts: Sequence[str] | None = None,
     rank_tolerance: float | None = None,
+    convention: str = "textspan",
+    stability: bool = True,
 ) -> SpanResult:
     """TextSpan for one head given its statistics (see `text_span`)."""
     if not isinstance(stats, HeadStats):
@@ -272,7 +370,9 @@ def text_span_from_stats(
         )
     pool = _text_pool(text_embeddings)
     names = _check_texts(texts, pool)
-    return _run([stats], pool, n_texts, rank, names, False, rank_tolerance)[0]
+    return _run([stats], pool, n_texts, rank, names, False, rank_tolerance, convention, stability)[
+        0
+    ]
 
 
 def text_span(
@@ -282,6 +382,8 @@ def text_span(
     rank: int = 80,
     texts: Sequence[str] | None = None,
     rank_tolerance: float | None = None,
+    convention: str = "textspan",
+    stability: bool = True,
 ) -> SpanResult:
     """TextSpan for one attention head (the paper's Algorithm 1).
 
@@ -307,6 +409,12 @@ def text_span(
             9.8e-4 for bfloat16), whose rounding noise spans every direction at about u²
             of the signal: without it, a float16 head of rank 17 would count 30–40
             directions and its picks would follow the noise.
+        convention: "textspan" (the above) or "paper": exactly `rank` directions as
+            published, those beyond the outputs' numerical rank included (a warning says
+            when there are such: the picks then depend on rounding). Takes no
+            `rank_tolerance`.
+        stability: also find how many of the first picks survive a rounding-level
+            perturbation of the outputs (`SpanResult.stable`; one or two more runs).
 
     Returns:
         A `SpanResult`. If the span is exhausted before `n_texts` texts (n_texts above the
@@ -319,7 +427,9 @@ def text_span(
     """
     check_ndim(np.asarray(as_float_array(outputs, "outputs")), "outputs", 2, "[N, D]")
     stats = HeadStats.from_outputs(outputs)  # keeps the outputs' storage precision
-    return text_span_from_stats(stats, text_embeddings, n_texts, rank, texts, rank_tolerance)
+    return text_span_from_stats(
+        stats, text_embeddings, n_texts, rank, texts, rank_tolerance, convention, stability
+    )
 
 
 def text_span_heads(
@@ -330,6 +440,8 @@ def text_span_heads(
     texts: Sequence[str] | None = None,
     progress: bool = True,
     rank_tolerance: float | None = None,
+    convention: str = "textspan",
+    stability: bool = True,
 ) -> Any:
     """TextSpan for many heads at once, in parallel, sharing one copy of the text pool.
 
@@ -339,7 +451,8 @@ def text_span_heads(
               `SpanResult` of the head shape, `result[l][h]`;
             - a `HeadStats` of shape (L, H) (or any): likewise;
             - a list of per-head outputs [N_i, D] or `HeadStats`: a list of results.
-        text_embeddings, n_texts, rank, texts, rank_tolerance: as in `text_span`.
+        text_embeddings, n_texts, rank, texts, rank_tolerance, convention, stability: as
+            in `text_span`.
         progress: show a progress bar when there are many heads.
     """
     pool = _text_pool(text_embeddings)
@@ -348,7 +461,9 @@ def text_span_heads(
         stats = [s if isinstance(s, HeadStats) else _one_head(s) for s in outputs_or_stats]
         if not stats:
             raise InputError("outputs_or_stats: expected at least one head, got an empty list")
-        return _run(stats, pool, n_texts, rank, names, progress, rank_tolerance)
+        return _run(
+            stats, pool, n_texts, rank, names, progress, rank_tolerance, convention, stability
+        )
     if isinstance(outputs_or_stats, HeadStats):
         all_stats = outputs_or_stats
     else:
@@ -360,7 +475,9 @@ def text_span_heads(
         all_stats = HeadStats.from_outputs(outputs_or_stats)
     shape = all_stats.shape
     flat = [all_stats[idx] for idx in product(*(range(s) for s in shape))]
-    results = _run(flat, pool, n_texts, rank, names, progress, rank_tolerance)
+    results = _run(
+        flat, pool, n_texts, rank, names, progress, rank_tolerance, convention, stability
+    )
     return _nest(results, shape)
 
 

@@ -21,6 +21,8 @@
 //! published algorithm would fill them with arbitrary singular vectors of rounding noise.
 //! Outputs stored in a low precision carry rounding noise of their own far above
 //! `RANK_TOLERANCE`; their callers raise the tolerance to that precision's noise level.
+//! A tolerance of exactly 0 keeps `rank` directions whatever their eigenvalues, as the
+//! published algorithm does (those beyond the outputs' rank are then rounding noise).
 
 use faer::linalg::matmul::matmul;
 use faer::{Accum, Mat, MatMut, MatRef, Par, Side};
@@ -209,10 +211,10 @@ fn check_head(h: usize, head: &HeadMoments, d: usize) -> Result<()> {
             head.count.to_string(),
         ));
     }
-    if !(head.rank_tolerance > 0.0 && head.rank_tolerance < 1.0) {
+    if !(head.rank_tolerance >= 0.0 && head.rank_tolerance < 1.0) {
         return Err(Error::value(
             what("rank_tolerance"),
-            "a fraction between 0 and 1 (exclusive)",
+            "0 (the published algorithm's exact rank) or a fraction between 0 and 1",
             head.rank_tolerance.to_string(),
         ));
     }
@@ -295,7 +297,8 @@ fn pivoted_cholesky(g: MatRef<f64>, tolerance: f64, max_rank: usize) -> Option<M
 }
 
 /// Eigenpairs (descending) of the symmetric PSD matrix `g`, those above `tolerance` times
-/// the largest only, at most `rank` of them.
+/// the largest only, at most `rank` of them; with `tolerance` 0, exactly `rank` of them
+/// (the published algorithm's basis, null-space directions included).
 fn dominant_eigenvectors(
     g: MatRef<f64>,
     rank: usize,
@@ -309,11 +312,17 @@ fn dominant_eigenvectors(
     let not_converged = || Error::value("eigendecomposition", "convergence", "no convergence");
     // Low rank (real heads write into a subspace of about the head width): factor first,
     // then decompose the small factor. Otherwise one dense eigendecomposition.
-    let (vectors, values): (Mat<f64>, Vec<f64>) = match pivoted_cholesky(
-        g,
-        CHOLESKY_FRACTION * tolerance * max_diag,
-        d / LOW_RANK_FRACTION,
-    ) {
+    let exact_rank = tolerance == 0.0;
+    let factor = if exact_rank {
+        None // the null space is wanted too: only a full decomposition has it
+    } else {
+        pivoted_cholesky(
+            g,
+            CHOLESKY_FRACTION * tolerance * max_diag,
+            d / LOW_RANK_FRACTION,
+        )
+    };
+    let (vectors, values): (Mat<f64>, Vec<f64>) = match factor {
         Some(l) if l.ncols() > 0 => {
             let svd = l.thin_svd().map_err(|_| not_converged())?;
             let s = svd.S().column_vector();
@@ -334,7 +343,7 @@ fn dominant_eigenvectors(
     let largest = values[order[0]];
     let keep: Vec<usize> = order
         .into_iter()
-        .filter(|&i| values[i] > tolerance * largest)
+        .filter(|&i| exact_rank || values[i] > tolerance * largest)
         .take(rank)
         .collect();
     let v = Mat::from_fn(d, keep.len(), |i, c| vectors[(i, keep[c])]);
@@ -639,12 +648,14 @@ mod tests {
                 0.0
             }
         });
-        let kept = |tolerance| dominant_eigenvectors(g.as_ref(), 8, tolerance).unwrap().1;
+        let kept = |tolerance| dominant_eigenvectors(g.as_ref(), 6, tolerance).unwrap().1;
         assert_eq!(kept(RANK_TOLERANCE).len(), 4);
         assert_eq!(kept(1e-5).len(), 2);
+        // 0: exactly the rank asked for, null space included, as published.
+        assert_eq!(kept(0.0).len(), 6);
         let (mean, cov) = (Array1::<f64>::zeros(8), Array2::<f64>::eye(8));
         let bad = HeadMoments {
-            rank_tolerance: 0.0,
+            rank_tolerance: 1.0,
             ..HeadMoments::new(10.0, mean.view(), cov.view())
         };
         assert!(check_head(0, &bad, 8).is_err());
