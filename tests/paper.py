@@ -100,3 +100,22 @@ def paper_ablations(heads: np.ndarray, mlps: np.ndarray, class_token: np.ndarray
     for k in range(1, attn.shape[1] + 1):
         layers.append(accuracy(attn.mean(0)[:k].sum(0) + attn[:, k:].sum(1) + mlps.sum(1)))
     return out, np.array(layers)
+
+
+@torch.no_grad()
+def paper_segmentation(model: torch.nn.Module, image: torch.Tensor, w: np.ndarray):
+    """One image [1, 3, H, W]: the paper's normalised heatmap [H, W] (float32) and its mask:
+    patch token terms summed over layers and heads, scored against the classes, the predicted
+    class's score minus the mean class's, upsampled by PyTorch (scale factor = patch size),
+    clipped at 0, min–max normalised, thresholded at its mean."""
+    tokens, _, rep = paper_terms(model, image)
+    patch = model.visual.patch_size[0]
+    grid = image.shape[-1] // patch
+    heat = tokens[:, :, 1:].sum((1, 3)) @ w  # [1, P, C]
+    chosen = int((rep @ w).argmax())
+    values = heat[0, :, chosen] - heat[0].mean(-1)
+    res = torch.from_numpy(values.reshape(1, 1, grid, grid)).float()
+    res = torch.nn.functional.interpolate(res, scale_factor=patch, mode="bilinear")
+    res = torch.clip(res, 0, res.max())
+    res = (res - res.min()) / (res.max() - res.min())
+    return res[0, 0].numpy(), (res > res.mean())[0, 0].numpy()

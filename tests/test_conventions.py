@@ -156,3 +156,53 @@ def test_paper_textspan_past_the_rank_depends_on_rounding_and_says_so():
     np.testing.assert_array_equal(ours.indices, published_text_span(x, pool, 30, 41)[0])
     with pytest.raises(InputError, match="no tolerance"):
         textspan.text_span(x, pool, rank=50, convention="paper", rank_tolerance=1e-6)
+
+
+def test_paper_segmentation_equals_the_papers_at_batch_1_and_8(b32):
+    import textspan
+    from paper import paper_segmentation
+
+    model, x = b32
+    w = np.random.default_rng(3).normal(size=(512, 5)).astype(np.float32)
+    batched = textspan.segment(model, x, w, progress=False, convention="paper")
+    single = [
+        textspan.segment(model, x[i : i + 1], w, progress=False, convention="paper")
+        for i in range(len(x))
+    ]
+    normalised = batched.normalised()
+    for i, one in enumerate(single):
+        expected, mask = paper_segmentation(model, x[i : i + 1], w)
+        # The oracle's terms are float64, ours float32: equal to that rounding.
+        np.testing.assert_allclose(normalised[i], expected, atol=5e-5)
+        np.testing.assert_allclose(one.normalised()[0], normalised[i], atol=1e-5)
+        np.testing.assert_array_equal(one.masks()[0], mask)
+        np.testing.assert_array_equal(batched.masks()[i], mask)
+    ours = textspan.segment(model, x, w, progress=False)
+    assert not np.allclose(ours.heatmaps, batched.heatmaps)
+
+
+def test_the_papers_upsampling_arithmetic_and_its_degenerate_maps():
+    import textspan
+
+    rng = np.random.default_rng(4)
+    maps = rng.normal(size=(3, 16, 16))  # as for L/14 at 224: a factor of 14
+    expected = torch.nn.functional.interpolate(
+        torch.from_numpy(maps[:, None]).float(), scale_factor=14, mode="bilinear"
+    )[:, 0]
+    expected = torch.clip(expected, 0, None)
+    lo, hi = expected.amin((1, 2), keepdim=True), expected.amax((1, 2), keepdim=True)
+    expected = ((expected - lo) / (hi - lo)).numpy()
+    found = textspan.normalised_heatmaps(maps, (224, 224), convention="paper")
+    np.testing.assert_allclose(found, expected, atol=1e-6)
+    # A map that is all <= 0, and a constant one: the paper's 0/0 case scores AP = 0.5;
+    # textspan scores the zero map they become.
+    degenerate = np.stack([-np.abs(maps[0]), np.full((16, 16), 2.0)])
+    masks = np.zeros((2, 224, 224), dtype=bool)
+    masks[:, 50:150, 30:120] = True
+    paper = textspan.segmentation_scores(degenerate, masks, convention="paper")
+    ours = textspan.segmentation_scores(degenerate, masks)
+    assert paper["map"] == 0.5
+    assert ours["map"] != 0.5
+    assert paper["pixel_accuracy"] == ours["pixel_accuracy"]  # both all background
+    with pytest.raises(InputError, match="multiple"):
+        textspan.normalised_heatmaps(maps, (225, 224), convention="paper")

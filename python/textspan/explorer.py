@@ -172,6 +172,7 @@ a{color:#1f5fa8;text-decoration:none} a:hover{text-decoration:underline}
 .cell{display:block;padding:6px;border-radius:4px;color:#111;font-size:12px;min-height:3.2em}
 .cell.hidden{opacity:0.12}
 .bar{display:inline-block;height:10px;background:#4b7bbf;vertical-align:middle}
+tr.rounding td{color:#999;font-style:italic}
 table{border-collapse:collapse} td,th{padding:2px 8px;font-size:13px;text-align:left}
 .thumbs img{width:96px;height:96px;object-fit:cover;margin:2px;border:1px solid #ddd}
 .legend span{display:inline-block;margin-right:10px;font-size:12px}
@@ -273,11 +274,26 @@ def _overview(
     return _page("textspan explorer", body, script=SEARCH)
 
 
+def _rounding(span: Any, i: int) -> bool:
+    return span.stable is not None and i >= span.stable
+
+
+def _stability_line(span: Any) -> str:
+    if span.stable is None or span.stable >= min(len(span), TEXTS_PER_HEAD):
+        return ""
+    return (
+        f"<p class='note'>Texts after the first {span.stable} (in grey) changed when the "
+        "head's outputs were perturbed at rounding level: rounding, not the head, decided "
+        "them.</p>"
+    )
+
+
 def _head_page(head: _Head, thumb: Any, baseline: float | None) -> str:
     span = head.span
     top = float(span.explained.max()) if len(span) else 1.0
     rows = "".join(
-        f"<tr><td>{i + 1}</td><td>{html.escape(text)}</td><td><span class='bar' style="
+        ("<tr class='rounding' title='decided by rounding'>" if _rounding(span, i) else "<tr>")
+        + f"<td>{i + 1}</td><td>{html.escape(text)}</td><td><span class='bar' style="
         f"'width:{int(200 * share / top)}px'></span> {share:.1%}</td></tr>"
         for i, (text, share) in enumerate(
             zip((span.texts or [])[:TEXTS_PER_HEAD], span.explained[:TEXTS_PER_HEAD], strict=False)
@@ -307,7 +323,7 @@ def _head_page(head: _Head, thumb: Any, baseline: float | None) -> str:
         f"<h1>Head {head.name}</h1><p>Topic: {html.escape(head.topic)} "
         f"({head.topic_share:.0%} of its first five texts' variance); variance "
         f"{_percent(head.variance_share)} of the representation's; span of rank {span.rank}.</p>"
-        f"{effect}<h2>TextSpan texts</h2><table><tr><th></th><th>text</th>"
+        f"{effect}<h2>TextSpan texts</h2>{_stability_line(span)}<table><tr><th></th><th>text</th>"
         f"<th>variance explained</th></tr>{rows}</table>"
         f"<h2>Images at the ends of its first directions</h2>{ends}"
         f"<h2>Nearest neighbours by this head</h2>{neighbours}"
@@ -445,6 +461,7 @@ def build_site(
             n_texts=min(TEXTS_PER_HEAD, len(pool)),
             texts=pool,
             progress=progress,
+            convention=store.convention,
         )
     variance = _variance_total(store)
     heads = []

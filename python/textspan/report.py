@@ -186,18 +186,34 @@ def overlays(
     return path
 
 
+STABILITY_NOTE = (
+    "Picks marked *rounding* changed when the head's outputs were perturbed at rounding level"
+    " (or, in the paper's convention, when the directions beyond the outputs' rank were"
+    " dropped): rounding, not the head, decided them."
+)
+
+
+def _unstable(h: dict[str, Any], i: int) -> bool:
+    """Whether pick i of a head record is past its stable prefix."""
+    return h.get("stable") is not None and i >= h["stable"]
+
+
 def span_markdown(heads: Sequence[dict[str, Any]]) -> str:
-    """Markdown: per head, its texts and the variance each explains."""
+    """Markdown: per head, its texts, the variance each explains, and which picks rounding
+    decided."""
     lines = ["# TextSpan: what each head writes, in words", ""]
+    conventions = sorted({h.get("convention", "textspan") for h in heads})
+    lines += [f"Convention: {', '.join(conventions)}. {STABILITY_NOTE}", ""]
     for h in heads:
         lines.append(
             f"## Layer {h['layer']}, head {h['head']} — {h['explained']:.1%} of its variance"
         )
         lines.append("")
-        lines.append("| # | text | variance explained |")
-        lines.append("|---|------|-------------------:|")
+        lines.append("| # | text | variance explained | stable |")
+        lines.append("|---|------|-------------------:|--------|")
         for i, (text, share) in enumerate(zip(h["texts"], h["explained_each"], strict=True)):
-            lines.append(f"| {i + 1} | {text.replace('|', '/')} | {share:.2%} |")
+            mark = "*rounding*" if _unstable(h, i) else "yes"
+            lines.append(f"| {i + 1} | {text.replace('|', '/')} | {share:.2%} | {mark} |")
         lines.append("")
     return "\n".join(lines)
 
@@ -210,12 +226,14 @@ def span_html(heads: Sequence[dict[str, Any]], title: str) -> str:
         "<style>body{font-family:sans-serif;max-width:70em;margin:auto}"
         "table{border-collapse:collapse;margin:0.5em 1em 1.5em 0;display:inline-table;"
         "vertical-align:top}td,th{border:1px solid #ccc;padding:2px 6px;font-size:13px}"
-        "td.v{text-align:right}</style>",
+        "td.v{text-align:right}tr.rounding td{color:#999;font-style:italic}</style>",
         f"<h1>{html.escape(title)}</h1>",
+        f"<p>{html.escape(STABILITY_NOTE.replace('*rounding*', 'in grey italics'))}</p>",
     ]
     for h in heads:
         rows = "".join(
-            f"<tr><td>{i + 1}</td><td>{html.escape(t)}</td><td class=v>{s:.2%}</td></tr>"
+            ("<tr class=rounding title='decided by rounding'>" if _unstable(h, i) else "<tr>")
+            + f"<td>{i + 1}</td><td>{html.escape(t)}</td><td class=v>{s:.2%}</td></tr>"
             for i, (t, s) in enumerate(zip(h["texts"], h["explained_each"], strict=True))
         )
         parts.append(

@@ -14,8 +14,13 @@ from typing import Any
 
 import numpy as np
 
-from ..core.checks import as_float_array
-from ..core.metrics import class_heatmaps, foreground, normalised_heatmaps
+from ..core.checks import as_float_array, check_convention
+from ..core.metrics import (
+    class_heatmaps,
+    foreground,
+    normalised_heatmaps,
+    segmentation_scores,
+)
 from ..errors import InputError
 
 __all__ = ["Segmentation", "segment"]
@@ -29,15 +34,23 @@ class Segmentation:
         heatmaps: [N, h, w] at patch resolution (the class's score minus the mean class's).
         classes: [N] the class each map is about (predicted, or given).
         image_size: (H, W) of the model's input.
+        convention: the decomposition's ("textspan" or "paper"); it also decides the
+            arithmetic of `normalised` and of `scores`.
     """
 
     heatmaps: np.ndarray
     classes: np.ndarray
     image_size: tuple[int, int]
+    convention: str = "textspan"
 
     def normalised(self, size: tuple[int, int] | None = None) -> np.ndarray:
         """[N, H, W] in [0, 1] at `size` (default: the model's input size)."""
-        return normalised_heatmaps(self.heatmaps, size or self.image_size)
+        return normalised_heatmaps(self.heatmaps, size or self.image_size, self.convention)
+
+    def scores(self, masks: Any) -> dict[str, float]:
+        """Pixel accuracy, mIoU and mAP against binary masks [N, H, W] (see
+        `textspan.core.metrics.segmentation_scores`), in this segmentation's convention."""
+        return segmentation_scores(self.heatmaps, masks, self.convention)
 
     def masks(self, size: tuple[int, int] | None = None) -> np.ndarray:
         """[N, H, W] boolean foreground, thresholded at each map's mean."""
@@ -51,6 +64,7 @@ def segment(
     classes: Any = None,
     method: str = "decomposition",
     progress: bool = True,
+    convention: str = "textspan",
 ) -> Segmentation:
     """Zero-shot segmentation of `images` by the paper's method.
 
@@ -62,12 +76,16 @@ def segment(
         classes: [N] the class of each image; by default the model's zero-shot prediction.
         method: "decomposition" (the paper's) or "attention", the baseline: the last layer's
             class-token attention to each patch, averaged over heads, scored the same way.
+        convention: the decomposition's, "textspan" or "paper" (whose token terms share
+            `ln_post`'s mean and bias, and whose maps are upsampled and scored in the paper
+            code's arithmetic).
     """
     import torch
     from tqdm.auto import tqdm
 
     from ..models import Decomposer
 
+    check_convention(convention)
     if method not in ("decomposition", "attention"):
         raise InputError(f"method: expected 'decomposition' or 'attention', got {method!r}")
     weights = torch.as_tensor(as_float_array(classifier, "classifier"), dtype=torch.float32)
@@ -92,7 +110,7 @@ def segment(
             x = batch[0] if isinstance(batch, list | tuple) else batch
             if not isinstance(x, torch.Tensor) or x.ndim != 4:
                 raise InputError(f"images: expected tensors [B, 3, H, W], got {type(x).__name__}")
-            parts = decomposer.decompose(x.to(device), spatial=True)
+            parts = decomposer.decompose(x.to(device), spatial=True, convention=convention)
             if parts.representation.shape[-1] != directions.shape[-1]:
                 raise InputError(
                     f"classifier: expected shape [{parts.representation.shape[-1]}, C], got "
@@ -121,4 +139,4 @@ def segment(
     if given is not None and done != len(given):
         raise InputError(f"classes: expected one per image ({done}), got {len(given)}")
     heatmaps = np.concatenate(maps).reshape(done, *grid)
-    return Segmentation(heatmaps, np.concatenate(chosen), size)
+    return Segmentation(heatmaps, np.concatenate(chosen), size, convention)

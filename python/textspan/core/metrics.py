@@ -15,7 +15,7 @@ import numpy as np
 import textspan._core as _core
 
 from ..errors import InputError, InputTypeError
-from .checks import as_float_array, check_finite, check_ndim
+from .checks import as_float_array, check_convention, check_finite, check_ndim
 
 __all__ = [
     "class_heatmaps",
@@ -50,7 +50,23 @@ def _binary_masks(masks: Any) -> np.ndarray:
     return np.ascontiguousarray(m, dtype=np.uint8)
 
 
-def segmentation_scores(heatmaps: Any, masks: Any) -> dict[str, float]:
+def _paper_size(maps: np.ndarray, height: int, width: int, convention: str) -> bool:
+    """Whether the paper's arithmetic applies; it scales by an integer factor (the patch
+    size), so the size must be a multiple of the map's."""
+    if check_convention(convention) != "paper":
+        return False
+    _, h, w = maps.shape
+    if height % h or width % w:
+        raise InputError(
+            f"size: the paper's upsampling scales a map by the patch size, so expected a "
+            f"multiple of the map's {h}×{w}, got {height}×{width}"
+        )
+    return True
+
+
+def segmentation_scores(
+    heatmaps: Any, masks: Any, convention: str = "textspan"
+) -> dict[str, float]:
     """Pixel accuracy, mIoU and mAP of heatmaps against binary masks (ImageNet-segmentation
     protocol, as in the paper).
 
@@ -58,6 +74,10 @@ def segmentation_scores(heatmaps: Any, masks: Any) -> dict[str, float]:
         heatmaps: [N, h, w] at patch resolution (any real scores: each is upsampled to its
             mask's size, negatives clipped, min–max normalised, thresholded at its mean).
         masks: [N, H, W], boolean or 0/1.
+        convention: "textspan" (float64 upsampling from the sizes' exact ratio; a map that
+            is constant after clipping is scored as the zero map it becomes) or "paper"
+            (the paper code's float32 `interpolate(scale_factor=patch)` and min–max, and
+            AP = 0.5 for such a map, its 0/0 case).
 
     Returns:
         {"pixel_accuracy", "miou", "map"}: pixel accuracy and two-class mIoU from counts
@@ -71,17 +91,22 @@ def segmentation_scores(heatmaps: Any, masks: Any) -> dict[str, float]:
             f"{list(maps.shape)} and masks {list(m.shape)}"
         )
     check_finite(maps, "heatmaps")
-    pixel_accuracy, miou, mean_ap = _core.segmentation_scores(maps, m)
+    paper = _paper_size(maps, m.shape[1], m.shape[2], convention)
+    pixel_accuracy, miou, mean_ap = _core.segmentation_scores(maps, m, paper)
     return {"pixel_accuracy": pixel_accuracy, "miou": miou, "map": mean_ap}
 
 
-def normalised_heatmaps(heatmaps: Any, size: tuple[int, int]) -> np.ndarray:
+def normalised_heatmaps(
+    heatmaps: Any, size: tuple[int, int], convention: str = "textspan"
+) -> np.ndarray:
     """Heatmaps [N, h, w] upsampled bilinearly to `size` = (H, W) (half-pixel centres, as
-    PyTorch's `align_corners=False`), negatives clipped, each min–max normalised to [0, 1]."""
+    PyTorch's `align_corners=False`), negatives clipped, each min–max normalised to [0, 1]
+    (`convention`: as in `segmentation_scores`)."""
     maps = _maps(heatmaps)
     check_finite(maps, "heatmaps")
     height, width = (int(v) for v in size)
-    return _core.normalised_heatmaps(maps, height, width)
+    paper = _paper_size(maps, height, width, convention)
+    return _core.normalised_heatmaps(maps, height, width, paper)
 
 
 def foreground(normalised: np.ndarray) -> np.ndarray:

@@ -121,14 +121,24 @@ def head_spans(
     n_texts: int,
     rank: int,
     progress: bool,
+    stability: bool = True,
 ) -> dict[tuple[int, int], SpanResult]:
+    """TextSpan of the store's heads in the store's convention (`stability`: measure how
+    many picks survive rounding, `SpanResult.stable`)."""
     stats = [store.stats[layer, head] for layer, head in heads]
     with warnings.catch_warnings():
         # A head spans at most its value width (64 in ViT-B/16), so asking for more texts
         # than that is expected here; the tables show how many each head yielded.
         warnings.simplefilter("ignore", RuntimeWarning)
         found = text_span_heads(
-            stats, embeddings, n_texts=n_texts, rank=rank, texts=texts, progress=progress
+            stats,
+            embeddings,
+            n_texts=n_texts,
+            rank=rank,
+            texts=texts,
+            progress=progress,
+            convention=store.convention,
+            stability=stability,
         )
     return dict(zip(heads, found, strict=True))
 

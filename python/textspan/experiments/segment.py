@@ -12,7 +12,8 @@ import numpy as np
 
 from .. import report
 from ..analysis import Segmentation, segment
-from ..core.metrics import foreground, segmentation_scores
+from ..core.checks import CONVENTIONS
+from ..core.metrics import foreground
 from ..errors import InputError, MissingFileError
 from ..models import load
 from ..store.images import ImageDataset, list_images
@@ -43,6 +44,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="use each image's class folder instead of the predicted class",
     )
     p.add_argument("--method", choices=["decomposition", "attention"], default="decomposition")
+    p.add_argument(
+        "--convention",
+        choices=list(CONVENTIONS),
+        default="textspan",
+        help="textspan's (default) or the paper code's token terms and map arithmetic",
+    )
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--workers", type=int, default=0)
     p.add_argument("--overlays", type=int, default=8, help="images shown in overlays.png")
@@ -64,6 +71,7 @@ def main(args: argparse.Namespace) -> int:
         overlays=args.overlays,
         device=args.device,
         precision=args.precision,
+        convention=args.convention,
     )
     return 0
 
@@ -114,6 +122,7 @@ def run(
     device: str | None = None,
     precision: str = "fp32",
     progress: bool = True,
+    convention: str = "textspan",
 ) -> SegmentStudy:
     """Zero-shot segmentation of an image folder → heatmaps.npy, classes.csv, overlays.png,
     and with `masks` (a folder of mask images named like the images) metrics.json."""
@@ -159,14 +168,16 @@ def run(
         classes=np.array(labels) if given_class else None,
         method=method,
         progress=progress,
+        convention=convention,
     )
     folder = report.output_folder(out)
     _write(folder, result, root, files, names, overlays)
     scores = None
     if truth is not None:
-        scores = segmentation_scores(result.heatmaps, truth)
+        scores = result.scores(truth)
         report.write_json(
-            folder / "metrics.json", {"method": method, "images": len(files), **scores}
+            folder / "metrics.json",
+            {"method": method, "convention": convention, "images": len(files), **scores},
         )
         print(", ".join(f"{k} {v:.2%}" for k, v in scores.items()))
     print(f"written: {folder}")

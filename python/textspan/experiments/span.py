@@ -84,6 +84,9 @@ def _head_record(key: tuple[int, int], span: SpanResult, shown: int) -> dict[str
         "explained_each": span.explained[:shown].tolist(),
         "explained": float(span.explained[:shown].sum()),
         "total_variance": span.total_variance,
+        "rank": span.rank,
+        "stable": None if span.stable is None else min(span.stable, shown),
+        "convention": span.convention,
     }
 
 
@@ -124,6 +127,13 @@ def run(
     records = [_head_record(k, s, n_texts) for k, s in spans.items()]
     report.write_json(folder / "span.json", {"pool_size": len(texts), "heads": records})
     (folder / "span.md").write_text(report.span_markdown(records))
+    unstable = [r for r in records if r["stable"] is not None and r["stable"] < len(r["texts"])]
+    if unstable:
+        print(
+            f"{len(unstable)} of {len(records)} heads: picks past position "
+            f"{min(r['stable'] for r in unstable)} (at the earliest) were decided by rounding "
+            "(marked in span.md)"
+        )
     (folder / "span.html").write_text(report.span_html(records, "TextSpan: each head in words"))
     for r in records[: min(4, len(records))]:
         print(f"L{r['layer']}.H{r['head']}: " + "; ".join(r["texts"][:5]))
@@ -135,10 +145,17 @@ def run(
         pools = {
             "text pool": spans,
             "common words": head_spans(
-                store, keys, words_embedded, word_list, depth, rank, progress
+                store, keys, words_embedded, word_list, depth, rank, progress, stability=False
             ),
             "random directions": head_spans(
-                store, keys, random_dirs.astype(np.float32), None, depth, rank, progress
+                store,
+                keys,
+                random_dirs.astype(np.float32),
+                None,
+                depth,
+                rank,
+                progress,
+                stability=False,
             ),
         }
         curves = _replacement_study(store, w, pools, folder, layers, progress)

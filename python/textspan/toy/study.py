@@ -25,7 +25,6 @@ import numpy as np
 
 from .. import analysis
 from ..analysis import Head
-from ..core.metrics import segmentation_scores
 from ..core.span import SpanResult, text_span_heads
 from ..models import Decomposer, encode_texts
 from . import report
@@ -180,7 +179,7 @@ def segmentation_check(model: Any, tokenizer: Any, world: tw.World) -> dict[str,
         seg = analysis.segment(
             model, images, classifier, classes=world.values("shape"), method=method, progress=False
         )
-        out[method] = SegmentationCheck(segmentation_scores(seg.heatmaps, world.masks), seg)
+        out[method] = SegmentationCheck(seg.scores(world.masks), seg)
     return out
 
 

@@ -9,6 +9,7 @@ use rand::{Rng, SeedableRng};
 use rand_distr::StandardNormal;
 use textspan_core::metrics::segmentation_scores;
 use textspan_core::moments::batch_moments;
+use textspan_core::patchmap::Arithmetic;
 use textspan_core::textspan::{text_span, text_span_heads, HeadMoments, SpanParams, TextPool};
 
 const D: usize = 768;
@@ -59,7 +60,7 @@ fn benches(c: &mut Criterion) {
     let maps = Array3::from_shape_simple_fn((64, 16, 16), || rng.sample::<f64, _>(StandardNormal));
     let masks = Array3::from_shape_simple_fn((64, 224, 224), || rng.random_bool(0.3) as u8);
     group.bench_function("metrics of 64 heatmaps 16×16 at 224×224", |b| {
-        b.iter(|| segmentation_scores(maps.view(), masks.view()).unwrap())
+        b.iter(|| segmentation_scores(maps.view(), masks.view(), Arithmetic::Exact).unwrap())
     });
     group.finish();
 }

@@ -12,7 +12,7 @@ use rayon::prelude::*;
 
 use crate::error::{Error, Result};
 use crate::parallel;
-use crate::patchmap::{check_maps, clip_and_normalise, mean_threshold, Upsampler};
+use crate::patchmap::{check_maps, clip_and_normalise, mean_threshold, Arithmetic, Upsampler};
 
 /// The three metrics over a set of images.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -214,6 +214,7 @@ fn image_counts(heat: &[f64], mask: &[u8], s: &mut Scratch) -> ImageCounts {
 pub fn segmentation_scores(
     maps: ArrayView3<f64>,
     masks: ArrayView3<u8>,
+    arithmetic: Arithmetic,
 ) -> Result<SegmentationScores> {
     let (n, h, w) = maps.dim();
     let (nm, height, width) = masks.dim();
@@ -235,20 +236,23 @@ pub fn segmentation_scores(
             ));
         }
     }
-    let up = Upsampler::new(h, w, height, width);
+    let up = Upsampler::new(h, w, height, width, arithmetic);
     let per_image: Vec<ImageCounts> = parallel::install(|| {
         (0..n)
             .into_par_iter()
             .map_init(Scratch::default, |s, i| {
                 s.heat.resize(height * width, 0.0);
                 up.upsample(maps.index_axis(Axis(0), i), &mut s.columns, &mut s.heat);
-                clip_and_normalise(&mut s.heat);
+                let constant = clip_and_normalise(&mut s.heat, arithmetic);
                 let mask = masks.index_axis(Axis(0), i);
                 let heat = std::mem::take(&mut s.heat);
-                let counts = match mask.as_slice() {
+                let mut counts = match mask.as_slice() {
                     Some(m) => image_counts(&heat, m, s),
                     None => image_counts(&heat, &mask.iter().copied().collect::<Vec<_>>(), s),
                 };
+                if constant && arithmetic == Arithmetic::Paper {
+                    counts.average_precision = 0.5; // the paper's 0/0 map
+                }
                 s.heat = heat;
                 counts
             })
@@ -359,10 +363,14 @@ mod tests {
         let maps = ndarray::Array3::<f64>::zeros((2, 2, 2));
         let mut masks = ndarray::Array3::<u8>::zeros((2, 4, 4));
         masks[[1, 2, 3]] = 255;
-        let e = segmentation_scores(maps.view(), masks.view()).unwrap_err();
+        let e = segmentation_scores(maps.view(), masks.view(), Arithmetic::Exact).unwrap_err();
         assert!(e.to_string().contains("masks[1, 2, 3]"), "{e}");
-        let e =
-            segmentation_scores(maps.view(), masks.slice(ndarray::s![..1, .., ..])).unwrap_err();
+        let e = segmentation_scores(
+            maps.view(),
+            masks.slice(ndarray::s![..1, .., ..]),
+            Arithmetic::Exact,
+        )
+        .unwrap_err();
         assert!(e.to_string().contains("same N"), "{e}");
     }
 }

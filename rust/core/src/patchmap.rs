@@ -70,17 +70,38 @@ pub fn class_heatmaps(scores: ArrayView3<f32>, classes: &[i64]) -> Result<Array2
     Ok(out)
 }
 
+/// How a heatmap is upsampled and normalised.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Arithmetic {
+    /// Source coordinates from the exact ratio of the sizes, everything in float64; a
+    /// constant map becomes all zeros and is scored like any other.
+    Exact,
+    /// The paper's code: PyTorch's float32 `interpolate(scale_factor=patch, mode="bilinear")`
+    /// (source coordinates from the float32 reciprocal of the factor) and float32 min–max;
+    /// a map that is constant after clipping is its 0/0 case, scored with AP = 0.5.
+    Paper,
+}
+
 /// Bilinear interpolation weights from `input` to `output` samples with half-pixel centres
 /// (PyTorch's `interpolate(mode="bilinear", align_corners=False)`): for each output sample,
 /// the two source indices and the weight of the second.
-fn bilinear_taps(input: usize, output: usize) -> Vec<(usize, usize, f64)> {
-    let scale = input as f64 / output as f64;
+fn bilinear_taps(input: usize, output: usize, arithmetic: Arithmetic) -> Vec<(usize, usize, f64)> {
+    let exact = input as f64 / output as f64;
+    // PyTorch, given a scale factor, uses 1/factor in the input's precision.
+    let single = 1.0f32 / (output as f32 / input as f32);
     (0..output)
         .map(|o| {
-            let src = ((o as f64 + 0.5) * scale - 0.5).max(0.0);
+            let src = match arithmetic {
+                Arithmetic::Exact => ((o as f64 + 0.5) * exact - 0.5).max(0.0),
+                Arithmetic::Paper => (single * (o as f32 + 0.5) - 0.5).max(0.0) as f64,
+            };
             let i0 = (src as usize).min(input - 1);
             let i1 = if i0 + 1 < input { i0 + 1 } else { i0 };
-            (i0, i1, src - i0 as f64)
+            let t = match arithmetic {
+                Arithmetic::Exact => src - i0 as f64,
+                Arithmetic::Paper => (src as f32 - i0 as f32) as f64,
+            };
+            (i0, i1, t)
         })
         .collect()
 }
@@ -90,14 +111,16 @@ pub struct Upsampler {
     rows: Vec<(usize, usize, f64)>,
     cols: Vec<(usize, usize, f64)>,
     w: usize,
+    arithmetic: Arithmetic,
 }
 
 impl Upsampler {
-    pub fn new(h: usize, w: usize, height: usize, width: usize) -> Self {
+    pub fn new(h: usize, w: usize, height: usize, width: usize, arithmetic: Arithmetic) -> Self {
         Upsampler {
-            rows: bilinear_taps(h, height),
-            cols: bilinear_taps(w, width),
+            rows: bilinear_taps(h, height, arithmetic),
+            cols: bilinear_taps(w, width, arithmetic),
             w,
+            arithmetic,
         }
     }
 
@@ -116,6 +139,9 @@ impl Upsampler {
         debug_assert_eq!(map.ncols(), self.w);
         columns.clear();
         columns.resize(h * width, 0.0);
+        if self.arithmetic == Arithmetic::Paper {
+            return self.upsample_single(map, columns, out);
+        }
         for (r, src) in map.outer_iter().enumerate() {
             let dst = &mut columns[r * width..(r + 1) * width];
             for (d, &(c0, c1, t)) in dst.iter_mut().zip(&self.cols) {
@@ -129,11 +155,32 @@ impl Upsampler {
             }
         }
     }
+
+    /// `upsample` in float32, grouped as PyTorch's bilinear kernel groups it:
+    /// `h0·(w0·v00 + w1·v01) + h1·(w0·v10 + w1·v11)`.
+    fn upsample_single(&self, map: ArrayView2<f64>, columns: &mut [f64], out: &mut [f64]) {
+        let width = self.width();
+        for (r, src) in map.outer_iter().enumerate() {
+            let dst = &mut columns[r * width..(r + 1) * width];
+            for (d, &(c0, c1, t)) in dst.iter_mut().zip(&self.cols) {
+                let t = t as f32;
+                *d = ((1.0 - t) * src[c0] as f32 + t * src[c1] as f32) as f64;
+            }
+        }
+        for (o, &(r0, r1, t)) in out.chunks_exact_mut(width).zip(&self.rows) {
+            let t = t as f32;
+            let (a, b) = (&columns[r0 * width..], &columns[r1 * width..]);
+            for ((d, &x0), &x1) in o.iter_mut().zip(a).zip(b) {
+                *d = ((1.0 - t) * x0 as f32 + t * x1 as f32) as f64;
+            }
+        }
+    }
 }
 
 /// The paper's heatmap at image resolution, in place on the upsampled map: negatives
-/// clipped to zero, then min–max normalised to [0, 1]. A constant map becomes all zeros.
-pub fn clip_and_normalise(values: &mut [f64]) {
+/// clipped to zero, then min–max normalised to [0, 1]. A constant map becomes all zeros;
+/// the return value says whether it was one.
+pub fn clip_and_normalise(values: &mut [f64], arithmetic: Arithmetic) -> bool {
     let mut lo = f64::INFINITY;
     let mut hi = f64::NEG_INFINITY;
     for v in values.iter_mut() {
@@ -143,9 +190,21 @@ pub fn clip_and_normalise(values: &mut [f64]) {
         hi = hi.max(*v);
     }
     let range = hi - lo;
+    if arithmetic == Arithmetic::Paper {
+        let (lo, range) = (lo as f32, range as f32);
+        for v in values.iter_mut() {
+            *v = if range > 0.0 {
+                ((*v as f32 - lo) / range) as f64
+            } else {
+                0.0
+            };
+        }
+        return range <= 0.0;
+    }
     for v in values.iter_mut() {
         *v = if range > 0.0 { (*v - lo) / range } else { 0.0 };
     }
+    range <= 0.0
 }
 
 /// The threshold of a normalised heatmap: its mean; the foreground is the pixels above it.
@@ -177,10 +236,11 @@ pub fn normalised_heatmaps(
     maps: ArrayView3<f64>,
     height: usize,
     width: usize,
+    arithmetic: Arithmetic,
 ) -> Result<Array3<f64>> {
     check_maps(&maps, height, width)?;
     let (n, h, w) = maps.dim();
-    let up = Upsampler::new(h, w, height, width);
+    let up = Upsampler::new(h, w, height, width, arithmetic);
     let mut out = Array3::<f64>::zeros((n, height, width));
     let images = out.as_slice_mut().expect("a fresh array is contiguous");
     parallel::install(|| {
@@ -189,7 +249,7 @@ pub fn normalised_heatmaps(
             .enumerate()
             .for_each_init(Vec::new, |columns, (i, values)| {
                 up.upsample(maps.index_axis(Axis(0), i), columns, values);
-                clip_and_normalise(values);
+                clip_and_normalise(values, arithmetic);
             });
     });
     Ok(out)
@@ -202,7 +262,7 @@ mod tests {
 
     #[test]
     fn upsampling_keeps_constants_and_interpolates_half_pixel_centres() {
-        let up = Upsampler::new(2, 2, 4, 4);
+        let up = Upsampler::new(2, 2, 4, 4, Arithmetic::Exact);
         let map = array![[0.0, 1.0], [2.0, 3.0]];
         let mut out = vec![0.0; 16];
         up.upsample(map.view(), &mut Vec::new(), &mut out);
@@ -221,10 +281,10 @@ mod tests {
     #[test]
     fn normalisation_clips_and_spans_zero_to_one() {
         let mut v = vec![-1.0, 0.5, 2.0, 1.0];
-        clip_and_normalise(&mut v);
+        assert!(!clip_and_normalise(&mut v, Arithmetic::Exact));
         assert_eq!(v, vec![0.0, 0.25, 1.0, 0.5]);
         let mut flat = vec![-3.0; 5];
-        clip_and_normalise(&mut flat);
+        assert!(clip_and_normalise(&mut flat, Arithmetic::Paper));
         assert!(flat.iter().all(|&x| x == 0.0 && x.is_sign_positive()));
         assert_eq!(mean_threshold(&v), 0.4375);
     }

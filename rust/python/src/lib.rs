@@ -207,34 +207,48 @@ fn class_heatmaps<'py>(
     Ok(maps.into_pyarray(py))
 }
 
+fn arithmetic(paper: bool) -> patchmap::Arithmetic {
+    if paper {
+        patchmap::Arithmetic::Paper
+    } else {
+        patchmap::Arithmetic::Exact
+    }
+}
+
 /// Patch-resolution maps [N, h, w] upsampled bilinearly to [N, height, width], negatives
-/// clipped, each min–max normalised to [0, 1].
+/// clipped, each min–max normalised to [0, 1] (`paper`: in the paper code's float32
+/// arithmetic).
 #[pyfunction]
+#[pyo3(signature = (maps, height, width, paper=false))]
 fn normalised_heatmaps<'py>(
     py: Python<'py>,
     maps: PyReadonlyArray3<'py, f64>,
     height: usize,
     width: usize,
+    paper: bool,
 ) -> PyResult<Bound<'py, PyArray3<f64>>> {
     let maps = maps.as_array().to_owned();
     let out = py
-        .detach(|| patchmap::normalised_heatmaps(maps.view(), height, width))
+        .detach(|| patchmap::normalised_heatmaps(maps.view(), height, width, arithmetic(paper)))
         .map_err(py_err)?;
     Ok(out.into_pyarray(py))
 }
 
 /// (pixel_accuracy, miou, map) of patch-resolution maps [N, h, w] against binary masks
-/// [N, H, W], by the ImageNet-segmentation protocol.
+/// [N, H, W], by the ImageNet-segmentation protocol (`paper`: the paper code's float32
+/// arithmetic, and AP = 0.5 for a map that is constant after clipping).
 #[pyfunction]
+#[pyo3(signature = (maps, masks, paper=false))]
 fn segmentation_scores(
     py: Python<'_>,
     maps: PyReadonlyArray3<'_, f64>,
     masks: PyReadonlyArray3<'_, u8>,
+    paper: bool,
 ) -> PyResult<(f64, f64, f64)> {
     let maps = maps.as_array().to_owned();
     let masks = masks.as_array().to_owned();
     let s = py
-        .detach(|| metrics::segmentation_scores(maps.view(), masks.view()))
+        .detach(|| metrics::segmentation_scores(maps.view(), masks.view(), arithmetic(paper)))
         .map_err(py_err)?;
     Ok((s.pixel_accuracy, s.miou, s.map))
 }
