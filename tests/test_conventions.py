@@ -206,3 +206,29 @@ def test_the_papers_upsampling_arithmetic_and_its_degenerate_maps():
     assert paper["pixel_accuracy"] == ours["pixel_accuracy"]  # both all background
     with pytest.raises(InputError, match="multiple"):
         textspan.normalised_heatmaps(maps, (225, 224), convention="paper")
+
+
+def test_span_on_a_paper_store_marks_the_picks_rounding_decided(tiny, image_folder, tmp_path):
+    """The tiny model's heads span 16 of 32 dimensions: rank 32 as published fills the rest
+    with rounding noise, and the report says which picks that decided."""
+    import json
+
+    from conftest import extract_options
+
+    import textspan
+    from textspan.cli import main
+
+    store = textspan.extract(
+        image_folder, tmp_path / "s", **extract_options(tiny, convention="paper")
+    )
+    out = tmp_path / "span"
+    arguments = ["span", str(store.path), "--out", str(out), "--layers", "1", "--texts", "8"]
+    assert main([*arguments, "--rank", "32", "--no-replacement", "--device", "cpu"]) == 0
+    heads = json.loads((out / "span.json").read_text())["heads"]
+    assert {h["convention"] for h in heads} == {"paper"}
+    assert all(h["rank"] == 32 for h in heads)
+    unstable = [h for h in heads if h["stable"] < len(h["texts"])]
+    assert unstable
+    markdown = (out / "span.md").read_text()
+    assert markdown.count("| *rounding* |") == sum(len(h["texts"]) - h["stable"] for h in heads)
+    assert "class=rounding" in (out / "span.html").read_text()

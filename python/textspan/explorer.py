@@ -281,10 +281,15 @@ def _rounding(span: Any, i: int) -> bool:
 def _stability_line(span: Any) -> str:
     if span.stable is None or span.stable >= min(len(span), TEXTS_PER_HEAD):
         return ""
+    dropped = (
+        " (or when the directions beyond their rank were dropped)"
+        if span.convention == "paper"
+        else ""
+    )
     return (
         f"<p class='note'>Texts after the first {span.stable} (in grey) changed when the "
-        "head's outputs were perturbed at rounding level: rounding, not the head, decided "
-        "them.</p>"
+        f"head's outputs were perturbed at rounding level{dropped}: rounding, not the head, "
+        "decided them.</p>"
     )
 
 

@@ -8,6 +8,7 @@ import shutil
 import time
 from pathlib import Path
 
+from ..core.checks import CONVENTIONS
 from ..engines import extract
 from ..explorer import Site
 from ..toy.model import describe
@@ -32,6 +33,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="the toy-train folder of the model the spurious-feature repair runs on "
         "(default: the embedded one trained to lean on the background)",
     )
+    p.add_argument(
+        "--convention",
+        choices=list(CONVENTIONS),
+        default="textspan",
+        help="the decomposition's convention for every experiment: textspan's (default) or "
+        "the paper code's (README: Conventions)",
+    )
 
 
 def main(args: argparse.Namespace) -> int:
@@ -45,6 +53,7 @@ def main(args: argparse.Namespace) -> int:
         images=args.images,
         spurious_dir=args.spurious_model,
         explorer=EXPLORER,
+        convention=args.convention,
     )
     site = toy_explorer(Path(args.out), r, args.model)
     print()
@@ -73,11 +82,13 @@ def toy_explorer(out: Path, r: StudyResult, model_dir: str | None) -> Site:
         workers=0,
         device="cpu",
         progress=False,
+        convention=r.convention,
     )
     return explore.run(store, out / "explorer", samples=6, device="cpu", progress=False)
 
 
 def print_summary(r: StudyResult) -> None:
+    print(f"convention: {r.convention}")
     print(describe({"zero_shot": r.zero_shot}))
     print(f"decomposition identity: largest relative error {r.identity_error:.1e}")
     specific = sorted((h for h in r.heads if h.purity >= 0.8), key=lambda h: -h.purity)
@@ -88,6 +99,16 @@ def print_summary(r: StudyResult) -> None:
     for h in specific:
         print(
             f"  L{h.head[0]}.H{h.head[1]} {h.factor:<10} {h.purity:.0%}  {' | '.join(h.texts[:3])}"
+        )
+    print(
+        f"TextSpan: {r.unstable_heads()} of {len(r.heads)} heads have picks among their top 5 "
+        "that rounding decided"
+    )
+    for factor, a in r.ablation.items():
+        print(
+            f"mean-ablation, {factor}: baseline {a.conditions['baseline']:.1%}, MLPs "
+            f"{a.conditions['MLPs mean-ablated']:.1%}, all attention layers but the last "
+            f"{a.layers[-2]:.1%}"
         )
     for method, check in r.segmentation.items():
         scores = check.scores
@@ -102,3 +123,9 @@ def print_summary(r: StudyResult) -> None:
         f"{res.before.worst:.1%} -> {res.after.worst:.1%} ablating {len(res.heads)} background "
         f"heads (best random: {res.random_best.worst:.1%})"
     )
+    for c in r.retrieval:
+        print(
+            f"retrieval by L{c.head[0]}.H{c.head[1]} ({c.factor} head): neighbours sharing "
+            f"the query's {c.factor} {c.by_head[c.factor]:.0%} (whole representation "
+            f"{c.by_all[c.factor]:.0%}, chance {c.chance[c.factor]:.0%})"
+        )

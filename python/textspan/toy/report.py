@@ -77,8 +77,15 @@ def write(out: str | Path, r: StudyResult, explorer: str | None = None) -> Path:
     folder = report.output_folder(out)
     pngs = _pictures(folder, r)
     timing = ", ".join(f"{k} {v:.1f} s" for k, v in r.timings.items())
+    convention = (
+        "the paper code's (its shares of the final norm's mean and bias, terms divided by "
+        "‖r‖, TextSpan at exactly the asked rank)"
+        if r.convention == "paper"
+        else "textspan's (each term centred by its own mean)"
+    )
     sections = [
         *_introduction(explorer),
+        f"<p><b>Convention</b>: {convention}; README, “Conventions”.</p>",
         *_world_section(r, pngs),
         *_span_section(r, pngs),
         *_ablation_section(r, pngs),

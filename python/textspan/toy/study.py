@@ -17,6 +17,7 @@ Every function here returns numbers the tests assert on and the demo reports:
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -68,19 +69,23 @@ def factor_classifier(model: Any, tokenizer: Any, factor: str) -> np.ndarray:
     return encode_texts(model, tokenizer, tw.factor_captions(factor), progress=False).T.copy()
 
 
-def decompose(model: Any, world: tw.World, batch_size: int = 250) -> analysis.Contributions:
+def decompose(
+    model: Any, world: tw.World, batch_size: int = 250, convention: str = "textspan"
+) -> analysis.Contributions:
     """The direct contributions of every head and MLP for the world's images."""
     import torch
 
     parts = []
     with torch.no_grad(), Decomposer(model) as decomposer:
         for start in range(0, len(world), batch_size):
-            d = decomposer.decompose(to_tensor(world.images[start : start + batch_size]))
+            images = to_tensor(world.images[start : start + batch_size])
+            d = decomposer.decompose(images, convention=convention)
             parts.append(analysis.Contributions.from_decomposition(d))
     return analysis.Contributions(
         heads=np.concatenate([p.heads for p in parts]),
         mlps=np.concatenate([p.mlps for p in parts]),
         class_token=np.concatenate([p.class_token for p in parts]),
+        convention=convention,
     )
 
 
@@ -99,6 +104,7 @@ class HeadFactor:
     text_share: float
     texts: list[str]
     explained: float  # share of the head's variance its top texts explain
+    stable: int | None = None  # TextSpan picks that survive rounding (SpanResult.stable)
 
 
 def head_factors(
@@ -120,6 +126,7 @@ def head_factors(
                 _factor_shares(picked, np.ones(len(picked)))[factor],
                 list(span.texts or [])[:top],
                 float(span.explained[:top].sum()),
+                span.stable,
             )
         )
     return out
@@ -155,11 +162,22 @@ def spans_for(
     n_texts: int = 10,
     progress: bool = False,
 ) -> dict[Head, SpanResult]:
-    """TextSpan for every head (rank: the embedding width)."""
+    """TextSpan for every head (rank: the embedding width), in the contributions'
+    convention."""
     _, layers, heads, d = contributions.heads.shape
-    found = text_span_heads(
-        contributions.heads, embeddings, n_texts=n_texts, rank=d, texts=texts, progress=progress
-    )
+    with warnings.catch_warnings():
+        # The paper's convention warns that rank = D fills the heads' spans with rounding
+        # noise; the study reports each head's stable prefix instead.
+        warnings.simplefilter("ignore", RuntimeWarning)
+        found = text_span_heads(
+            contributions.heads,
+            embeddings,
+            n_texts=n_texts,
+            rank=d,
+            texts=texts,
+            progress=progress,
+            convention=contributions.convention,
+        )
     return {(a, b): found[a][b] for a in range(layers) for b in range(heads)}
 
 
@@ -169,7 +187,9 @@ class SegmentationCheck:
     segmentation: analysis.Segmentation
 
 
-def segmentation_check(model: Any, tokenizer: Any, world: tw.World) -> dict[str, SegmentationCheck]:
+def segmentation_check(
+    model: Any, tokenizer: Any, world: tw.World, convention: str = "textspan"
+) -> dict[str, SegmentationCheck]:
     """Segmentation of the world's objects, for the true shape's text, by the decomposition
     and by the last layer's class-token attention, per method."""
     classifier = factor_classifier(model, tokenizer, "shape")
@@ -177,7 +197,13 @@ def segmentation_check(model: Any, tokenizer: Any, world: tw.World) -> dict[str,
     out = {}
     for method in ("decomposition", "attention"):
         seg = analysis.segment(
-            model, images, classifier, classes=world.values("shape"), method=method, progress=False
+            model,
+            images,
+            classifier,
+            classes=world.values("shape"),
+            method=method,
+            progress=False,
+            convention=convention,
         )
         out[method] = SegmentationCheck(seg.scores(world.masks), seg)
     return out
@@ -212,9 +238,11 @@ def spurious_check(
     full = factor_classifier(model, tokenizer, "shape")
     classifier = full[:, [tw.SHAPES.index(c) for c in classes]]
 
+    convention = next(iter(spans.values())).convention
+
     def groups(draw: int) -> tuple[analysis.Contributions, np.ndarray]:
         world = tw.balanced_groups(n_per_group, SPURIOUS, seed=draw, size=size)
-        contributions = decompose(model, world)
+        contributions = decompose(model, world, convention=convention)
         contributions.labels = np.array([classes.index(s) for s in world.names("shape")])
         return contributions, np.array([backgrounds.index(b) for b in world.names("background")])
 
@@ -239,7 +267,10 @@ def spurious_check(
 
 
 def spurious_study(
-    model_dir: str | Path | None = None, images: int = 2000, seed: int = 20_000
+    model_dir: str | Path | None = None,
+    images: int = 2000,
+    seed: int = 20_000,
+    convention: str = "textspan",
 ) -> SpuriousCheck:
     """`spurious_check` on the toy CLIP trained with the correlated pair at its strongest
     (default: the embedded `SPURIOUS_DIR`), its heads' TextSpan computed here over `images`
@@ -249,7 +280,7 @@ def spurious_study(
     world = tw.generate(images, seed=seed, size=int(model.visual.image_size[0]))
     texts, _ = description_pool()
     embeddings = encode_texts(model, tokenizer, texts, progress=False)
-    spans = spans_for(decompose(model, world), embeddings, texts)
+    spans = spans_for(decompose(model, world, convention=convention), embeddings, texts)
     check = spurious_check(model, tokenizer, spans)
     check.trained = toy_meta(folder)
     return check
@@ -327,6 +358,11 @@ class StudyResult:
     held_out: tw.World
     timings: dict[str, float]
     report: Path | None = None
+    convention: str = "textspan"
+
+    def unstable_heads(self, top: int = 5) -> int:
+        """Heads whose first `top` TextSpan texts include picks rounding decided."""
+        return sum(1 for h in self.heads if h.stable is not None and h.stable < top)
 
 
 def study(
@@ -336,11 +372,13 @@ def study(
     progress: bool = True,
     spurious_dir: str | Path | None = None,
     explorer: str | None = None,
+    convention: str = "textspan",
 ) -> StudyResult:
     """Everything above on the toy CLIP (`model_dir`, default the embedded one; the repair
     on `spurious_dir`, default the embedded model that leans on the background) →
     `out/report.html` (self-contained) and PNGs; `explorer`, the path of the model's
-    explorer relative to `out`, is linked from the report."""
+    explorer relative to `out`, is linked from the report. `convention`: the
+    decomposition's, for every experiment ("textspan" or "paper")."""
     timings: dict[str, float] = {}
     clock = time.perf_counter()
 
@@ -358,11 +396,13 @@ def study(
     accuracy = zero_shot(model, tokenizer, world)
     lap("zero-shot accuracy")
 
-    contributions = decompose(model, world)
+    contributions = decompose(model, world, convention=convention)
     import torch
 
     with torch.no_grad():
-        expected = model.encode_image(to_tensor(world.images[:200])).numpy()
+        # The paper's terms add up to the normalised representation.
+        normalize = convention == "paper"
+        expected = model.encode_image(to_tensor(world.images[:200]), normalize=normalize).numpy()
     summed = contributions.heads[:200].sum((1, 2)) + contributions.mlps[:200].sum(1)
     identity_error = float(np.abs(summed - expected).max() / np.abs(expected).max())
     lap("decomposition")
@@ -384,13 +424,13 @@ def study(
     lap("mean-ablations")
 
     held_out = tw.generate(500, seed=30_000, size=size)
-    segmentation = segmentation_check(model, tokenizer, held_out)
+    segmentation = segmentation_check(model, tokenizer, held_out, convention)
     lap("segmentation")
 
     # This model reads shape despite its training correlation; the repair is shown on one
     # trained to lean on the background.
     unbiased = spurious_check(model, tokenizer, spans).result.before
-    spurious = spurious_study(spurious_dir, images=images)
+    spurious = spurious_study(spurious_dir, images=images, convention=convention)
     lap("spurious-feature repair")
 
     best = {}
@@ -417,6 +457,7 @@ def study(
         world=world,
         held_out=held_out,
         timings=timings,
+        convention=convention,
     )
     result.report = report.write(out, result, explorer=explorer)
     lap("report")
