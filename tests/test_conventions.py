@@ -3,13 +3,19 @@ code, checked against the direct implementations in tests/paper.py and tests/pub
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
 
-from paper import paper_ablations, paper_terms
+import textspan
+from conftest import extract_options
+from paper import paper_ablations, paper_segmentation, paper_terms
+from published import published_text_span
 from test_decompose import images, make_model
-from textspan import Contributions, Decomposer, InputError, ablation
+from textspan import Contributions, Decomposer, InputError, StoreError, ablation
+from textspan.cli import main
 
 
 @pytest.fixture(scope="module")
@@ -91,10 +97,6 @@ def test_paper_ablation_equals_the_papers_on_its_own_arrays():
 
 
 def test_a_store_records_its_convention_and_refuses_the_other(tiny, image_folder, tmp_path):
-    import textspan
-    from conftest import extract_options
-    from textspan import StoreError
-
     store = textspan.extract(
         image_folder, tmp_path / "s", **extract_options(tiny, convention="paper")
     )
@@ -120,9 +122,6 @@ def _prefix(a, b) -> int:
 
 @pytest.mark.parametrize("seed", range(4))
 def test_paper_textspan_is_the_published_algorithm_without_a_null_space(seed):
-    import textspan
-    from published import published_text_span
-
     x, pool = _low_rank_head(seed)
     for rank in (30, 41):  # at most the outputs' rank of 41: no null-space directions
         found = textspan.text_span(x, pool, n_texts=30, rank=rank, convention="paper")
@@ -135,9 +134,6 @@ def test_paper_textspan_is_the_published_algorithm_without_a_null_space(seed):
 
 
 def test_paper_textspan_past_the_rank_depends_on_rounding_and_says_so():
-    import textspan
-    from published import published_text_span
-
     x, pool = _low_rank_head(0)
     with pytest.warns(RuntimeWarning, match="rounding noise"):
         paper = textspan.text_span(x, pool, n_texts=30, rank=50, convention="paper")
@@ -159,9 +155,6 @@ def test_paper_textspan_past_the_rank_depends_on_rounding_and_says_so():
 
 
 def test_paper_segmentation_equals_the_papers_at_batch_1_and_8(b32):
-    import textspan
-    from paper import paper_segmentation
-
     model, x = b32
     w = np.random.default_rng(3).normal(size=(512, 5)).astype(np.float32)
     batched = textspan.segment(model, x, w, progress=False, convention="paper")
@@ -182,8 +175,6 @@ def test_paper_segmentation_equals_the_papers_at_batch_1_and_8(b32):
 
 
 def test_the_papers_upsampling_arithmetic_and_its_degenerate_maps():
-    import textspan
-
     rng = np.random.default_rng(4)
     maps = rng.normal(size=(3, 16, 16))  # as for L/14 at 224: a factor of 14
     expected = torch.nn.functional.interpolate(
@@ -211,12 +202,6 @@ def test_the_papers_upsampling_arithmetic_and_its_degenerate_maps():
 def test_span_on_a_paper_store_marks_the_picks_rounding_decided(tiny, image_folder, tmp_path):
     """The tiny model's heads span 16 of 32 dimensions: rank 32 as published fills the rest
     with rounding noise, and the report says which picks that decided."""
-    import json
-
-    from conftest import extract_options
-
-    import textspan
-    from textspan.cli import main
 
     store = textspan.extract(
         image_folder, tmp_path / "s", **extract_options(tiny, convention="paper")
