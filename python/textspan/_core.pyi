@@ -39,7 +39,8 @@ def text_span_heads(
     rank_tolerances: npt.NDArray[np.float64],
     n_texts: int,
     rank: int,
-) -> list[tuple[list[int], npt.NDArray[np.float64], float, npt.NDArray[np.float64], int]]: ...
+    exact_rank: bool = False,
+) -> list[tuple[list[int], npt.NDArray[np.float64], float, npt.NDArray[np.float64], int, int]]: ...
 def batch_moments(
     x: npt.NDArray[np.float32] | npt.NDArray[np.float64],
 ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]: ...

@@ -467,6 +467,7 @@ def build_site(
             texts=pool,
             progress=progress,
             convention=store.convention,
+            stability=True,
         )
     variance = _variance_total(store)
     heads = []

@@ -204,7 +204,7 @@ def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     return n
 
 
-def _spans(chunk: list[HeadStats], pool: TextPool, n_texts: int, rank: int, tolerances, start):
+def _spans(chunk, pool: TextPool, n_texts: int, rank: int, tolerances, start: int, exact: bool):
     try:
         return _core.text_span_heads(
             pool,
@@ -214,6 +214,7 @@ def _spans(chunk: list[HeadStats], pool: TextPool, n_texts: int, rank: int, tole
             np.asarray(tolerances, dtype=np.float64),
             int(n_texts),
             rank,
+            exact,
         )
     except InputError as e:  # the core checks each head; it numbers them within the group
         raise InputError(_renumber(str(e), start)) from None
@@ -228,7 +229,7 @@ def _run(
     progress: bool,
     rank_tolerance: float | None = None,
     convention: str = "textspan",
-    stability: bool = True,
+    stability: bool = False,
 ) -> list[SpanResult]:
     if not isinstance(n_texts, int | np.integer) or not isinstance(rank, int | np.integer):
         raise InputTypeError(f"n_texts and rank: expected integers, got {n_texts!r} and {rank!r}")
@@ -239,11 +240,6 @@ def _run(
             f"n_texts: expected an integer between 1 and the pool size {len(pool)}, got {n_texts}"
         )
     paper = check_convention(convention) == "paper"
-    if paper and rank_tolerance is not None:
-        raise InputError(
-            "rank_tolerance: the paper's convention keeps exactly `rank` directions, so it "
-            f"takes no tolerance (got {rank_tolerance!r})"
-        )
     rank = min(int(rank), pool.dim)  # a span has at most D directions
     for i, s in enumerate(stats):
         if s.dim == pool.dim and np.isfinite(s.covariance).all():
@@ -256,22 +252,19 @@ def _run(
     bar = _progress(len(stats), progress and len(stats) > group)
     for start in range(0, len(stats), group):
         chunk = stats[start : start + group]
-        own = [rank_tolerance_for(s, rank_tolerance) for s in chunk]
-        tolerances = [0.0] * len(chunk) if paper else own
-        spans = _spans(chunk, pool, n_texts, rank, tolerances, start)
+        tolerances = [rank_tolerance_for(s, rank_tolerance) for s in chunk]
+        spans = _spans(chunk, pool, n_texts, rank, tolerances, start, paper)
+        numerical_ranks += [int(s[5]) for s in spans]
         # What rounding decides: the picks again from rounded statistics, and (paper) with
         # the null-space directions dropped.
         others = []
         for trial in range(STABILITY_TRIALS if stability else 0):
             seeds = [(trial, start + i) for i in range(len(chunk))]
             rounded = [_rounded(s, seed) for s, seed in zip(chunk, seeds, strict=True)]
-            others.append(_spans(rounded, pool, n_texts, rank, tolerances, start))
-        if paper:
-            dropped = _spans(chunk, pool, n_texts, rank, own, start)
-            numerical_ranks += [int(d[4]) for d in dropped]
-            if stability:
-                others.append(dropped)
-        for i, (s, (indices, variance, total, directions, used_rank)) in enumerate(
+            others.append(_spans(rounded, pool, n_texts, rank, tolerances, start, paper))
+        if paper and stability:
+            others.append(_spans(chunk, pool, n_texts, rank, tolerances, start, False))
+        for i, (s, (indices, variance, total, directions, used_rank, _)) in enumerate(
             zip(chunk, spans, strict=True)
         ):
             idx = np.asarray(indices, dtype=np.int64)
@@ -358,7 +351,7 @@ def text_span_from_stats(
     texts: Sequence[str] | None = None,
     rank_tolerance: float | None = None,
     convention: str = "textspan",
-    stability: bool = True,
+    stability: bool = False,
 ) -> SpanResult:
     """TextSpan for one head given its statistics (see `text_span`)."""
     if not isinstance(stats, HeadStats):
@@ -383,7 +376,7 @@ def text_span(
     texts: Sequence[str] | None = None,
     rank_tolerance: float | None = None,
     convention: str = "textspan",
-    stability: bool = True,
+    stability: bool = False,
 ) -> SpanResult:
     """TextSpan for one attention head (the paper's Algorithm 1).
 
@@ -410,11 +403,12 @@ def text_span(
             of the signal: without it, a float16 head of rank 17 would count 30–40
             directions and its picks would follow the noise.
         convention: "textspan" (the above) or "paper": exactly `rank` directions as
-            published, those beyond the outputs' numerical rank included (a warning says
-            when there are such: the picks then depend on rounding). Takes no
-            `rank_tolerance`.
-        stability: also find how many of the first picks survive a rounding-level
-            perturbation of the outputs (`SpanResult.stable`; one or two more runs).
+            published, those beyond the outputs' numerical rank (by `rank_tolerance`)
+            included; a warning says when there are such, since the picks then depend on
+            rounding.
+        stability: also find how many of the first picks survive rounding-level
+            perturbations of the outputs (`SpanResult.stable`; `STABILITY_TRIALS` more
+            runs, one more in the paper's convention). The commands turn it on.
 
     Returns:
         A `SpanResult`. If the span is exhausted before `n_texts` texts (n_texts above the
@@ -441,7 +435,7 @@ def text_span_heads(
     progress: bool = True,
     rank_tolerance: float | None = None,
     convention: str = "textspan",
-    stability: bool = True,
+    stability: bool = False,
 ) -> Any:
     """TextSpan for many heads at once, in parallel, sharing one copy of the text pool.
 

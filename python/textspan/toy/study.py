@@ -177,6 +177,7 @@ def spans_for(
             texts=texts,
             progress=progress,
             convention=contributions.convention,
+            stability=True,
         )
     return {(a, b): found[a][b] for a in range(layers) for b in range(heads)}
 

@@ -21,8 +21,9 @@
 //! published algorithm would fill them with arbitrary singular vectors of rounding noise.
 //! Outputs stored in a low precision carry rounding noise of their own far above
 //! `RANK_TOLERANCE`; their callers raise the tolerance to that precision's noise level.
-//! A tolerance of exactly 0 keeps `rank` directions whatever their eigenvalues, as the
-//! published algorithm does (those beyond the outputs' rank are then rounding noise).
+//! `SpanParams::exact_rank` keeps `rank` directions whatever their eigenvalues, as the
+//! published algorithm does (those beyond the outputs' rank are then rounding noise); the
+//! tolerance then only counts the outputs' numerical rank (`Span::numerical_rank`).
 
 use faer::linalg::matmul::matmul;
 use faer::{Accum, Mat, MatMut, MatRef, Par, Side};
@@ -50,12 +51,26 @@ const CHOLESKY_FRACTION: f64 = 1e-2;
 pub struct SpanParams {
     pub n_texts: usize,
     pub rank: usize,
+    /// Exactly `rank` directions, null-space ones included (the published algorithm).
+    pub exact_rank: bool,
 }
 
 impl SpanParams {
     /// `n_texts` texts in a span of at most `rank` directions.
     pub fn new(n_texts: usize, rank: usize) -> Self {
-        SpanParams { n_texts, rank }
+        SpanParams {
+            n_texts,
+            rank,
+            exact_rank: false,
+        }
+    }
+
+    /// The same, in exactly `rank` directions as published.
+    pub fn exact(n_texts: usize, rank: usize) -> Self {
+        SpanParams {
+            exact_rank: true,
+            ..SpanParams::new(n_texts, rank)
+        }
     }
 }
 
@@ -97,6 +112,9 @@ pub struct Span {
     /// The dimension of the span the texts were projected on (`rank`, or less when the
     /// outputs have fewer non-zero directions).
     pub rank: usize,
+    /// How many directions of the second moment are above the rank tolerance (the
+    /// outputs' numerical rank, not capped at `rank`).
+    pub numerical_rank: usize,
 }
 
 /// A text pool: rows scaled to unit norm, held once and shared by every head.
@@ -182,6 +200,7 @@ struct HeadBasis {
     v: Mat<f64>,
     lambda: Vec<f64>,
     total_variance: f64,
+    numerical_rank: usize,
 }
 
 fn check_params(params: SpanParams, m: usize) -> Result<()> {
@@ -211,10 +230,10 @@ fn check_head(h: usize, head: &HeadMoments, d: usize) -> Result<()> {
             head.count.to_string(),
         ));
     }
-    if !(head.rank_tolerance >= 0.0 && head.rank_tolerance < 1.0) {
+    if !(head.rank_tolerance > 0.0 && head.rank_tolerance < 1.0) {
         return Err(Error::value(
             what("rank_tolerance"),
-            "0 (the published algorithm's exact rank) or a fraction between 0 and 1",
+            "a fraction between 0 and 1 (exclusive)",
             head.rank_tolerance.to_string(),
         ));
     }
@@ -297,22 +316,23 @@ fn pivoted_cholesky(g: MatRef<f64>, tolerance: f64, max_rank: usize) -> Option<M
 }
 
 /// Eigenpairs (descending) of the symmetric PSD matrix `g`, those above `tolerance` times
-/// the largest only, at most `rank` of them; with `tolerance` 0, exactly `rank` of them
-/// (the published algorithm's basis, null-space directions included).
+/// the largest only, at most `rank` of them; with `exact_rank`, exactly `rank` of them
+/// (the published algorithm's basis, null-space directions included). Also how many are
+/// above the tolerance.
 fn dominant_eigenvectors(
     g: MatRef<f64>,
     rank: usize,
     tolerance: f64,
-) -> Result<(Mat<f64>, Vec<f64>)> {
+    exact_rank: bool,
+) -> Result<(Mat<f64>, Vec<f64>, usize)> {
     let d = g.nrows();
     let max_diag = (0..d).map(|i| g[(i, i)]).fold(0.0f64, f64::max);
-    if max_diag <= 0.0 {
-        return Ok((Mat::zeros(d, 0), Vec::new()));
+    if max_diag <= 0.0 && !exact_rank {
+        return Ok((Mat::zeros(d, 0), Vec::new(), 0));
     }
     let not_converged = || Error::value("eigendecomposition", "convergence", "no convergence");
     // Low rank (real heads write into a subspace of about the head width): factor first,
     // then decompose the small factor. Otherwise one dense eigendecomposition.
-    let exact_rank = tolerance == 0.0;
     let factor = if exact_rank {
         None // the null space is wanted too: only a full decomposition has it
     } else {
@@ -329,7 +349,7 @@ fn dominant_eigenvectors(
             let values = (0..l.ncols()).map(|i| s[i] * s[i]).collect();
             (svd.U().to_owned(), values)
         }
-        Some(_) => return Ok((Mat::zeros(d, 0), Vec::new())),
+        Some(_) => return Ok((Mat::zeros(d, 0), Vec::new(), 0)),
         None => {
             let evd = g
                 .self_adjoint_eigen(Side::Lower)
@@ -341,23 +361,28 @@ fn dominant_eigenvectors(
     let mut order: Vec<usize> = (0..values.len()).collect();
     order.sort_by(|&a, &b| values[b].total_cmp(&values[a]));
     let largest = values[order[0]];
+    let numerical = order
+        .iter()
+        .filter(|&&i| values[i] > tolerance * largest)
+        .count();
     let keep: Vec<usize> = order
         .into_iter()
         .filter(|&i| exact_rank || values[i] > tolerance * largest)
         .take(rank)
         .collect();
     let v = Mat::from_fn(d, keep.len(), |i, c| vectors[(i, keep[c])]);
-    Ok((v, keep.iter().map(|&i| values[i]).collect()))
+    Ok((v, keep.iter().map(|&i| values[i]).collect(), numerical))
 }
 
-fn head_basis(head: &HeadMoments, rank: usize) -> Result<HeadBasis> {
+fn head_basis(head: &HeadMoments, rank: usize, exact_rank: bool) -> Result<HeadBasis> {
     let d = head.mean.len();
     let cov = match head.covariance.as_slice() {
         Some(c) => MatRef::from_row_major_slice(c, d, d).to_owned(),
         None => Mat::from_fn(d, d, |i, j| head.covariance[[i, j]]),
     };
     let second = Mat::from_fn(d, d, |i, j| cov[(i, j)] + head.mean[i] * head.mean[j]);
-    let (v, _) = dominant_eigenvectors(second.as_ref(), rank, head.rank_tolerance)?;
+    let (v, _, numerical_rank) =
+        dominant_eigenvectors(second.as_ref(), rank, head.rank_tolerance, exact_rank)?;
     let r = v.ncols();
     // Rotate the basis so that the covariance restricted to the span is diagonal.
     let cv = &cov * &v;
@@ -375,6 +400,7 @@ fn head_basis(head: &HeadMoments, rank: usize) -> Result<HeadBasis> {
         v: &v * &w,
         lambda,
         total_variance: (0..d).map(|i| cov[(i, i)]).sum(),
+        numerical_rank,
     })
 }
 
@@ -447,6 +473,7 @@ fn greedy<T: Real>(basis: &HeadBasis, pool: &TextPool<T>, n_texts: usize) -> Spa
         total_variance: basis.total_variance,
         directions: Array2::zeros((0, d)),
         rank,
+        numerical_rank: basis.numerical_rank,
     };
     if r == 0 {
         return empty(0);
@@ -552,7 +579,7 @@ pub fn text_span_heads<T: Real>(
     parallel::install(|| {
         let bases = heads
             .par_iter()
-            .map(|head| head_basis(head, params.rank))
+            .map(|head| head_basis(head, params.rank, params.exact_rank))
             .collect::<Result<Vec<_>>>()?;
         Ok(bases
             .iter()
@@ -608,7 +635,7 @@ mod tests {
         )
         .expect("rank 10 < 16");
         assert_eq!(l.ncols(), k);
-        let (v, values) = dominant_eigenvectors(g.as_ref(), 6, RANK_TOLERANCE).unwrap();
+        let (v, values, _) = dominant_eigenvectors(g.as_ref(), 6, RANK_TOLERANCE, false).unwrap();
         let evd = g.self_adjoint_eigen(Side::Lower).unwrap();
         let dense = Mat::from_fn(d, 6, |i, c| evd.U()[(i, d - 1 - c)]);
         let diff = projector(&v) - projector(&dense);
@@ -633,7 +660,7 @@ mod tests {
             pivoted_cholesky(g.as_ref(), CHOLESKY_FRACTION * RANK_TOLERANCE * max_diag, 8)
                 .is_none()
         );
-        let (v, values) = dominant_eigenvectors(g.as_ref(), 40, RANK_TOLERANCE).unwrap();
+        let (v, values, _) = dominant_eigenvectors(g.as_ref(), 40, RANK_TOLERANCE, false).unwrap();
         assert_eq!(v.ncols(), 32, "rank is capped at D");
         assert!(values.windows(2).all(|w| w[0] >= w[1]));
     }
@@ -648,14 +675,20 @@ mod tests {
                 0.0
             }
         });
-        let kept = |tolerance| dominant_eigenvectors(g.as_ref(), 6, tolerance).unwrap().1;
+        let kept = |tolerance| {
+            dominant_eigenvectors(g.as_ref(), 6, tolerance, false)
+                .unwrap()
+                .1
+        };
         assert_eq!(kept(RANK_TOLERANCE).len(), 4);
         assert_eq!(kept(1e-5).len(), 2);
-        // 0: exactly the rank asked for, null space included, as published.
-        assert_eq!(kept(0.0).len(), 6);
+        // Exactly the rank asked for, null space included, as published; the tolerance
+        // still counts the numerical rank.
+        let (v, _, numerical) = dominant_eigenvectors(g.as_ref(), 6, 1e-5, true).unwrap();
+        assert_eq!((v.ncols(), numerical), (6, 2));
         let (mean, cov) = (Array1::<f64>::zeros(8), Array2::<f64>::eye(8));
         let bad = HeadMoments {
-            rank_tolerance: 1.0,
+            rank_tolerance: 0.0,
             ..HeadMoments::new(10.0, mean.view(), cov.view())
         };
         assert!(check_head(0, &bad, 8).is_err());

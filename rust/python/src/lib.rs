@@ -94,6 +94,7 @@ type SpanTuple<'py> = (
     f64,
     Bound<'py, PyArray2<f64>>,
     usize,
+    usize,
 );
 
 fn span_tuple(py: Python<'_>, s: Span) -> SpanTuple<'_> {
@@ -103,14 +104,17 @@ fn span_tuple(py: Python<'_>, s: Span) -> SpanTuple<'_> {
         s.total_variance,
         s.directions.into_pyarray(py),
         s.rank,
+        s.numerical_rank,
     )
 }
 
 /// TextSpan for K heads given by their statistics: counts [K], means [K, D], population
 /// covariances [K, D, D] and rank tolerances [K] (directions of a head's second moment below
-/// its tolerance times the largest eigenvalue count as absent). Returns one tuple per head:
-/// (indices, variance, total_variance, directions, rank).
+/// its tolerance times the largest eigenvalue count as absent, unless `exact_rank`: then
+/// exactly `rank` directions, as published). Returns one tuple per head: (indices, variance,
+/// total_variance, directions, rank, numerical_rank).
 #[pyfunction]
+#[pyo3(signature = (pool, counts, means, covariances, rank_tolerances, n_texts, rank, exact_rank=false))]
 #[allow(clippy::too_many_arguments)]
 fn text_span_heads<'py>(
     py: Python<'py>,
@@ -121,6 +125,7 @@ fn text_span_heads<'py>(
     rank_tolerances: PyReadonlyArray1<'py, f64>,
     n_texts: usize,
     rank: usize,
+    exact_rank: bool,
 ) -> PyResult<Vec<SpanTuple<'py>>> {
     let counts = counts.as_array().to_owned();
     let means = means.as_array().to_owned();
@@ -142,7 +147,11 @@ fn text_span_heads<'py>(
             ),
         )));
     }
-    let params = SpanParams::new(n_texts, rank);
+    let params = if exact_rank {
+        SpanParams::exact(n_texts, rank)
+    } else {
+        SpanParams::new(n_texts, rank)
+    };
     let spans = py
         .detach(|| {
             let heads: Vec<HeadMoments> = (0..k)
