@@ -26,7 +26,7 @@ def _check_engine(engine: str) -> None:
 
 
 def extract(
-    images: str | os.PathLike,
+    images: str | os.PathLike | Any,
     out: str | os.PathLike,
     model: str = "ViT-B-16",
     pretrained: str | None = None,
@@ -49,7 +49,9 @@ def extract(
     """Decomposes every image under `images` into a store in `out`, resuming if it exists.
 
     Args:
-        images: an ImageFolder-layout folder (labels from sub-folders) or a flat folder.
+        images: an ImageFolder-layout folder (labels from sub-folders), a flat folder, a
+            dataset spec ("imagenet:ROOT", "waterbirds:ROOT:SPLIT", "webdataset:GLOB"; see
+            `textspan.datasets`) or an `ImageSet`.
         out: the store's folder.
         model, pretrained, precision: as in `textspan.load`.
         batch_size: images per forward pass.

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from ..datasets import ImageSet, open_images
 from ..errors import InputError, StoreError, UnreadableImageError
 from ..models import Decomposer, load, tower_of
 from ..store.format import (
@@ -37,7 +38,7 @@ from ..store.format import (
     write_atomic,
     writer_lock,
 )
-from ..store.images import ReadableBatch, TolerantImages, collate_readable, list_images, stamps
+from ..store.images import ReadableBatch, TolerantImages, collate_readable, stamps
 from ..store.sums import DeviceStats, save_sums
 
 __all__ = ["extract_local"]
@@ -198,17 +199,28 @@ def extract_local(
 ) -> Store:
     """`textspan.extract(..., engine="local")`. `after_batch(rows)` is called after each
     batch is recorded, with the number of rows written so far (before any checkpoint)."""
-    root, out = Path(images), Path(out)
+    out = Path(out)
     if out.exists() and not out.is_dir():
         raise InputError(f"out: expected a folder for the store, got the file {out}")
-    listing = list_images(root)
-    files = listing[0]
+    source = open_images(images)
+    root, files = source.root, source.files
+    listing = (files, source.labels.tolist(), source.classes)
     net, preprocess, _ = load(model, pretrained=pretrained, device=device, precision=precision)
     tower = tower_of(net)
     shape = (tower.layers, tower.heads, tower.dim)
     stamped = stamps(root, files)
     manifest = make_manifest(
-        model, pretrained, precision, dtype, root, listing, shape, stamped, convention
+        model,
+        pretrained,
+        precision,
+        dtype,
+        root,
+        listing,
+        shape,
+        stamped,
+        convention,
+        source.name,
+        source.attributes,
     )
     out.mkdir(parents=True, exist_ok=True)
     interrupts = _Interrupts()
@@ -222,7 +234,7 @@ def extract_local(
         _run(
             store,
             net,
-            root,
+            source,
             preprocess,
             batch_size,
             workers,
@@ -239,7 +251,7 @@ def extract_local(
 def _run(
     store: _Checkpoints,
     net: Any,
-    root: Path,
+    source: ImageSet,
     preprocess: Any,
     batch_size: int,
     workers: int,
@@ -255,7 +267,7 @@ def _run(
     device = next(net.parameters()).device
     every = max(1, -(-checkpoint_every // batch_size)) * batch_size
     loader = torch.utils.data.DataLoader(
-        TolerantImages(root, files, preprocess, store.files),
+        TolerantImages(source.root, files, preprocess, store.files, source.reader),
         batch_size=batch_size,
         num_workers=workers,
         shuffle=False,

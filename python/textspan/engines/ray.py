@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from ..core.stats import HeadStats
+from ..datasets import open_images
 from ..errors import InputError, MissingDependencyError, StoreError, UnreadableImageError
 from ..models import Decomposer, encode_texts, load, skeleton, tower_of
 from ..store.format import (
@@ -39,7 +40,7 @@ from ..store.format import (
     write_atomic,
     writer_lock,
 )
-from ..store.images import TolerantImages, collate_readable, list_images, stamps
+from ..store.images import TolerantImages, collate_readable, stamps
 from ..store.sums import DeviceStats, save_sums, stats_from_sums
 
 __all__ = ["SHARDS", "encode_texts_ray", "extract_ray"]
@@ -353,7 +354,7 @@ def _write_shards(
 
 
 def extract_ray(
-    images: str | os.PathLike,
+    images: str | os.PathLike | Any,
     out: str | os.PathLike,
     model: str,
     pretrained: str | None,
@@ -384,13 +385,29 @@ def extract_ray(
         "batch_size": batch_size,
         "before_shard": before_shard,
     }
-    root, out = Path(images), Path(out)
-    listing = list_images(root)
-    files, labels, _ = listing
+    out = Path(out)
+    source = open_images(images)
+    if source.reader is not None:
+        raise InputError(
+            f"the Ray engine reads image files, not items of {source.name} containers; use "
+            "--engine local for WebDataset shards"
+        )
+    root, files, labels = source.root, source.files, source.labels.tolist()
+    listing = (files, labels, source.classes)
     shape = _tower_shape(model, pretrained)
     stamped = stamps(root, files)
     manifest = make_manifest(
-        model, pretrained, precision, dtype, root, listing, shape, stamped, convention
+        model,
+        pretrained,
+        precision,
+        dtype,
+        root,
+        listing,
+        shape,
+        stamped,
+        convention,
+        source.name,
+        source.attributes,
     )
     if out.exists() and not out.is_dir():
         raise InputError(f"out: expected a folder for the store, got the file {out}")

@@ -175,6 +175,15 @@ class Store:
         return self.manifest["classes"]
 
     @property
+    def attributes(self) -> dict[str, np.ndarray]:
+        """Per-row integers the images' reader gave (Waterbirds: place, group)."""
+        kept = [f not in self.skipped for f in self.manifest["files"]]
+        return {
+            k: np.asarray(v, dtype=np.int64)[kept]
+            for k, v in self.manifest.get("attributes", {}).items()
+        }
+
+    @property
     def convention(self) -> str:
         """The decomposition's convention the rows were written in ("textspan", "paper")."""
         return manifest_value(self.manifest, "convention")
@@ -384,11 +393,14 @@ def make_manifest(
     shape: tuple[int, int, int],
     stamps: list[list[int]],
     convention: str = "textspan",
+    dataset: str = "folder",
+    attributes: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """What identifies a store: the model, the images (`listing`: files, labels and classes,
     as `list_images` gives them, and each file's size and modification time), the arrays'
-    shape (layers, heads, D) and the decomposition's convention."""
-    files, _, classes = listing  # the labels follow from the classes and the files
+    shape (layers, heads, D) and the decomposition's convention. `dataset` names the reader
+    (`textspan.datasets`), `attributes` are its per-image integers (Waterbirds' place)."""
+    files, labels, classes = listing
     layers, heads, dim = shape
     return {
         "version": STORE_VERSION,
@@ -404,12 +416,18 @@ def make_manifest(
         "dim": dim,
         "classes": classes,
         "files": files,
+        "labels": [int(v) for v in labels],
         "stamps": stamps,
+        "dataset": dataset,
+        "attributes": {k: [int(v) for v in a] for k, a in (attributes or {}).items()},
     }
 
 
 def labels_of(manifest: dict[str, Any]) -> list[int]:
-    """Each listed file's label: its class folder's index, or -1 in a flat set."""
+    """Each listed file's label: as its reader gave it, or (stores from before labels were
+    recorded) its class folder's index, or -1 in a flat set."""
+    if "labels" in manifest:
+        return list(manifest["labels"])
     classes = {name: i for i, name in enumerate(manifest["classes"])}
     return [classes.get(Path(f).parts[0], -1) if classes else -1 for f in manifest["files"]]
 
@@ -461,6 +479,17 @@ def check_resume(old: dict[str, Any], new: dict[str, Any], passed: set[str], out
     ]
     if old["classes"] != new["classes"] and not problems:
         problems.append(f"the classes differ ({old['classes'][:3]} … there)")
+    if "labels" in old and not problems:
+        before_labels = dict(zip(old["files"], old["labels"], strict=True))
+        relabelled = [
+            f
+            for f, label in zip(new["files"], new["labels"], strict=True)
+            if before_labels.get(f, label) != label
+        ]
+        if relabelled:
+            problems.append(
+                f"{len(relabelled)} relabelled (e.g. {relabelled[0]}: another label file?)"
+            )
     if problems:
         raise StoreError(
             f"{out} holds a store begun on other images: since then, images were "

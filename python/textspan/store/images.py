@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -71,13 +72,21 @@ def list_images(root: str | os.PathLike) -> tuple[list[str], list[int], list[str
     return files, labels, classes
 
 
+# An item inside a container file (a WebDataset shard): "CONTAINER//MEMBER".
+MEMBER_SEPARATOR = "//"
+
+
 def stamps(root: Path, files: list[str]) -> list[list[int]]:
-    """What identifies each file's content cheaply: [size, modification time in ns]."""
+    """What identifies each file's content cheaply: [size, modification time in ns] (of its
+    container, for an item inside one)."""
     out = []
     for f in files:
-        st = (root / f).stat()
+        st = (root / f.split(MEMBER_SEPARATOR, 1)[0]).stat()
         out.append([st.st_size, st.st_mtime_ns])
     return out
+
+
+Reader = Callable[[Path, str], Any]
 
 
 def read_image(path: Path, preprocess: Any) -> Any:
@@ -94,16 +103,33 @@ def read_image(path: Path, preprocess: Any) -> Any:
 
 class ImageDataset(torch.utils.data.Dataset):
     """Preprocessed images `files[start:]` under `root`, in order; an unreadable image is an
-    error naming it."""
+    error naming it. `reader(root, name)` opens items that are not plain files."""
 
-    def __init__(self, root: Path, files: list[str], preprocess: Any, start: int) -> None:
+    def __init__(
+        self,
+        root: Path,
+        files: list[str],
+        preprocess: Any,
+        start: int,
+        reader: Reader | None = None,
+    ) -> None:
         self.root, self.files, self.preprocess, self.start = root, files, preprocess, start
+        self.reader = reader
 
     def __len__(self) -> int:
         return len(self.files) - self.start
 
+    def _read(self, index: int) -> Any:
+        name = self.files[index]
+        if self.reader is None:
+            return read_image(self.root / name, self.preprocess)
+        try:
+            return self.preprocess(self.reader(self.root, name))
+        except (OSError, ValueError, SyntaxError, KeyError) as e:
+            raise UnreadableImageError(f"image {self.root / name} cannot be read: {e}") from None
+
     def __getitem__(self, i: int) -> torch.Tensor:
-        return read_image(self.root / self.files[self.start + i], self.preprocess)
+        return self._read(self.start + i)
 
 
 class TolerantImages(ImageDataset):
@@ -113,7 +139,7 @@ class TolerantImages(ImageDataset):
     def __getitem__(self, i: int) -> tuple[int, Any, str]:
         index = self.start + i
         try:
-            return index, read_image(self.root / self.files[index], self.preprocess), ""
+            return index, self._read(index), ""
         except UnreadableImageError as e:
             return index, None, str(e)
 
