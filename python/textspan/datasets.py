@@ -269,7 +269,9 @@ def _check_counts(ds: ImageSet) -> None:
 def waterbirds(root: str | os.PathLike, split: str) -> ImageSet:
     """`waterbird_complete95_forest2water2` with its `metadata.csv` (img_filename, y, split,
     place): the images of one split ("train", "val" or "test"). `labels` is y (0 landbird,
-    1 waterbird), `places` the place (0 land, 1 water), `groups` y × 2 + place."""
+    1 waterbird), `places` the place (0 land, 1 water), `groups` y × 2 + place. The class
+    names are "landbird" and "waterbird", or the lines of a `classes.txt` beside the
+    metadata (the toy dataset names its shapes so)."""
     root = Path(root)
     if split not in WATERBIRDS_SPLITS:
         raise InputError(f"waterbirds: split: expected train, val or test, got {split!r}")
@@ -296,11 +298,13 @@ def waterbirds(root: str | os.PathLike, split: str) -> ImageSet:
         )
     y = np.array([int(r["y"]) for r in rows], dtype=np.int64)
     place = np.array([int(r["place"]) for r in rows], dtype=np.int64)
+    names = root / "classes.txt"
+    classes = names.read_text().split("\n")[:2] if names.is_file() else ["landbird", "waterbird"]
     return ImageSet(
         root,
         files,
         y,
-        ["landbird", "waterbird"],
+        classes,
         f"waterbirds:{split}",
         attributes={"place": place, "group": y * 2 + place},
     )

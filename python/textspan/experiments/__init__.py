@@ -8,11 +8,22 @@ that write an output folder), e.g.
 The command line (`textspan.cli`) is assembled from `COMMANDS`.
 """
 
-from . import ablate, demo, explore, extract, repair, retrieve, segment, span, toy_train
+from . import (
+    ablate,
+    demo,
+    explore,
+    extract,
+    repair,
+    retrieve,
+    segment,
+    span,
+    toy_data,
+    toy_train,
+)
 from .common import class_names
 
 # In the order `textspan --help` lists them.
-COMMANDS = (demo, extract, ablate, span, repair, retrieve, segment, explore, toy_train)
+COMMANDS = (demo, extract, ablate, span, repair, retrieve, segment, explore, toy_train, toy_data)
 
 __all__ = [
     "COMMANDS",
@@ -25,5 +36,6 @@ __all__ = [
     "retrieve",
     "segment",
     "span",
+    "toy_data",
     "toy_train",
 ]
