@@ -1,0 +1,235 @@
+"""The readers of `textspan.datasets` on small fixtures written in each real layout: every
+reader returns exactly what was written, and bad inputs are one clear error each."""
+
+from __future__ import annotations
+
+import csv
+import io
+import tarfile
+
+import h5py
+import numpy as np
+import pytest
+from PIL import Image
+
+import textspan
+from conftest import extract_options
+from textspan import InputError, MissingFileError
+from textspan.datasets import (
+    imagenet,
+    imagenet_segmentation,
+    open_images,
+    waterbirds,
+    webdataset,
+)
+from textspan.models import imagenet_synsets
+
+SYNSETS = imagenet_synsets()
+
+
+def pixels(seed: int, size=(20, 24)) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (*size, 3), dtype=np.uint8)
+
+
+def save(path, array) -> None:
+    """PNG content (lossless) under any name, as PIL reads by content."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path, format="PNG")
+
+
+@pytest.fixture
+def flat_imagenet(tmp_path):
+    """Six flat validation images, labelled in LOC_val_solution.csv out of file order."""
+    root = tmp_path / "val"
+    labels = [999, 0, 417, 0, 5, 640]
+    rows = []
+    for i, label in enumerate(labels, 1):
+        save(root / f"ILSVRC2012_val_{i:08d}.JPEG", pixels(i))
+        rows.append(
+            (f"ILSVRC2012_val_{i:08d}", f"{SYNSETS[label]} 1 2 30 40 {SYNSETS[label]} 3 4 5 6")
+        )
+    with open(tmp_path / "LOC_val_solution.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["ImageId", "PredictionString"])
+        writer.writerows(reversed(rows))
+    return root, labels
+
+
+def test_flat_imagenet_with_the_solution_csv(flat_imagenet):
+    root, labels = flat_imagenet
+    ds = imagenet(root)
+    assert ds.files == [f"ILSVRC2012_val_{i:08d}.JPEG" for i in range(1, 7)]
+    np.testing.assert_array_equal(ds.labels, labels)
+    assert ds.classes == SYNSETS and ds.classes[0] == "n01440764" and ds.classes[-1] == "n15075141"
+    image, target = ds[2]
+    np.testing.assert_array_equal(np.asarray(image), pixels(3))
+    assert target == 417
+
+
+def test_flat_imagenet_with_the_devkit(tmp_path):
+    from scipy.io import savemat
+
+    root, devkit = tmp_path / "val", tmp_path / "ILSVRC2012_devkit_t12" / "data"
+    devkit.mkdir(parents=True)
+    # meta.mat numbers synsets in its own order (ILSVRC2012_ID), not the sorted one.
+    order = np.random.default_rng(0).permutation(1000)
+    synsets = np.zeros(1000, dtype=[("ILSVRC2012_ID", "O"), ("WNID", "O")])
+    for k, s in enumerate(order):
+        synsets[k] = (k + 1, SYNSETS[s])
+    savemat(devkit / "meta.mat", {"synsets": synsets})
+    labels = [3, 999, 3, 0]
+    ids = [int(np.flatnonzero(order == label)[0]) + 1 for label in labels]
+    (devkit / "ILSVRC2012_validation_ground_truth.txt").write_text("\n".join(map(str, ids)))
+    for i in range(1, 5):
+        save(root / f"ILSVRC2012_val_{i:08d}.JPEG", pixels(i))
+    np.testing.assert_array_equal(imagenet(root).labels, labels)
+    np.testing.assert_array_equal(imagenet(root, devkit).labels, labels)
+
+
+def test_imagenet_class_folders_take_the_standard_indices(tmp_path):
+    for synset, n in (("n15075141", 2), ("n01440764", 1), ("n02085620", 2)):
+        for i in range(n):
+            save(tmp_path / synset / f"{i}.png", pixels(i))
+    ds = open_images(f"imagenet:{tmp_path}")
+    np.testing.assert_array_equal(ds.labels, [0, 151, 151, 999, 999])
+    assert ds.files[0].startswith("n01440764/")
+
+
+def test_imagenet_label_problems_are_named(flat_imagenet, tmp_path):
+    root, _ = flat_imagenet
+    solution = tmp_path / "LOC_val_solution.csv"
+    solution.write_text(solution.read_text().replace(SYNSETS[417], "n99999999", 1))
+    with pytest.raises(InputError, match="n99999999"):
+        imagenet(root)
+    solution.unlink()
+    with pytest.raises(MissingFileError, match=r"LOC_val_solution\.csv"):
+        imagenet(root)
+
+
+def test_a_full_validation_set_with_wrong_counts_warns(tmp_path):
+    """50,000 images whose labels are not 50 per class: a warning (the files are empty,
+    since only the labels are read)."""
+    root = tmp_path / "val"
+    root.mkdir()
+    rows = []
+    for i in range(1, 50_001):
+        (root / f"ILSVRC2012_val_{i:08d}.JPEG").touch()
+        rows.append((f"ILSVRC2012_val_{i:08d}", f"{SYNSETS[i % 999]} 0 0 1 1"))
+    with open(root / "LOC_val_solution.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["ImageId", "PredictionString"])
+        writer.writerows(rows)
+    with pytest.warns(RuntimeWarning, match="50 images per class"):
+        imagenet(root)
+
+
+def test_waterbirds_round_trips_the_toy_layout(tmp_path):
+    from textspan.cli import main
+
+    assert main(["toy-data", "waterbirds", str(tmp_path), "--train", "20", "--val", "4",
+                 "--test", "6"]) == 0  # fmt: skip
+    with open(tmp_path / "metadata.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    for split, index in (("train", 0), ("val", 1), ("test", 2)):
+        expected = [r for r in rows if int(r["split"]) == index]
+        ds = waterbirds(tmp_path, split)
+        assert ds.files == [r["img_filename"] for r in expected]
+        np.testing.assert_array_equal(ds.labels, [int(r["y"]) for r in expected])
+        np.testing.assert_array_equal(ds.places, [int(r["place"]) for r in expected])
+        np.testing.assert_array_equal(ds.groups, ds.labels * 2 + ds.places)
+        image, _ = ds[0]
+        np.testing.assert_array_equal(
+            np.asarray(image), np.asarray(Image.open(tmp_path / ds.files[0]).convert("RGB"))
+        )
+    assert ds.classes == ["circle", "triangle"]
+    assert np.bincount(waterbirds(tmp_path, "train").groups).tolist() == [19, 1, 1, 19]
+    text = (tmp_path / "metadata.csv").read_text().replace(",place", ",where")
+    (tmp_path / "metadata.csv").write_text(text)
+    with pytest.raises(InputError, match="missing place"):
+        waterbirds(tmp_path, "test")
+
+
+def write_gtsegs(path, images, masks, with_images=True) -> None:
+    """A MATLAB v7.3-style file: /value/img[i, 0] references an image stored transposed
+    (3, W, H); /value/gt[i, 0] references a 1×1 cell whose reference points at the mask
+    stored transposed (W, H)."""
+    ref = h5py.special_dtype(ref=h5py.Reference)
+    with h5py.File(path, "w") as f:
+        refs = f.create_group("#refs#")
+        img = np.empty((len(images), 1), dtype=ref)
+        gt = np.empty((len(images), 1), dtype=ref)
+        for i, (image, mask) in enumerate(zip(images, masks, strict=True)):
+            img[i, 0] = refs.create_dataset(f"img{i}", data=image.transpose(2, 1, 0)).ref
+            target = refs.create_dataset(f"mask{i}", data=mask.transpose(1, 0))
+            cell = refs.create_dataset(f"cell{i}", (1, 1), dtype=ref)
+            cell[0, 0] = target.ref
+            gt[i, 0] = cell.ref
+        value = f.create_group("value")
+        if with_images:
+            value.create_dataset("img", data=img)
+        value.create_dataset("gt", data=gt)
+
+
+def test_imagenet_segmentation_round_trips_a_v73_file(tmp_path):
+    rng = np.random.default_rng(0)
+    images = [pixels(i, (18 + i, 25)) for i in range(3)]
+    masks = [rng.integers(0, 2, im.shape[:2], dtype=np.uint8) for im in images]
+    write_gtsegs(tmp_path / "gtsegs_ijcv.mat", images, masks)
+    ds = imagenet_segmentation(tmp_path / "gtsegs_ijcv.mat")
+    assert len(ds) == 3
+    for i in range(3):
+        image, mask = ds[i]
+        np.testing.assert_array_equal(np.asarray(image), images[i])
+        np.testing.assert_array_equal(mask, masks[i])
+    write_gtsegs(tmp_path / "broken.mat", images, masks, with_images=False)
+    with pytest.raises(InputError, match="/value/img"):
+        imagenet_segmentation(tmp_path / "broken.mat")
+
+
+def write_shards(folder, per_shard=3, shards=2, images=True) -> list[tuple[np.ndarray, int]]:
+    """img2dataset-style shards: KEY.png, KEY.txt, KEY.json and KEY.cls per sample."""
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    for s in range(shards):
+        with tarfile.open(folder / f"{s:05d}.tar", "w") as tar:
+            for k in range(per_shard):
+                key = f"{s:05d}{k:04d}"
+                array = pixels(100 * s + k)
+                buffer = io.BytesIO()
+                Image.fromarray(array).save(buffer, format="PNG")
+                label = (s * per_shard + k) % 3
+                members = {".txt": b"a caption", ".json": b"{}", ".cls": str(label).encode()}
+                if images:
+                    members[".png"] = buffer.getvalue()
+                for suffix, data in members.items():
+                    info = tarfile.TarInfo(key + suffix)
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+                written.append((array, label))
+    return written
+
+
+def test_webdataset_shards_round_trip_and_extract(tmp_path, tiny):
+    written = write_shards(tmp_path / "shards")
+    ds = webdataset(str(tmp_path / "shards" / "*.tar"))
+    assert len(ds) == 6 and ds.files[0] == "00000.tar//000000000.png"
+    for i, (array, label) in enumerate(written):
+        image, target = ds[i]
+        np.testing.assert_array_equal(np.asarray(image), array)
+        assert target == label
+    spec = f"webdataset:{tmp_path / 'shards' / '*.tar'}"
+    store = textspan.extract(spec, tmp_path / "store", **extract_options(tiny))
+    assert len(store) == 6 and store.files == ds.files
+    np.testing.assert_array_equal(store.labels, ds.labels)
+    again = textspan.extract(spec, tmp_path / "store", **extract_options(tiny))  # resumes
+    np.testing.assert_array_equal(again.heads[:], store.heads[:])
+    write_shards(tmp_path / "captions", images=False)
+    with pytest.raises(InputError, match="no image members"):
+        webdataset(str(tmp_path / "captions" / "*.tar"))
+
+
+def test_extract_over_a_dataset_spec_keeps_its_labels(flat_imagenet, tmp_path, tiny):
+    root, labels = flat_imagenet
+    store = textspan.extract(f"imagenet:{root}", tmp_path / "s", **extract_options(tiny))
+    np.testing.assert_array_equal(store.labels, labels)
+    assert store.manifest["dataset"] == "imagenet" and store.classes == SYNSETS
