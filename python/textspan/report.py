@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 __all__ = [
+    "crop_rgb",
     "image_grid",
     "line_plot",
     "output_folder",
@@ -118,14 +119,20 @@ def repair_plot(path: Path, result: Any) -> Path:
 
 
 def load_rgb(path: str | os.PathLike, size: int) -> np.ndarray:
+    """An image file resized and centre-cropped to size × size, as the models see it."""
     from PIL import Image
 
     with Image.open(path) as im:
-        im = im.convert("RGB")
-        scale = size / min(im.size)
-        im = im.resize((max(size, round(im.width * scale)), max(size, round(im.height * scale))))
-        left, top = (im.width - size) // 2, (im.height - size) // 2
-        return np.asarray(im.crop((left, top, left + size, top + size)))
+        return crop_rgb(im, size)
+
+
+def crop_rgb(im: Any, size: int) -> np.ndarray:
+    """A PIL image resized (shorter side) and centre-cropped to size × size RGB."""
+    im = im.convert("RGB")
+    scale = size / min(im.size)
+    im = im.resize((max(size, round(im.width * scale)), max(size, round(im.height * scale))))
+    left, top = (im.width - size) // 2, (im.height - size) // 2
+    return np.asarray(im.crop((left, top, left + size, top + size)))
 
 
 def image_grid(

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -88,20 +88,35 @@ class GroupAccuracy:
 
     groups: dict[tuple[int, int], float]
     worst: float
-    average: float
+    average: float  # over the images evaluated
+    counts: dict[tuple[int, int], int] = field(default_factory=dict)  # images per group
 
     @property
     def worst_group(self) -> tuple[int, int]:
         return min(self.groups, key=self.groups.get)
 
+    @property
+    def balanced(self) -> float:
+        """The mean of the groups' accuracies (each group weighs the same)."""
+        return float(np.mean(list(self.groups.values())))
+
+    def weighted(self, sizes: Mapping[tuple[int, int], int]) -> float:
+        """The groups' accuracies weighted by `sizes` (e.g. the training split's group
+        sizes: the average over a set distributed like the training set)."""
+        total = sum(sizes.get(g, 0) for g in self.groups)
+        if total == 0:
+            raise InputError(f"sizes: expected counts for the groups {sorted(self.groups)}")
+        return float(sum(a * sizes.get(g, 0) for g, a in self.groups.items()) / total)
+
 
 def group_accuracy(correct: np.ndarray, labels: np.ndarray, attribute: np.ndarray) -> GroupAccuracy:
     """Per-group accuracy from a boolean [N] of correct predictions."""
-    groups = {}
+    groups, counts = {}, {}
     for y, a in sorted({(int(y), int(a)) for y, a in zip(labels, attribute, strict=True)}):
         members = (labels == y) & (attribute == a)
         groups[(y, a)] = float(correct[members].mean())
-    return GroupAccuracy(groups, min(groups.values()), float(correct.mean()))
+        counts[(y, a)] = int(members.sum())
+    return GroupAccuracy(groups, min(groups.values()), float(correct.mean()), counts)
 
 
 @dataclass

@@ -7,8 +7,10 @@ import argparse
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import torch
 
 from .. import report
 from ..analysis import Segmentation, segment
@@ -30,7 +32,11 @@ HELP = "zero-shot segmentation of an image folder"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("images", help="image folder: one sub-folder per class, or flat")
+    p.add_argument(
+        "images",
+        help="image folder (one sub-folder per class, or flat), or imagenet-seg:FILE "
+        "(gtsegs_ijcv.mat: images and masks, scored under both mask protocols)",
+    )
     store_options(p, store=False)
     model_options(p)
     p.add_argument(
@@ -82,28 +88,50 @@ class SegmentStudy:
 
     segmentation: Segmentation
     scores: dict[str, float] | None
+    # ImageNet-segmentation: the scores under each mask protocol ("paper", "aligned").
+    protocols: dict[str, dict[str, float]] | None = None
+
+
+def aligned_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """A mask [H0, W0] resized (nearest) and centre-cropped exactly like the model's
+    preprocessing crops its image; any non-zero pixel is foreground."""
+    from PIL import Image
+
+    im = Image.fromarray((np.asarray(mask) > 0).astype(np.uint8) * 255)
+    h, w = size
+    scale = max(h / im.height, w / im.width)
+    im = im.resize(
+        (max(w, round(im.width * scale)), max(h, round(im.height * scale))), Image.NEAREST
+    )
+    left, top = (im.width - w) // 2, (im.height - h) // 2
+    return np.asarray(im.crop((left, top, left + w, top + h))) > 0
+
+
+def paper_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """The paper's protocol: the mask resized (nearest) straight to the crop size, while its
+    image is resized and centre-cropped (the two disagree on images that are not square)."""
+    from PIL import Image
+
+    im = Image.fromarray((np.asarray(mask) > 0).astype(np.uint8) * 255)
+    return np.asarray(im.resize((size[1], size[0]), Image.NEAREST)) > 0
+
+
+# Mask protocols for a set whose masks come at the image's own size.
+MASK_PROTOCOLS = {"paper": paper_mask, "aligned": aligned_mask}
 
 
 def read_mask(path: Path, size: tuple[int, int]) -> np.ndarray:
-    """A mask file resized (nearest) and centre-cropped like the model's preprocessing; any
-    non-zero pixel is foreground."""
+    """A mask file, aligned with its image (`aligned_mask`)."""
     from PIL import Image
 
     with Image.open(path) as im:
-        im = im.convert("L")
-        values = np.unique(np.asarray(im))
+        values = np.unique(np.asarray(im.convert("L")))
         if not np.isin(values, (0, 1, 255)).all():
             raise InputError(
                 f"mask {path}: expected a binary mask (0/1 or 0/255), got values "
                 f"{values[:6].tolist()}"
             )
-        h, w = size
-        scale = max(h / im.height, w / im.width)
-        im = im.resize(
-            (max(w, round(im.width * scale)), max(h, round(im.height * scale))), Image.NEAREST
-        )
-        left, top = (im.width - w) // 2, (im.height - h) // 2
-        return np.asarray(im.crop((left, top, left + w, top + h))) > 0
+        return aligned_mask(np.asarray(im.convert("L")), size)
 
 
 def run(
@@ -125,8 +153,9 @@ def run(
     convention: str = "textspan",
 ) -> SegmentStudy:
     """Zero-shot segmentation of an image folder → heatmaps.npy, classes.csv, overlays.png,
-    and with `masks` (a folder of mask images named like the images) metrics.json."""
-    import torch
+    and with `masks` (a folder of mask images named like the images) metrics.json;
+    `images` "imagenet-seg:FILE" reads images and masks from gtsegs_ijcv.mat and scores
+    both mask protocols."""
 
     if method not in ("decomposition", "attention"):
         raise InputError(f"method: expected 'decomposition' or 'attention', got {method!r}")
@@ -136,6 +165,28 @@ def run(
             f"{batch_size} and {workers}"
         )
     template_list(templates)  # a bad templates file fails now, not after the work
+    if str(images).startswith("imagenet-seg:"):
+        if masks is not None or given_class:
+            raise InputError(
+                "imagenet-seg: the file holds the masks and no classes: drop --masks and "
+                "--given-class"
+            )
+        return _run_imagenet_seg(
+            str(images).split(":", 1)[1],
+            out,
+            model,
+            pretrained,
+            classes_file or "imagenet",
+            templates,
+            method,
+            batch_size,
+            workers,
+            overlays,
+            device,
+            precision,
+            progress,
+            convention,
+        )
     root = Path(images)
     files, labels, folders = list_images(root)
     if given_class and folders == []:
@@ -171,26 +222,95 @@ def run(
         convention=convention,
     )
     folder = report.output_folder(out)
-    _write(folder, result, root, files, names, overlays)
+    pictures = [report.load_rgb(root / f, size[0]) for f in files[: min(overlays, len(files))]]
+    _write(folder, result, files, names, pictures)
     scores = None
     if truth is not None:
         scores = result.scores(truth)
         report.write_json(
             folder / "metrics.json",
-            {"method": method, "convention": convention, "images": len(files), **scores},
+            {
+                "method": method,
+                "convention": convention,
+                "protocol": "aligned",
+                "images": len(files),
+                **scores,
+            },
         )
         print(", ".join(f"{k} {v:.2%}" for k, v in scores.items()))
     print(f"written: {folder}")
     return SegmentStudy(result, scores)
 
 
+class _Preprocessed(torch.utils.data.Dataset):
+    """The images of an ImageNet-segmentation file, preprocessed."""
+
+    def __init__(self, ds: Any, preprocess: Any) -> None:
+        self.ds, self.preprocess = ds, preprocess
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, i: int) -> Any:
+        return self.preprocess(self.ds[i][0])
+
+
+def _run_imagenet_seg(
+    path: str,
+    out: str | os.PathLike,
+    model: str,
+    pretrained: str | None,
+    classes_file: str,
+    templates: str | None,
+    method: str,
+    batch_size: int,
+    workers: int,
+    overlays: int,
+    device: str | None,
+    precision: str,
+    progress: bool,
+    convention: str,
+) -> SegmentStudy:
+    """ImageNet-segmentation: the predicted class's heatmap of each image, scored against its
+    mask under both protocols (`MASK_PROTOCOLS`)."""
+    from ..datasets import imagenet_segmentation
+
+    ds = imagenet_segmentation(path)
+    names = class_names([], classes_file)
+    net, preprocess, tokenizer = load(
+        model, pretrained=pretrained, device=device, precision=precision
+    )
+    size = tuple(int(v) for v in net.visual.image_size)
+    truth: dict[str, list[np.ndarray]] = {name: [] for name in MASK_PROTOCOLS}
+    for i in range(len(ds)):
+        mask = ds[i][1]
+        for name, protocol in MASK_PROTOCOLS.items():
+            truth[name].append(protocol(mask, size))
+    w = zero_shot_weights(net, tokenizer, names, templates)
+    loader = torch.utils.data.DataLoader(
+        _Preprocessed(ds, preprocess), batch_size=batch_size, num_workers=workers
+    )
+    result = segment(net, loader, w, method=method, progress=progress, convention=convention)
+    folder = report.output_folder(out)
+    pictures = [report.crop_rgb(ds[i][0], size[0]) for i in range(min(overlays, len(ds)))]
+    _write(folder, result, ds.files, names, pictures)
+    protocols = {name: result.scores(np.stack(m)) for name, m in truth.items()}
+    report.write_json(
+        folder / "metrics.json",
+        {"method": method, "convention": convention, "images": len(ds), "protocols": protocols},
+    )
+    for name, scores in protocols.items():
+        print(f"{name} masks: " + ", ".join(f"{k} {v:.2%}" for k, v in scores.items()))
+    print(f"written: {folder}")
+    return SegmentStudy(result, protocols["aligned"], protocols)
+
+
 def _write(
     folder: Path,
     result: Segmentation,
-    root: Path,
     files: list[str],
     names: list[str],
-    overlays: int,
+    pictures: list[np.ndarray],
 ) -> None:
     """heatmaps.npy, classes.csv and overlays.png (the first `overlays` images)."""
     np.save(folder / "heatmaps.npy", result.heatmaps)
@@ -199,10 +319,8 @@ def _write(
         ["file", "class", "name"],
         [[f, int(c), names[c]] for f, c in zip(files, result.classes, strict=True)],
     )
-    shown = min(overlays, len(files))
+    shown = len(pictures)
     if shown:
-        size = result.image_size
-        pictures = [report.load_rgb(root / f, size[0]) for f in files[:shown]]
         normalised = result.normalised()[:shown]
         report.overlays(
             folder / "overlays.png",
