@@ -14,6 +14,7 @@ from . import (
     explore,
     extract,
     repair,
+    reproduce,
     retrieve,
     segment,
     span,
@@ -23,7 +24,19 @@ from . import (
 from .common import class_names
 
 # In the order `textspan --help` lists them.
-COMMANDS = (demo, extract, ablate, span, repair, retrieve, segment, explore, toy_train, toy_data)
+COMMANDS = (
+    demo,
+    extract,
+    ablate,
+    span,
+    repair,
+    retrieve,
+    segment,
+    reproduce,
+    explore,
+    toy_train,
+    toy_data,
+)
 
 __all__ = [
     "COMMANDS",
@@ -33,6 +46,7 @@ __all__ = [
     "explore",
     "extract",
     "repair",
+    "reproduce",
     "retrieve",
     "segment",
     "span",

@@ -105,10 +105,12 @@ def run(
     device: str | None = None,
     seed: int = 0,
     progress: bool = True,
+    classifier: np.ndarray | None = None,
 ) -> SpanStudy:
     """TextSpan for every head of the last `layers` layers → span.json, span.md, span.html;
     and the replacement study for the text pool, common words and random directions →
-    replacement.csv, replacement.png."""
+    replacement.csv, replacement.png. `classifier` [D, C] replaces the one built from the
+    class names."""
     span_layers = last_layers(store, layers)
     if n_texts < 1 or max_texts < 1:
         raise InputError(f"n_texts and max_texts: expected >= 1, got {n_texts} and {max_texts}")
@@ -139,7 +141,10 @@ def run(
         print(f"L{r['layer']}.H{r['head']}: " + "; ".join(r["texts"][:5]))
     curves = None
     if replace:
-        w = zero_shot_weights(model, tokenizer, class_names(store.classes, classes_file), templates)
+        w = classifier
+        if w is None:
+            names = class_names(store.classes, classes_file)
+            w = zero_shot_weights(model, tokenizer, names, templates)
         words_embedded = encode_texts(model, tokenizer, word_list, progress=progress)
         random_dirs = np.random.default_rng(seed).standard_normal((len(texts), dim))
         pools = {

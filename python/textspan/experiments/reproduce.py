@@ -1,0 +1,422 @@
+"""`textspan reproduce`: the paper's experiments for one model and tag, on the data given, under
+both conventions, in one report → reproduce.md, reproduce.html (and every experiment's own
+outputs beside them)."""
+
+from __future__ import annotations
+
+import argparse
+import html
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .. import report
+from ..analysis import ablation, rank_heads, repair, repair_head_count
+from ..analysis.repair import GroupAccuracy
+from ..core.checks import CONVENTIONS
+from ..core.pools import load_texts
+from ..engines import encode_texts, extract
+from ..errors import InputError
+from ..models import imagenet_names, load
+from ..store.format import Store
+from . import segment, span
+from .common import head_spans, last_layers, pool_texts, zero_shot_weights
+
+NAME = "reproduce"
+HELP = "the paper's tables for a model and tag, on ImageNet / Waterbirds / ImageNet-seg"
+DESCRIPTION = (
+    "Run every experiment of the paper the given data allows — mean-ablations and TextSpan "
+    "with the replacement curve on ImageNet, the Waterbirds repair, ImageNet-segmentation "
+    "with the raw-attention baseline — under the paper's convention and textspan's, and "
+    "write one report. Stores are reused when rerun with the same arguments."
+)
+
+# Figures the paper publishes, by (model, pretrained tag): experiment → metric → (value,
+# where it is printed). None are recorded yet: the report shows "not recorded" for them.
+PUBLISHED: dict[tuple[str, str], dict[str, dict[str, tuple[float, str]]]] = {}
+
+REPLACEMENT_TEXTS = (10, 20, 30, 40, 50, 60)
+PLACE_WORDS = "water,ocean,lake,sea,river,beach,forest,bamboo,woods,land,field,background"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="open_clip model name, config .json or toy")
+    p.add_argument("--pretrained", default=None, help="pretrained tag or checkpoint")
+    p.add_argument("--imagenet", default=None, help="ImageNet validation: ROOT or ROOT:LABELS")
+    p.add_argument(
+        "--imagenet-classes",
+        default="imagenet",
+        help="class names for ImageNet, one per line for the first classes (default: "
+        "open_clip's 1000); the classifier covers the classes named",
+    )
+    p.add_argument("--waterbirds", default=None, help="waterbird_complete95_forest2water2 root")
+    p.add_argument("--imagenet-seg", default=None, help="gtsegs_ijcv.mat")
+    p.add_argument("--out", default="out/reproduce", help="output folder (a sub-folder per tag)")
+    p.add_argument("--device", default=None, help="cuda when available, else cpu")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", type=int, default=2, help="DataLoader worker processes")
+    p.add_argument("--templates", default="openai", help="as in `textspan ablate`")
+    p.add_argument("--pool", default=None, help="TextSpan's text pool (default: the built-in)")
+    p.add_argument("--words", default=None, help="the replacement's word pool (default built-in)")
+    p.add_argument("--layers", type=int, default=4, help="TextSpan over the last K layers")
+    p.add_argument("--rank", type=int, default=80)
+    p.add_argument("--keywords", default=PLACE_WORDS, help="words of the spurious feature")
+    p.add_argument(
+        "--conventions",
+        default=",".join(CONVENTIONS[::-1]),
+        help="conventions to run, comma-separated (default: paper,textspan)",
+    )
+    p.add_argument(
+        "--force", action="store_true", help="go on past an implausibly low baseline accuracy"
+    )
+
+
+def main(args: argparse.Namespace) -> int:
+    result = run(
+        args.model,
+        args.pretrained,
+        args.out,
+        imagenet=args.imagenet,
+        imagenet_classes=args.imagenet_classes,
+        waterbirds=args.waterbirds,
+        imagenet_seg=args.imagenet_seg,
+        device=args.device,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        templates=args.templates,
+        pool=args.pool,
+        words=args.words,
+        layers=args.layers,
+        rank=args.rank,
+        keywords=[k for k in args.keywords.split(",") if k.strip()],
+        conventions=[c.strip() for c in args.conventions.split(",") if c.strip()],
+        force=args.force,
+    )
+    print(f"report: {result.markdown}")
+    return 0
+
+
+@dataclass
+class Reproduction:
+    """Per experiment, metric → convention → value; and the report's paths."""
+
+    model: str
+    pretrained: str | None
+    tables: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
+    notes: dict[str, str] = field(default_factory=dict)
+    markdown: Path | None = None
+    html: Path | None = None
+
+    def put(self, experiment: str, metric: str, convention: str, value: float) -> None:
+        self.tables.setdefault(experiment, {}).setdefault(metric, {})[convention] = float(value)
+
+
+def tag_folder(model: str, pretrained: str | None) -> str:
+    """A folder name naming the model and the tag (or checkpoint)."""
+    tag = Path(pretrained).stem if pretrained and os.sep in str(pretrained) else pretrained
+    name = f"{Path(model).stem}-{tag or 'untrained'}"
+    return re.sub(r"[^A-Za-z0-9._+-]", "_", name)
+
+
+def plausible_floor(classes: int) -> float:
+    """The lowest baseline accuracy that is plausible for a CLIP: 5× chance, or for few
+    classes (where that exceeds what is possible) a tenth of the way from chance to 100%."""
+    chance = 1.0 / max(classes, 1)
+    return min(5 * chance, chance + 0.1 * (1 - chance))
+
+
+def check_plausible(accuracy: float, classes: int, what: str, force: bool) -> None:
+    """Stops before any ablation when the baseline is implausibly low (`plausible_floor`)."""
+    floor = plausible_floor(classes)
+    if accuracy >= floor or force:
+        return
+    raise InputError(
+        f"{what}: baseline zero-shot accuracy {accuracy:.2%} is under {floor:.2%}, implausible "
+        f"for {classes} classes. Likely causes: labels not matching the images (file order, a "
+        "wrong label file), class names in another order than the labels, or a preprocessing "
+        "that is not the model's. Check them, or pass --force to go on."
+    )
+
+
+def run(
+    model: str,
+    pretrained: str | None,
+    out: str | os.PathLike,
+    imagenet: str | None = None,
+    imagenet_classes: str = "imagenet",
+    waterbirds: str | None = None,
+    imagenet_seg: str | None = None,
+    device: str | None = None,
+    batch_size: int = 64,
+    workers: int = 2,
+    templates: str | None = "openai",
+    pool: str | None = None,
+    words: str | None = None,
+    layers: int = 4,
+    rank: int = 80,
+    keywords: list[str] | None = None,
+    conventions: list[str] | None = None,
+    force: bool = False,
+    progress: bool = True,
+) -> Reproduction:
+    """Every experiment the data allows, under each convention → one report."""
+    conventions = list(conventions or CONVENTIONS[::-1])
+    for c in conventions:
+        if c not in CONVENTIONS:
+            raise InputError(f"conventions: expected some of {', '.join(CONVENTIONS)}, got {c!r}")
+    if not (imagenet or waterbirds or imagenet_seg):
+        raise InputError("reproduce: expected data: --imagenet, --waterbirds and/or --imagenet-seg")
+    pool_texts(pool), load_texts(words) if words else None  # bad files fail now
+    folder = report.output_folder(Path(out) / tag_folder(model, pretrained))
+    result = Reproduction(model, pretrained)
+    options = {
+        "model": model,
+        "pretrained": pretrained,
+        "batch_size": batch_size,
+        "workers": workers,
+        "device": device,
+        "progress": progress,
+    }
+    net, _, tokenizer = load(model, pretrained=pretrained, device=device)
+    for convention in conventions:
+        stores = folder / "stores" / convention
+        if imagenet:
+            _imagenet(
+                result, net, tokenizer, imagenet, imagenet_classes, stores, folder, convention,
+                options, templates, pool, words, layers, rank, force, progress,
+            )  # fmt: skip
+        if waterbirds:
+            _waterbirds(
+                result, net, tokenizer, waterbirds, stores, convention, options, templates,
+                pool, layers, rank, keywords or PLACE_WORDS.split(","), force, progress,
+            )  # fmt: skip
+        if imagenet_seg:
+            _segmentation(
+                result, imagenet_seg, imagenet_classes, folder, convention, options, templates
+            )
+    result.markdown, result.html = _write_report(result, folder)
+    return result
+
+
+def imagenet_class_names(classes_file: str) -> list[str]:
+    """open_clip's 1000 names, or those of a file for the first classes (a subset study)."""
+    return imagenet_names() if classes_file == "imagenet" else load_texts(classes_file)
+
+
+def _extract(spec: str, out: Path, convention: str, options: dict[str, Any]) -> Store:
+    return extract(spec, out, convention=convention, **options)
+
+
+def _imagenet(
+    result, net, tokenizer, root, classes_file, stores, folder, convention, options,
+    templates, pool, words, layers, rank, force, progress,
+) -> None:  # fmt: skip
+    store = _extract(f"imagenet:{root}", stores / "imagenet", convention, options)
+    names = imagenet_class_names(classes_file)
+    w = zero_shot_weights(net, tokenizer, names, templates)
+    check_plausible(baseline_accuracy(store, w), len(names), "ImageNet", force)
+    table = ablation(store, w, progress=progress)
+    for condition, value in table.conditions.items():
+        result.put("ImageNet mean-ablation (means from the same set)", condition, convention, value)
+    for k in (len(table.layers) - 1 - layers, len(table.layers) - 1):
+        if k > 0:
+            result.put(
+                "ImageNet mean-ablation (means from the same set)",
+                f"attention layers 0..{k - 1} mean-ablated",
+                convention,
+                table.layers[k],
+            )
+    result.notes["ImageNet mean-ablation (means from the same set)"] = (
+        "ImageNet's validation set is the only split given, so the means come from it, as in "
+        "the paper. In the paper's convention 'MLPs' includes the embedding term."
+    )
+    study = span.run(
+        store, folder / f"imagenet-span-{convention}", layers=layers, rank=rank, pool=pool,
+        words=words, max_texts=max(REPLACEMENT_TEXTS), templates=templates, progress=progress,
+        classifier=w,
+    )  # fmt: skip
+    curve = study.replacement["text pool"] if study.replacement else None
+    if curve is not None:
+        for n in REPLACEMENT_TEXTS:
+            if n < len(curve.accuracy):
+                result.put(
+                    f"ImageNet: last {layers} layers' heads replaced by n TextSpan texts",
+                    f"n = {n}",
+                    convention,
+                    curve.accuracy[n],
+                )
+    stable = [s.stable for s in study.spans.values() if s.stable is not None]
+    if stable:
+        result.put(
+            "TextSpan lists", "median picks that survive rounding", convention, np.median(stable)
+        )
+
+
+def _group_rows(result, experiment, convention, label, g: GroupAccuracy, train_sizes) -> None:
+    result.put(experiment, f"{label}: worst group", convention, g.worst)
+    result.put(experiment, f"{label}: average over the test images", convention, g.average)
+    result.put(experiment, f"{label}: average, groups balanced", convention, g.balanced)
+    result.put(
+        experiment, f"{label}: average, weighted like train", convention, g.weighted(train_sizes)
+    )
+
+
+def _waterbirds(
+    result, net, tokenizer, root, stores, convention, options, templates, pool, layers,
+    rank, keywords, force, progress,
+) -> None:  # fmt: skip
+    splits = {
+        s: _extract(f"waterbirds:{root}:{s}", stores / f"waterbirds-{s}", convention, options)
+        for s in ("train", "val", "test")
+    }
+    train, val, test = splits["train"], splits["val"], splits["test"]
+    w = zero_shot_weights(net, tokenizer, train.classes, templates)
+    check_plausible(baseline_accuracy(test, w), len(train.classes), "Waterbirds", force)
+    keys = [(layer, h) for layer in last_layers(train, layers) for h in range(train.heads.shape[2])]
+    texts = pool_texts(pool)
+    spans = head_spans(
+        train, keys, encode_texts(net, tokenizer, texts, progress=progress), texts, 10, rank,
+        progress, stability=False,
+    )  # fmt: skip
+    order = [k for k, _ in rank_heads(spans, keywords=keywords)]
+    train_sizes = group_sizes(train)
+    # Clean protocol: means from train, the number of heads chosen on val, figures on test.
+    count, _ = repair_head_count(val, w, val.attributes["place"], order, means=train)
+    clean = repair(
+        test, w, test.attributes["place"], order[:count], candidates=keys, means=train,
+        progress=False,
+    )  # fmt: skip
+    experiment = "Waterbirds repair, clean protocol (means: train; heads: val; figures: test)"
+    _group_rows(result, experiment, convention, "before", clean.before, train_sizes)
+    _group_rows(result, experiment, convention, "heads ablated", clean.after, train_sizes)
+    result.put(experiment, "heads ablated", convention, count)
+    # The paper's protocol: everything on the test set.
+    count_p, _ = repair_head_count(test, w, test.attributes["place"], order)
+    paper = repair(
+        test, w, test.attributes["place"], order[:count_p], candidates=keys, progress=False
+    )
+    experiment = "Waterbirds repair, the paper's protocol (everything on test)"
+    _group_rows(result, experiment, convention, "before", paper.before, train_sizes)
+    _group_rows(result, experiment, convention, "heads ablated", paper.after, train_sizes)
+    result.put(experiment, "heads ablated", convention, count_p)
+
+
+def group_sizes(store: Store) -> dict[tuple[int, int], int]:
+    """The (class, place) group sizes of a Waterbirds store."""
+    labels, places = np.asarray(store.labels), store.attributes["place"]
+    pairs, counts = np.unique(np.stack([labels, places], 1), axis=0, return_counts=True)
+    return {(int(y), int(p)): int(c) for (y, p), c in zip(pairs, counts, strict=True)}
+
+
+def baseline_accuracy(store: Store, w: np.ndarray) -> float:
+    """Zero-shot accuracy of the store's representations (in chunks)."""
+    correct = 0
+    for start in range(0, len(store), 4096):
+        rep = np.asarray(store.representation[start : start + 4096], dtype=np.float32)
+        labels = np.asarray(store.labels[start : start + 4096])
+        correct += int(((rep @ w).argmax(-1) == labels).sum())
+    return correct / max(len(store), 1)
+
+
+def _segmentation(result, path, classes_file, folder, convention, options, templates) -> None:
+    for method in ("decomposition", "attention"):
+        if method == "attention" and convention != "textspan":
+            continue  # raw attention has no convention: computed once
+        study = segment.run(
+            f"imagenet-seg:{path}",
+            folder / f"segmentation-{method}-{convention}",
+            model=options["model"],
+            pretrained=options["pretrained"],
+            classes_file=classes_file,
+            templates=templates,
+            method=method,
+            batch_size=options["batch_size"],
+            workers=options["workers"],
+            overlays=4,
+            device=options["device"],
+            progress=options["progress"],
+            convention=convention,
+        )
+        for protocol, scores in (study.protocols or {}).items():
+            experiment = f"ImageNet-segmentation, {protocol} masks"
+            for metric, value in scores.items():
+                column = convention if method == "decomposition" else "raw attention"
+                result.put(experiment, metric, column, value)
+    result.notes["ImageNet-segmentation, paper masks"] = (
+        "The paper's protocol: the image resized and centre-cropped, its mask resized to the "
+        "crop size (they disagree on images that are not square); heatmaps of the predicted "
+        "class, normalised per image."
+    )
+    result.notes["ImageNet-segmentation, aligned masks"] = (
+        "The mask resized and centre-cropped exactly like its image."
+    )
+
+
+def _columns(result: Reproduction) -> list[str]:
+    seen: list[str] = []
+    for metrics in result.tables.values():
+        for values in metrics.values():
+            seen += [c for c in values if c not in seen]
+    return ["published", *seen]
+
+
+def _published(result: Reproduction, experiment: str, metric: str) -> str:
+    known = PUBLISHED.get((result.model, result.pretrained or ""), {}).get(experiment, {})
+    if metric in known:
+        value, where = known[metric]
+        return f"{_format(metric, value)} ({where})"
+    return "not recorded"
+
+
+def _format(metric: str, value: float) -> str:
+    if metric == "heads ablated" or "picks" in metric:
+        return f"{value:g}"
+    return f"{value:.2%}"
+
+
+def _write_report(result: Reproduction, folder: Path) -> tuple[Path, Path]:
+    columns = _columns(result)
+    title = f"textspan reproduce: {result.model} {result.pretrained or '(untrained)'}"
+    lines = [f"# {title}", ""]
+    lines.append(
+        "Columns: the paper's published figure for this model and tag (where recorded), then "
+        "ours under each convention (README, 'Conventions'): 'paper' is the paper code's, "
+        "'textspan' is textspan's."
+    )
+    parts = [
+        "<!doctype html><meta charset='utf-8'>",
+        f"<title>{html.escape(title)}</title>",
+        "<style>body{font-family:sans-serif;max-width:70em;margin:auto}table{border-collapse:"
+        "collapse}td,th{border:1px solid #ccc;padding:3px 8px}td.v{text-align:right}</style>",
+        f"<h1>{html.escape(title)}</h1><p>{html.escape(lines[-1])}</p>",
+    ]
+    for experiment, metrics in result.tables.items():
+        lines += ["", f"## {experiment}", ""]
+        parts.append(f"<h2>{html.escape(experiment)}</h2>")
+        if experiment in result.notes:
+            lines += [result.notes[experiment], ""]
+            parts.append(f"<p>{html.escape(result.notes[experiment])}</p>")
+        lines.append("| | " + " | ".join(columns) + " |")
+        lines.append("|---|" + "---:|" * len(columns))
+        rows = []
+        for metric, values in metrics.items():
+            cells = [_published(result, experiment, metric)] + [
+                _format(metric, values[c]) if c in values else "—" for c in columns[1:]
+            ]
+            lines.append(f"| {metric} | " + " | ".join(cells) + " |")
+            rows.append(
+                f"<tr><td>{html.escape(metric)}</td>"
+                + "".join(f"<td class=v>{html.escape(c)}</td>" for c in cells)
+                + "</tr>"
+            )
+        header = "".join(f"<th>{html.escape(c)}</th>" for c in ["", *columns])
+        parts.append(f"<table><tr>{header}</tr>{''.join(rows)}</table>")
+    markdown = folder / "reproduce.md"
+    markdown.write_text("\n".join(lines) + "\n")
+    page = folder / "reproduce.html"
+    page.write_text("\n".join(parts))
+    return markdown, page
