@@ -41,8 +41,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     span_options(p, texts=10)
     p.add_argument(
         "--attribute",
-        required=True,
-        help="spurious attribute per image: .npy of ints or one int per line",
+        default=None,
+        help="spurious attribute per image: .npy of ints or one int per line (default: the "
+        "place a Waterbirds store records)",
     )
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--keywords", help="comma-separated words naming the property")
@@ -59,10 +60,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     store = open_store(args.store)
+    if args.attribute is None and "place" not in store.attributes:
+        raise InputError(
+            f"--attribute: store {store.path} records no place per image (only Waterbirds "
+            "stores do): pass a file of one integer per image"
+        )
+    attribute = (
+        store.attributes["place"]
+        if args.attribute is None
+        else load_attribute(args.attribute, len(store))
+    )
     run(
         store,
         output_for(args, "repair"),
-        load_attribute(args.attribute, len(store)),
+        attribute,
         keywords=args.keywords.split(",") if args.keywords else None,
         examples=load_texts(args.examples) if args.examples else None,
         layers=args.layers,
