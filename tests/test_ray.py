@@ -101,6 +101,44 @@ def test_ray_store_equals_the_single_process_store(
     assert_same(again, reference)
 
 
+def test_webdataset_shards_through_ray_datas_reader_equal_the_local_store(cluster, tiny, tmp_path):
+    from test_datasets import write_shards
+
+    write_shards(tmp_path / "shards", per_shard=5, shards=3)
+    spec = f"webdataset:{tmp_path / 'shards' / '*.tar'}"
+    local = textspan.extract(spec, tmp_path / "local", workers=0, device="cpu", **options(tiny))
+    store = tmp_path / "ray"
+    done = textspan.extract(spec, store, engine="ray", workers=2, **options(tiny))
+    assert_same(done, local)
+    textspan.open_store(done.path, verify=True)
+    assert not (done.path / ray_engine.PARTS).exists()
+    again = textspan.extract(spec, store, engine="ray", workers=2, **options(tiny))
+    assert_same(again, local)
+
+
+def test_webdataset_parts_written_before_a_stop_are_not_computed_again(
+    cluster, tiny, tmp_path, monkeypatch, capsys
+):
+    from test_datasets import write_shards
+
+    write_shards(tmp_path / "shards", per_shard=4, shards=2)
+    spec = f"webdataset:{tmp_path / 'shards' / '*.tar'}"
+
+    def stop(*args):
+        raise KeyboardInterrupt  # the driver stops once every part is written
+
+    with monkeypatch.context() as m:
+        m.setattr(ray_engine, "_merge_parts", stop)
+        with pytest.raises(KeyboardInterrupt):
+            textspan.extract(spec, tmp_path / "s", engine="ray", workers=2, **options(tiny))
+    assert any((tmp_path / "s" / ray_engine.PARTS).iterdir())
+    capsys.readouterr()
+    store = textspan.extract(spec, tmp_path / "s", engine="ray", workers=2, **options(tiny))
+    assert "8 done before" in capsys.readouterr().out
+    local = textspan.extract(spec, tmp_path / "l", workers=0, device="cpu", **options(tiny))
+    assert_same(store, local)
+
+
 @pytest.mark.slow
 def test_an_actor_killed_mid_run_is_retried_and_every_image_lands_once(
     cluster, image_folder, tiny, reference, tmp_path

@@ -16,6 +16,7 @@ The store must be on storage every worker and the driver can reach (a shared fil
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -40,7 +41,7 @@ from ..store.format import (
     write_atomic,
     writer_lock,
 )
-from ..store.images import TolerantImages, collate_readable, stamps
+from ..store.images import MEMBER_SEPARATOR, TolerantImages, collate_readable, stamps
 from ..store.sums import DeviceStats, save_sums, stats_from_sums
 
 __all__ = ["SHARDS", "encode_texts_ray", "extract_ray"]
@@ -206,9 +207,11 @@ class _ShardWriter:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _prepare(out: Path, manifest: dict[str, Any], shard_size: int) -> tuple[Path, bool]:
+def _prepare(
+    out: Path, manifest: dict[str, Any], shard_size: int, folder: str = SHARDS
+) -> tuple[Path, bool]:
     """Writes or checks the manifest and the shard plan; True when the store is complete."""
-    shards = out / SHARDS
+    shards = out / folder
     if (out / "manifest.json").exists():
         old = read_json(out / "manifest.json", f"store {out}: manifest.json")
         check_resume(old, manifest, set(), out)
@@ -223,7 +226,7 @@ def _prepare(out: Path, manifest: dict[str, Any], shard_size: int) -> tuple[Path
                     f"{out} holds a store begun by the default engine ({done} images done): "
                     "finish it with the default engine, or use another output folder"
                 )
-        plan = read_json(shards / "plan.json", f"store {out}: shards/plan.json")
+        plan = read_json(shards / "plan.json", f"store {out}: {folder}/plan.json")
         if plan.get("shard_size") != shard_size:
             raise StoreError(
                 f"{out} was begun with shard_size={plan.get('shard_size')}, not {shard_size}: "
@@ -261,7 +264,6 @@ def _merge(
         )
     arrays = create_arrays(out, manifest)
     stats = None
-    ranges = []
     row = 0
     for folder in folders:
         indices = np.load(folder / "indices.npy")
@@ -273,12 +275,30 @@ def _merge(
         arrays["labels"][row:end] = np.asarray(labels)[indices]
         shard_stats = HeadStats.load(folder / "stats.npz")
         stats = shard_stats if stats is None else stats + shard_stats
-        ranges.append([row, end, checksum(arrays, row, end)])
         row = end
-    for a in arrays.values():
-        a.flush()
     if stats is None:
         raise InputError(f"images: none of the {manifest['count']} images could be read")
+    _finish(out, manifest, arrays, stats, row, skipped)
+    shutil.rmtree(out / SHARDS)
+
+
+# Rows per checksum range of a store written by the Ray engine.
+CHECKSUM_ROWS = 1024
+
+
+def _finish(
+    out: Path,
+    manifest: dict[str, Any],
+    arrays: dict[str, Any],
+    stats: HeadStats,
+    row: int,
+    skipped: dict[str, str],
+) -> None:
+    """The merged store's checksums, statistics and progress record."""
+    for a in arrays.values():
+        a.flush()
+    bounds = [(s, min(row, s + CHECKSUM_ROWS)) for s in range(0, row, CHECKSUM_ROWS)]
+    ranges = [[s, e, checksum(arrays, s, e)] for s, e in bounds]
     # The store keeps sums about a shift; about the mean, the first sum is zero.
     save_sums(
         out / f"stats-{row}.npz",
@@ -297,7 +317,6 @@ def _merge(
         "ranges": ranges,
     }
     write_atomic(out / "progress.json", json.dumps(progress).encode())
-    shutil.rmtree(out / SHARDS)
 
 
 def _tower_shape(model: str, pretrained: Any) -> tuple[int, int, int]:
@@ -387,11 +406,8 @@ def extract_ray(
     }
     out = Path(out)
     source = open_images(images)
-    if source.reader is not None:
-        raise InputError(
-            f"the Ray engine reads image files, not items of {source.name} containers; use "
-            "--engine local for WebDataset shards"
-        )
+    if source.reader is not None and source.name != "webdataset":
+        raise InputError(f"the Ray engine cannot read the items of {source.name}")
     root, files, labels = source.root, source.files, source.labels.tolist()
     listing = (files, labels, source.classes)
     shape = _tower_shape(model, pretrained)
@@ -413,20 +429,23 @@ def extract_ray(
         raise InputError(f"out: expected a folder for the store, got the file {out}")
     out.mkdir(parents=True, exist_ok=True)
     with writer_lock(out):
-        _extract_shards(
-            ray,
-            out,
-            manifest,
-            files,
-            labels,
-            root,
-            shard_size,
-            address,
-            options,
-            after_shard,
-            progress,
-            strict,
-        )
+        if source.name == "webdataset":
+            _extract_samples(ray, out, manifest, files, labels, root, address, options, progress)
+        else:
+            _extract_shards(
+                ray,
+                out,
+                manifest,
+                files,
+                labels,
+                root,
+                shard_size,
+                address,
+                options,
+                after_shard,
+                progress,
+                strict,
+            )
     return open_store(out)
 
 
@@ -465,6 +484,222 @@ def _extract_shards(
         raise RuntimeError(f"{len(missing)} shards were not written, e.g. rows {missing[0]}")
     _merge(out, manifest, labels, plan, strict)
     print(f"done: {out}", flush=True)
+
+
+# WebDataset shards -----------------------------------------------------------------------
+#
+# Ray Data reads the .tar shards itself (`ray.data.read_webdataset`, undecoded); a pool of
+# actors decodes each sample's image, decomposes a batch of them and writes it as a *part*
+# (the rows' file indices, contributions and statistics), renamed into `out/parts/` when
+# complete. A rerun skips the samples already in a part. The driver then writes every part's
+# rows at their places in file order.
+
+PARTS = "parts"
+
+
+def _parts_done(parts: Path) -> set[int]:
+    """File indices already written (readable or skipped) by complete parts."""
+    done: set[int] = set()
+    for folder in parts.iterdir() if parts.is_dir() else []:
+        if folder.is_dir() and ".tmp-" not in folder.name:
+            done.update(int(i) for i in np.load(folder / "indices.npy"))
+            done.update(int(i) for i in json.loads((folder / "skipped.json").read_text()))
+    return done
+
+
+class _SampleWriter:
+    """A Ray Data actor: holds the model, writes each batch of WebDataset samples as a part."""
+
+    def __init__(
+        self,
+        model: str,
+        pretrained: str | None,
+        precision: str,
+        root: str,
+        index: Any,
+        done: Any,
+        out: str,
+        dtype: str,
+        batch_size: int,
+        use_gpu: bool,
+        convention: str = "textspan",
+    ) -> None:
+        import ray
+        import torch
+
+        _use_assigned_cpus()
+        device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
+        net, self.preprocess, _ = load(
+            model, pretrained=pretrained, device=device, precision=precision
+        )
+        self.device = next(net.parameters()).device
+        self.decomposer = Decomposer(net)
+        tower = self.decomposer.tower
+        self.shape = (tower.layers, tower.heads, tower.dim)
+        self.shapes = row_shapes(*self.shape)
+        self.index, self.done = ray.get(index), ray.get(done)
+        self.root, self.out = Path(root), Path(out)
+        self.dtype, self.batch_size = np.dtype(dtype), batch_size
+        self.convention = convention
+
+    def _image(self, batch: dict[str, Any], row: int) -> tuple[str | None, bytes | None]:
+        """The sample's listed name and image bytes (its first image member)."""
+        shard = str(Path(str(batch["__url__"][row])).resolve().relative_to(self.root))
+        key = str(batch["__key__"][row])
+        for column, values in batch.items():
+            if column.startswith("__") or values[row] is None:
+                continue
+            name = f"{shard}{MEMBER_SEPARATOR}{key}.{column}"
+            if name in self.index:
+                return name, values[row]
+        return None, None
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, np.ndarray]:
+        import torch
+        from PIL import Image
+
+        images, indices, skipped = [], [], {}
+        for row in range(len(batch["__key__"])):
+            name, data = self._image(batch, row)
+            if name is None or self.index[name] in self.done:
+                continue
+            try:
+                with Image.open(io.BytesIO(data)) as im:
+                    images.append(self.preprocess(im.convert("RGB")))
+                indices.append(self.index[name])
+            except (OSError, ValueError, SyntaxError) as e:
+                skipped[str(self.index[name])] = f"image {self.root / name} cannot be read: {e}"
+        if not images and not skipped:
+            return {"rows": np.array([0])}
+        parts: dict[str, list[np.ndarray]] = {
+            k: [] for k in ("heads", "mlps", "class_token", "representation")
+        }
+        acc = DeviceStats(self.shape[:2], self.shape[2], self.device)
+        for start in range(0, len(images), self.batch_size):
+            x = torch.stack(images[start : start + self.batch_size]).to(self.device)
+            d = self.decomposer.decompose(x, convention=self.convention)
+            acc.update(d.heads)
+            for k, v in parts.items():
+                v.append(getattr(d, k).cpu().numpy().astype(self.dtype))
+        first = min([*indices, *(int(i) for i in skipped)])
+        final = self.out / PARTS / f"{first:010d}-{len(indices) + len(skipped):06d}"
+        tmp = final.with_name(final.name + f".tmp-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        for k, v in parts.items():
+            empty = np.zeros((0, *self.shapes[k]), dtype=self.dtype)
+            np.save(tmp / f"{k}.npy", np.concatenate(v) if v else empty)
+        np.save(tmp / "indices.npy", np.array(indices, dtype=np.int64))
+        (tmp / "skipped.json").write_text(json.dumps(skipped))
+        if indices:
+            stats_from_sums(acc.state()).save(tmp / "stats.npz")
+        try:
+            os.rename(tmp, final)
+        except OSError:  # a retried batch finished first: same content
+            shutil.rmtree(tmp, ignore_errors=True)
+        return {"rows": np.array([len(indices) + len(skipped)])}
+
+
+def _extract_samples(
+    ray: Any,
+    out: Path,
+    manifest: dict[str, Any],
+    files: list[str],
+    labels: list[int],
+    root: Path,
+    address: str | None,
+    options: dict[str, Any],
+    progress: bool,
+) -> None:
+    """WebDataset shards through Ray Data's reader into the store (see above)."""
+    from tqdm.auto import tqdm
+
+    parts, complete = _prepare(out, manifest, 0, PARTS)
+    if complete:
+        print(f"textspan extract: {out} is complete", flush=True)
+        return
+    done = _parts_done(parts)
+    print(
+        f"textspan extract (ray, WebDataset): {len(files)} images into {out}, {len(done)} "
+        "done before",
+        flush=True,
+    )
+    if len(done) < len(files):
+        _connect(ray, address)
+        shards = sorted({f.split(MEMBER_SEPARATOR, 1)[0] for f in files})
+        # The samples are bytes, never tensors; and Ray's casting of pandas blocks to its
+        # tensor type fails with pandas 3 (it looks for a warning class pandas removed).
+        ray.data.DataContext.get_current().enable_tensor_extension_casting = False
+        samples = ray.data.read_webdataset(
+            [str(root / s) for s in shards], decoder=None, include_paths=False
+        )
+        gpus = options["num_gpus_per_worker"]
+        if gpus is None:
+            gpus = 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
+        # The actors leave a CPU to Ray Data's read tasks, or they would wait for ever.
+        free = ray.available_resources().get("CPU", 1) - 1
+        cpus = max(0.25, free / options["workers"])
+        written = samples.map_batches(
+            _SampleWriter,
+            batch_size=options["batch_size"],
+            concurrency=options["workers"],
+            fn_constructor_kwargs={
+                "model": manifest["model"],
+                "pretrained": manifest["pretrained"],
+                "precision": manifest["precision"],
+                "root": str(root.resolve()),
+                "index": ray.put({f: i for i, f in enumerate(files)}),
+                "done": ray.put(done),
+                "out": str(out.resolve()),
+                "dtype": manifest["dtype"],
+                "batch_size": options["batch_size"],
+                "use_gpu": gpus > 0,
+                "convention": manifest["convention"],
+            },
+            max_restarts=-1,
+            max_task_retries=-1,
+            **({"num_gpus": gpus, "num_cpus": 1} if gpus > 0 else {"num_cpus": cpus}),
+        )
+        bar = tqdm(total=len(files), initial=len(done), desc="extracting", unit="img",
+                   disable=not progress)  # fmt: skip
+        for row in written.iter_rows():
+            bar.update(int(row["rows"]))
+        bar.close()
+    _merge_parts(out, manifest, labels, files)
+    print(f"done: {out}", flush=True)
+
+
+def _merge_parts(out: Path, manifest: dict[str, Any], labels: list[int], files: list[str]) -> None:
+    """Every part's rows at their places in file order (a row per readable image), the
+    statistics merged, the parts removed."""
+    folders = sorted(f for f in (out / PARTS).iterdir() if f.is_dir() and ".tmp-" not in f.name)
+    skipped: dict[str, str] = {}
+    readable: list[tuple[int, Path, int]] = []  # (file index, part, position in the part)
+    for folder in folders:
+        for k, why in json.loads((folder / "skipped.json").read_text()).items():
+            skipped[files[int(k)]] = why
+        readable += [(int(i), folder, p) for p, i in enumerate(np.load(folder / "indices.npy"))]
+    covered = {i for i, _, _ in readable} | {files.index(f) for f in skipped}
+    if len(covered) != len(files):
+        raise RuntimeError(f"{len(files) - len(covered)} images were not written")
+    readable.sort()
+    row_of = {(folder, p): row for row, (_, folder, p) in enumerate(readable)}
+    arrays = create_arrays(out, manifest)
+    stats = None
+    for folder in folders:
+        positions = np.load(folder / "indices.npy")
+        if not len(positions):
+            continue
+        rows = np.array([row_of[(folder, p)] for p in range(len(positions))])
+        for name in ("heads", "mlps", "class_token", "representation"):
+            arrays[name][rows] = np.load(folder / f"{name}.npy")
+        arrays["labels"][rows] = np.asarray(labels)[positions]
+        part_stats = HeadStats.load(folder / "stats.npz")
+        stats = part_stats if stats is None else stats + part_stats
+    if stats is None:
+        raise InputError(f"images: none of the {manifest['count']} images could be read")
+    _finish(out, manifest, arrays, stats, len(readable), skipped)
+    shutil.rmtree(out / PARTS)
 
 
 class _TextEncoder:
