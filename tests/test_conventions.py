@@ -25,8 +25,19 @@ def b32():
     return make_model("ViT-B-32", 64), images(64, batch=8)
 
 
-def test_paper_terms_equal_the_direct_implementation(b32):
-    model, x = b32
+@pytest.fixture(scope="module")
+def toy():
+    """The embedded toy CLIP and toy-world images, preprocessed."""
+    from textspan.toy import world as tw
+    from textspan.toy.model import load_toy, to_tensor
+
+    model, _, _ = load_toy()
+    return model, to_tensor(tw.generate(8, seed=3, size=int(model.visual.image_size[0])).images)
+
+
+@pytest.mark.parametrize("which", ["b32", "toy"])
+def test_paper_terms_equal_the_direct_implementation(which, request):
+    model, x = request.getfixturevalue(which)
     tokens, mlps, normalised = paper_terms(model, x)
     with Decomposer(model) as decomposer:
         parts = decomposer.decompose(x, spatial=True, convention="paper")
@@ -70,9 +81,17 @@ def test_an_unknown_convention_is_named():
         decomposer.decompose(images(32), convention="Paper")
 
 
-def test_paper_ablation_equals_the_papers_on_its_own_arrays():
+@pytest.mark.parametrize("which", ["b32", "toy"])
+def test_paper_ablation_equals_the_papers_on_its_own_arrays(which):
     """Every condition, including the two whose definition differs (the embedding term)."""
-    model, x = make_model("ViT-B-32", 64), images(64, batch=64)
+    if which == "b32":
+        model, x = make_model("ViT-B-32", 64), images(64, batch=64)
+    else:
+        from textspan.toy import world as tw
+        from textspan.toy.model import load_toy, to_tensor
+
+        model, _, _ = load_toy()
+        x = to_tensor(tw.generate(64, seed=4, size=int(model.visual.image_size[0])).images)
     tokens, mlps, _ = paper_terms(model, x)
     with Decomposer(model) as decomposer:
         parts = decomposer.decompose(x, convention="paper")
@@ -159,9 +178,11 @@ def test_paper_textspan_past_the_rank_depends_on_rounding_and_says_so():
     np.testing.assert_array_equal(quick.indices, paper.indices)
 
 
-def test_paper_segmentation_equals_the_papers_at_batch_1_and_8(b32):
-    model, x = b32
-    w = np.random.default_rng(3).normal(size=(512, 5)).astype(np.float32)
+@pytest.mark.parametrize("which", ["b32", "toy"])
+def test_paper_segmentation_equals_the_papers_at_batch_1_and_8(which, request):
+    model, x = request.getfixturevalue(which)
+    dim = model.visual.output_dim
+    w = np.random.default_rng(3).normal(size=(dim, 5)).astype(np.float32)
     batched = textspan.segment(model, x, w, progress=False, convention="paper")
     single = [
         textspan.segment(model, x[i : i + 1], w, progress=False, convention="paper")
