@@ -16,9 +16,10 @@ from .. import report
 from ..analysis import Segmentation, segment
 from ..core.checks import CONVENTIONS
 from ..core.metrics import foreground
+from ..datasets import open_images
 from ..errors import InputError, MissingFileError
 from ..models import load
-from ..store.images import ImageDataset, list_images
+from ..store.images import ImageDataset
 from .common import (
     class_names,
     model_options,
@@ -34,7 +35,8 @@ HELP = "zero-shot segmentation of an image folder"
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "images",
-        help="image folder (one sub-folder per class, or flat), or imagenet-seg:FILE "
+        help="image folder (one sub-folder per class, or flat), a dataset spec "
+        "(imagenet:ROOT, waterbirds:ROOT:SPLIT, webdataset:GLOB), or imagenet-seg:FILE "
         "(gtsegs_ijcv.mat: images and masks, scored under both mask protocols)",
     )
     store_options(p, store=False)
@@ -187,10 +189,10 @@ def run(
             progress,
             convention,
         )
-    root = Path(images)
-    files, labels, folders = list_images(root)
-    if given_class and folders == []:
-        raise InputError("given_class: the images have no class folders to take the class from")
+    source = open_images(images)
+    files, labels, folders = source.files, source.labels, source.classes
+    if given_class and (labels < 0).any():
+        raise InputError("given_class: the images have no class labels to take the class from")
     mask_files = None
     if masks is not None:
         mask_root = Path(masks)
@@ -210,7 +212,9 @@ def run(
     truth = None if mask_files is None else np.stack([read_mask(p, size) for p in mask_files])
     w = zero_shot_weights(net, tokenizer, names, templates)
     loader = torch.utils.data.DataLoader(
-        ImageDataset(root, files, preprocess, 0), batch_size=batch_size, num_workers=workers
+        ImageDataset(source.root, files, preprocess, 0, source.reader),
+        batch_size=batch_size,
+        num_workers=workers,
     )
     result = segment(
         net,
@@ -222,7 +226,7 @@ def run(
         convention=convention,
     )
     folder = report.output_folder(out)
-    pictures = [report.load_rgb(root / f, size[0]) for f in files[: min(overlays, len(files))]]
+    pictures = [report.crop_rgb(source.open(i), size[0]) for i in range(min(overlays, len(files)))]
     _write(folder, result, files, names, pictures)
     scores = None
     if truth is not None:
