@@ -32,7 +32,8 @@ from typing import Any
 import numpy as np
 
 from .errors import InputError, MissingDependencyError, MissingFileError
-from .store.images import IMAGE_SUFFIXES, list_images
+from .store.format import make_manifest
+from .store.images import IMAGE_SUFFIXES, list_images, stamps
 
 __all__ = [
     "WATERBIRDS_SPLITS",
@@ -40,6 +41,7 @@ __all__ = [
     "SegmentationSet",
     "imagenet",
     "imagenet_segmentation",
+    "manifest_of",
     "open_images",
     "waterbirds",
     "webdataset",
@@ -99,6 +101,32 @@ class ImageSet:
         if key not in self.attributes:
             raise InputError(f"{self.name}: has no {key!r} per image")
         return self.attributes[key]
+
+
+def manifest_of(
+    source: ImageSet,
+    model: Any,
+    pretrained: Any,
+    precision: str,
+    dtype: str,
+    shape: tuple[int, int, int],
+    convention: str,
+) -> dict[str, Any]:
+    """The manifest of a store of `source`'s images (`store.format.make_manifest`)."""
+    listing = (source.files, source.labels.tolist(), source.classes)
+    return make_manifest(
+        model,
+        pretrained,
+        precision,
+        dtype,
+        source.root,
+        listing,
+        shape,
+        stamps(source.root, source.files),
+        convention,
+        source.name,
+        source.attributes,
+    )
 
 
 def folder(root: str | os.PathLike) -> ImageSet:

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from ..datasets import ImageSet, open_images
+from ..datasets import ImageSet, manifest_of, open_images
 from ..errors import InputError, StoreError, UnreadableImageError
 from ..models import Decomposer, load, tower_of
 from ..store.format import (
@@ -30,7 +30,6 @@ from ..store.format import (
     disk_full,
     labels_of,
     load_progress,
-    make_manifest,
     manifest_value,
     open_arrays,
     open_store,
@@ -38,7 +37,7 @@ from ..store.format import (
     write_atomic,
     writer_lock,
 )
-from ..store.images import ReadableBatch, TolerantImages, collate_readable, stamps
+from ..store.images import ReadableBatch, TolerantImages, collate_readable
 from ..store.sums import DeviceStats, save_sums
 
 __all__ = ["extract_local"]
@@ -203,25 +202,11 @@ def extract_local(
     if out.exists() and not out.is_dir():
         raise InputError(f"out: expected a folder for the store, got the file {out}")
     source = open_images(images)
-    root, files = source.root, source.files
-    listing = (files, source.labels.tolist(), source.classes)
+    files = source.files
     net, preprocess, _ = load(model, pretrained=pretrained, device=device, precision=precision)
     tower = tower_of(net)
     shape = (tower.layers, tower.heads, tower.dim)
-    stamped = stamps(root, files)
-    manifest = make_manifest(
-        model,
-        pretrained,
-        precision,
-        dtype,
-        root,
-        listing,
-        shape,
-        stamped,
-        convention,
-        source.name,
-        source.attributes,
-    )
+    manifest = manifest_of(source, model, pretrained, precision, dtype, shape, convention)
     out.mkdir(parents=True, exist_ok=True)
     interrupts = _Interrupts()
     with writer_lock(out), interrupts.installed():

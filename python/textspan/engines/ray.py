@@ -27,21 +27,20 @@ from typing import Any
 import numpy as np
 
 from ..core.stats import HeadStats
-from ..datasets import open_images
+from ..datasets import manifest_of, open_images
 from ..errors import InputError, MissingDependencyError, StoreError, UnreadableImageError
 from ..models import Decomposer, encode_texts, load, skeleton, tower_of
 from ..store.format import (
     check_resume,
     checksum,
     create_arrays,
-    make_manifest,
     open_store,
     read_json,
     row_shapes,
     write_atomic,
     writer_lock,
 )
-from ..store.images import MEMBER_SEPARATOR, TolerantImages, collate_readable, stamps
+from ..store.images import MEMBER_SEPARATOR, TolerantImages, collate_readable
 from ..store.sums import DeviceStats, save_sums, stats_from_sums
 
 __all__ = ["SHARDS", "encode_texts_ray", "extract_ray"]
@@ -119,7 +118,73 @@ def _plan(count: int, shard_size: int) -> list[tuple[int, int]]:
     return [(s, min(count, s + shard_size)) for s in range(0, count, shard_size)]
 
 
-class _ShardWriter:
+class _Decomposing:
+    """What both writing actors share: the model on the actor's device, and writing one unit
+    of rows — their contributions, file indices, unreadable files and statistics — to a
+    temporary folder renamed into place when complete, so it is there whole or not at all."""
+
+    def __init__(
+        self,
+        model: str,
+        pretrained: str | None,
+        precision: str,
+        root: str,
+        out: str,
+        dtype: str,
+        batch_size: int,
+        use_gpu: bool,
+        convention: str,
+    ) -> None:
+        import torch
+
+        _use_assigned_cpus()
+        device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
+        net, self.preprocess, _ = load(
+            model, pretrained=pretrained, device=device, precision=precision
+        )
+        self.device = next(net.parameters()).device
+        self.decomposer = Decomposer(net)
+        tower = self.decomposer.tower
+        self.shape = (tower.layers, tower.heads, tower.dim)
+        self.shapes = row_shapes(*self.shape)
+        self.root, self.out = Path(root), Path(out)
+        self.dtype, self.batch_size = np.dtype(dtype), batch_size
+        self.convention = convention
+
+    def _decompose(self, batches: Any) -> tuple[dict[str, list[np.ndarray]], Any]:
+        """Each image batch decomposed: the rows of every array, and their statistics."""
+        rows: dict[str, list[np.ndarray]] = {
+            k: [] for k in ("heads", "mlps", "class_token", "representation")
+        }
+        acc = DeviceStats(self.shape[:2], self.shape[2], self.device)
+        for images in batches:
+            d = self.decomposer.decompose(images.to(self.device), convention=self.convention)
+            acc.update(d.heads)
+            for k, v in rows.items():
+                v.append(getattr(d, k).cpu().numpy().astype(self.dtype))
+        return rows, acc
+
+    def _save(self, final: Path, rows, acc, indices: list[int], skipped: dict) -> None:
+        tmp = final.with_name(final.name + f".tmp-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        for k, v in rows.items():
+            empty = np.zeros((0, *self.shapes[k]), dtype=self.dtype)
+            np.save(tmp / f"{k}.npy", np.concatenate(v) if v else empty)
+        np.save(tmp / "indices.npy", np.array(indices, dtype=np.int64))
+        (tmp / "skipped.json").write_text(json.dumps(skipped))
+        if indices:
+            stats_from_sums(acc.state()).save(tmp / "stats.npz")
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        try:
+            os.rename(tmp, final)
+        except OSError:  # another attempt of the same unit finished first: same content
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+class _ShardWriter(_Decomposing):
     """A Ray Data actor: holds the model, writes the shards it is given."""
 
     def __init__(
@@ -137,23 +202,12 @@ class _ShardWriter:
         convention: str = "textspan",
     ) -> None:
         import ray
-        import torch
 
-        _use_assigned_cpus()
-        device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
-        net, self.preprocess, _ = load(
-            model, pretrained=pretrained, device=device, precision=precision
+        super().__init__(
+            model, pretrained, precision, root, out, dtype, batch_size, use_gpu, convention
         )
-        self.device = next(net.parameters()).device
-        self.decomposer = Decomposer(net)
-        tower = self.decomposer.tower
-        self.shape = (tower.layers, tower.heads, tower.dim)
-        self.shapes = row_shapes(*self.shape)
         self.files = ray.get(files) if isinstance(files, ray.ObjectRef) else files
-        self.root, self.out = Path(root), Path(out)
-        self.dtype, self.batch_size = np.dtype(dtype), batch_size
         self.before_shard = before_shard
-        self.convention = convention
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         for start, end in zip(batch["start"], batch["end"], strict=True):
@@ -174,37 +228,17 @@ class _ShardWriter:
             num_workers=0,
             collate_fn=collate_readable,
         )
-        parts: dict[str, list[np.ndarray]] = {
-            k: [] for k in ("heads", "mlps", "class_token", "representation")
-        }
-        acc = DeviceStats(self.shape[:2], self.shape[2], self.device)
         indices, skipped = [], {}
-        for batch in loader:
-            skipped.update({self.files[i]: why for i, why in batch.unreadable})
-            if batch.images is None:
-                continue
-            d = self.decomposer.decompose(batch.images.to(self.device), convention=self.convention)
-            acc.update(d.heads)
-            indices += batch.indices
-            for k, v in parts.items():
-                v.append(getattr(d, k).cpu().numpy().astype(self.dtype))
-        tmp = final.with_name(final.name + f".tmp-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        for k, v in parts.items():
-            empty = np.zeros((0, *self.shapes[k]), dtype=self.dtype)
-            np.save(tmp / f"{k}.npy", np.concatenate(v) if v else empty)
-        np.save(tmp / "indices.npy", np.array(indices, dtype=np.int64))
-        (tmp / "skipped.json").write_text(json.dumps(skipped))
-        if indices:
-            stats_from_sums(acc.state()).save(tmp / "stats.npz")
-        for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        try:
-            os.rename(tmp, final)
-        except OSError:  # another attempt of the same shard finished first: same content
-            shutil.rmtree(tmp, ignore_errors=True)
+
+        def readable():
+            for batch in loader:
+                skipped.update({self.files[i]: why for i, why in batch.unreadable})
+                if batch.images is not None:
+                    indices.extend(batch.indices)
+                    yield batch.images
+
+        rows, acc = self._decompose(readable())
+        self._save(final, rows, acc, indices, skipped)
 
 
 def _prepare(
@@ -409,22 +443,8 @@ def extract_ray(
     if source.reader is not None and source.name != "webdataset":
         raise InputError(f"the Ray engine cannot read the items of {source.name}")
     root, files, labels = source.root, source.files, source.labels.tolist()
-    listing = (files, labels, source.classes)
     shape = _tower_shape(model, pretrained)
-    stamped = stamps(root, files)
-    manifest = make_manifest(
-        model,
-        pretrained,
-        precision,
-        dtype,
-        root,
-        listing,
-        shape,
-        stamped,
-        convention,
-        source.name,
-        source.attributes,
-    )
+    manifest = manifest_of(source, model, pretrained, precision, dtype, shape, convention)
     if out.exists() and not out.is_dir():
         raise InputError(f"out: expected a folder for the store, got the file {out}")
     out.mkdir(parents=True, exist_ok=True)
@@ -507,7 +527,7 @@ def _parts_done(parts: Path) -> set[int]:
     return done
 
 
-class _SampleWriter:
+class _SampleWriter(_Decomposing):
     """A Ray Data actor: holds the model, writes each batch of WebDataset samples as a part."""
 
     def __init__(
@@ -525,22 +545,11 @@ class _SampleWriter:
         convention: str = "textspan",
     ) -> None:
         import ray
-        import torch
 
-        _use_assigned_cpus()
-        device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
-        net, self.preprocess, _ = load(
-            model, pretrained=pretrained, device=device, precision=precision
+        super().__init__(
+            model, pretrained, precision, root, out, dtype, batch_size, use_gpu, convention
         )
-        self.device = next(net.parameters()).device
-        self.decomposer = Decomposer(net)
-        tower = self.decomposer.tower
-        self.shape = (tower.layers, tower.heads, tower.dim)
-        self.shapes = row_shapes(*self.shape)
         self.index, self.done = ray.get(index), ray.get(done)
-        self.root, self.out = Path(root), Path(out)
-        self.dtype, self.batch_size = np.dtype(dtype), batch_size
-        self.convention = convention
 
     def _image(self, batch: dict[str, Any], row: int) -> tuple[str | None, bytes | None]:
         """The sample's listed name and image bytes (its first image member)."""
@@ -571,32 +580,13 @@ class _SampleWriter:
                 skipped[str(self.index[name])] = f"image {self.root / name} cannot be read: {e}"
         if not images and not skipped:
             return {"rows": np.array([0])}
-        parts: dict[str, list[np.ndarray]] = {
-            k: [] for k in ("heads", "mlps", "class_token", "representation")
-        }
-        acc = DeviceStats(self.shape[:2], self.shape[2], self.device)
-        for start in range(0, len(images), self.batch_size):
-            x = torch.stack(images[start : start + self.batch_size]).to(self.device)
-            d = self.decomposer.decompose(x, convention=self.convention)
-            acc.update(d.heads)
-            for k, v in parts.items():
-                v.append(getattr(d, k).cpu().numpy().astype(self.dtype))
+        step = self.batch_size
+        rows, acc = self._decompose(
+            torch.stack(images[i : i + step]) for i in range(0, len(images), step)
+        )
         first = min([*indices, *(int(i) for i in skipped)])
         final = self.out / PARTS / f"{first:010d}-{len(indices) + len(skipped):06d}"
-        tmp = final.with_name(final.name + f".tmp-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        for k, v in parts.items():
-            empty = np.zeros((0, *self.shapes[k]), dtype=self.dtype)
-            np.save(tmp / f"{k}.npy", np.concatenate(v) if v else empty)
-        np.save(tmp / "indices.npy", np.array(indices, dtype=np.int64))
-        (tmp / "skipped.json").write_text(json.dumps(skipped))
-        if indices:
-            stats_from_sums(acc.state()).save(tmp / "stats.npz")
-        try:
-            os.rename(tmp, final)
-        except OSError:  # a retried batch finished first: same content
-            shutil.rmtree(tmp, ignore_errors=True)
+        self._save(final, rows, acc, indices, skipped)
         return {"rows": np.array([len(indices) + len(skipped)])}
 
 
