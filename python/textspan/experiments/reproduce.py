@@ -356,11 +356,11 @@ def _segmentation(result, path, classes_file, folder, convention, options, templ
     )
 
 
-def _columns(result: Reproduction) -> list[str]:
+def _columns(metrics: dict[str, dict[str, float]]) -> list[str]:
+    """The published column, then the columns one experiment's table has, in order."""
     seen: list[str] = []
-    for metrics in result.tables.values():
-        for values in metrics.values():
-            seen += [c for c in values if c not in seen]
+    for values in metrics.values():
+        seen += [c for c in values if c not in seen]
     return ["published", *seen]
 
 
@@ -379,7 +379,6 @@ def _format(metric: str, value: float) -> str:
 
 
 def _write_report(result: Reproduction, folder: Path) -> tuple[Path, Path]:
-    columns = _columns(result)
     title = f"textspan reproduce: {result.model} {result.pretrained or '(untrained)'}"
     lines = [f"# {title}", ""]
     lines.append(
@@ -395,6 +394,7 @@ def _write_report(result: Reproduction, folder: Path) -> tuple[Path, Path]:
         f"<h1>{html.escape(title)}</h1><p>{html.escape(lines[-1])}</p>",
     ]
     for experiment, metrics in result.tables.items():
+        columns = _columns(metrics)
         lines += ["", f"## {experiment}", ""]
         parts.append(f"<h2>{html.escape(experiment)}</h2>")
         if experiment in result.notes:
