@@ -1,9 +1,14 @@
-"""TextSpan benchmark: the Rust core beside the published algorithm, in one process.
+"""TextSpan benchmark: the Rust core beside its floor and beside the published algorithm, in
+one process.
 
-The published algorithm runs as the paper's code runs it on a CPU: a NumPy SVD of the head's
-outputs, then float32 PyTorch matrix products over all images and texts at every step.
-Head outputs are synthetic and low rank like real ones (96 directions with a decaying
-spectrum in D = 768), in float32. Prints figures and ratios; asserts nothing about time.
+The floor of each case is the product any implementation must compute, timed with NumPy's
+float32 BLAS on the same inputs in the same run: for one head from raw outputs, the Gram
+product XᵀX of its outputs; for heads from statistics, the pool against each head's
+rank-`RANK` basis. The published algorithm runs as the paper's code runs it on a CPU: a NumPy
+SVD of the head's outputs, then float32 PyTorch matrix products over all images and texts at
+every step. Head outputs are synthetic and low rank like real ones (96 directions with a
+decaying spectrum in D = 768), in float32; "full rank" adds noise in every direction.
+Prints figures and ratios; asserts nothing about time.
 
     python benches/bench_textspan.py           # everything (about 5 minutes here)
     python benches/bench_textspan.py --quick   # skips the 50,000-image published run
@@ -63,18 +68,31 @@ def pool(rng: np.random.Generator, m: int) -> np.ndarray:
 def one_head(rng, n: int, texts: np.ndarray, run_published: bool, noise: float = 0.0):
     x = low_rank_outputs(rng, n, D, 96, noise=noise, decay=0.03, dtype=np.float32)
     ours_s, ours = timed(lambda: text_span(x, texts, n_texts=N_TEXTS, rank=RANK), repeat=3)
+    floor_s, _ = timed(lambda: x.T @ x, repeat=3)
     label = f"N = {n:,}, M = {len(texts):,}, D = {D}, {N_TEXTS} texts, rank {RANK}"
     if noise:
         label += f", full rank (noise {noise})"
     print(f"\none head from raw outputs: {label}")
-    print(f"  textspan   {ours_s:9.3f} s")
+    print(f"  textspan   {ours_s:9.3f} s   {ours_s / floor_s:5.2f}x the floor")
+    print(f"  floor      {floor_s:9.3f} s   (NumPy float32 XᵀX of the same outputs)")
     if not run_published:
         return ours_s, None
     pub_s, chosen = timed(lambda: published(x, texts, N_TEXTS, RANK))
     same = chosen == ours.indices.tolist()
-    print(f"  published  {pub_s:9.3f} s")
-    print(f"  speed-up   {pub_s / ours_s:9.1f}x   same selections: {same}")
+    print(f"  published  {pub_s:9.3f} s   {pub_s / ours_s:5.1f}x textspan; same selections: {same}")
     return ours_s, pub_s
+
+
+def basis_floor(rng, texts: np.ndarray, heads: int) -> float:
+    """The pool against `heads` bases of RANK directions, NumPy float32, in blocks of rows."""
+    bases = rng.standard_normal((D, heads * RANK), dtype=np.float32)
+    step = 8192
+
+    def products():
+        for start in range(0, len(texts), step):
+            texts[start : start + step] @ bases
+
+    return timed(products)[0]
 
 
 def rss_kib(field: str) -> int:
@@ -101,14 +119,18 @@ def many_heads_from_stats(rng, m: int, texts: np.ndarray, published_per_head: fl
     seconds, _ = timed(
         lambda: text_span_heads(stacked, texts, n_texts=N_TEXTS, rank=RANK, progress=False)
     )
+    peak = (rss_kib("VmHWM") - before) / 1024 if measure_memory else None
+    floor = basis_floor(rng, texts, 64)
     print(f"\n64 heads (4 layers x 16) from statistics, M = {m:,}, {N_TEXTS} texts each")
-    print(f"  textspan   {seconds:9.3f} s in all")
+    print(f"  textspan   {seconds:9.3f} s in all   {seconds / floor:5.2f}x the floor")
+    print(
+        f"  floor      {floor:9.3f} s   (NumPy float32: the pool against 64 bases of rank {RANK})"
+    )
     if published_per_head is not None:
         estimate = 64 * published_per_head
         print(f"  published  {estimate:9.1f} s (64 x the one-head run above, N = 10,000)")
         print(f"  speed-up   {estimate / seconds:9.1f}x")
-    if measure_memory:
-        peak = (rss_kib("VmHWM") - before) / 1024
+    if peak is not None:
         size = texts.nbytes / 2**20
         print(
             f"  pool {size:,.0f} MiB; peak memory above the inputs {peak:,.0f} MiB "

@@ -1,6 +1,7 @@
-//! Criterion benches of the pure Rust API: one head, many heads, the head statistics, and
-//! the segmentation metrics. Synthetic low-rank heads (96 directions in D = 768), a pool of
-//! M = 3,498 texts, and 16×16 heatmaps scored at 224×224.
+//! Criterion benches of the pure Rust API, the cases of `benches/bench_textspan.py`: one head
+//! (low rank, and full rank: noise in every direction), many heads over M = 3,498 and over
+//! 200,000 texts, the head statistics, and the segmentation metrics. Synthetic heads write
+//! into 96 directions of D = 768; 16×16 heatmaps are scored at 224×224.
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use ndarray::{Array1, Array2, Array3};
@@ -48,6 +49,21 @@ fn benches(c: &mut Criterion) {
     group.bench_function("8 heads from statistics (M 3498, D 768, 20 texts)", |b| {
         b.iter(|| text_span_heads(&moments, &pool, params).unwrap())
     });
+    // Full rank, as rounding noise makes real heads: a partial eigensolver's case.
+    let (noisy, mean) = head(&mut rng);
+    let noisy = noisy + Array2::<f64>::eye(D) * 1e-6;
+    let full_rank = HeadMoments::new(10_000.0, mean.view(), noisy.view());
+    group.bench_function("one head from statistics, full rank (M 3498, D 768)", |b| {
+        b.iter(|| text_span(&full_rank, &pool, params).unwrap())
+    });
+    let big = gaussian(&mut rng, (200_000, D)).mapv(|x| x as f32);
+    let big_pool = TextPool::from_view(big.view()).unwrap();
+    drop(big); // the pool holds its own copy
+    let many: Vec<_> = (0..64).map(|i| moments[i % moments.len()]).collect();
+    group.bench_function(
+        "64 heads from statistics (M 200,000, D 768, 20 texts)",
+        |b| b.iter(|| text_span_heads(&many, &big_pool, params).unwrap()),
+    );
     let outputs =
         Array3::from_shape_simple_fn((10_000, 1, D), || rng.sample::<f32, _>(StandardNormal));
     group.bench_function("head statistics of 10,000 outputs (D 768)", |b| {

@@ -315,6 +315,69 @@ fn pivoted_cholesky(g: MatRef<f64>, tolerance: f64, max_rank: usize) -> Option<M
     Some(Mat::from_fn(d, k, |i, m| l[i * max_rank + m]))
 }
 
+/// Ritz pairs are accepted once every residual `‖G v − θ v‖` of the top `rank` is below
+/// this fraction of the largest eigenvalue; the subspace is then that accurate.
+const RITZ_TOLERANCE: f64 = 1e-12;
+/// Block iterations tried before a dense eigendecomposition is used instead.
+const MAX_SUBSPACE_ITERATIONS: usize = 24;
+
+/// The top eigenpairs of a symmetric PSD matrix of high numerical rank, by block subspace
+/// iteration with Rayleigh–Ritz (the oversampled block makes the top `rank` converge at the
+/// rate λ_{k+1}/λ_rank per iteration), or None when they have not converged to
+/// `RITZ_TOLERANCE` within `MAX_SUBSPACE_ITERATIONS` (or the block would be most of the
+/// matrix): the caller then decomposes the whole matrix. The start block is a fixed
+/// pseudo-random one, so the result does not vary between runs.
+fn subspace_iteration(g: MatRef<f64>, rank: usize) -> Option<(Mat<f64>, Vec<f64>)> {
+    let d = g.nrows();
+    let k = (rank + (rank / 2).max(16)).min(d);
+    if 2 * k > d {
+        return None;
+    }
+    let mut state = 0x9E37_79B9_7F4A_7C15_u64;
+    let mut q = Mat::from_fn(d, k, |_, _| {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        (state >> 11) as f64 / (1u64 << 53) as f64 - 0.5
+    })
+    .qr()
+    .compute_thin_Q();
+    let mut y = Mat::<f64>::zeros(d, k);
+    for iteration in 0..MAX_SUBSPACE_ITERATIONS {
+        matmul(
+            y.as_mut(),
+            Accum::Replace,
+            g,
+            q.as_ref(),
+            1.0,
+            Par::rayon(0),
+        );
+        if iteration >= 2 {
+            let b = q.transpose() * &y;
+            let evd = b.self_adjoint_eigen(Side::Lower).ok()?;
+            let s = evd.S().column_vector();
+            let mut order: Vec<usize> = (0..k).collect();
+            order.sort_by(|&a, &c| s[c].total_cmp(&s[a]));
+            let w = Mat::from_fn(k, k, |i, c| evd.U()[(i, order[c])]);
+            let theta: Vec<f64> = order.iter().map(|&i| s[i]).collect();
+            let v = &q * &w;
+            let gv = &y * &w;
+            let top = theta[0].max(0.0);
+            let converged = (0..rank.min(k)).all(|c| {
+                let r2: f64 = (0..d)
+                    .map(|i| (gv[(i, c)] - theta[c] * v[(i, c)]).powi(2))
+                    .sum();
+                r2.sqrt() <= RITZ_TOLERANCE * top
+            });
+            if converged {
+                return Some((v, theta));
+            }
+        }
+        q = y.qr().compute_thin_Q();
+    }
+    None
+}
+
 /// Eigenpairs (descending) of the symmetric PSD matrix `g`, those above `tolerance` times
 /// the largest only, at most `rank` of them; with `exact_rank`, exactly `rank` of them
 /// (the published algorithm's basis, null-space directions included). Also how many are
@@ -350,13 +413,16 @@ fn dominant_eigenvectors(
             (svd.U().to_owned(), values)
         }
         Some(_) => return Ok((Mat::zeros(d, 0), Vec::new(), 0)),
-        None => {
-            let evd = g
-                .self_adjoint_eigen(Side::Lower)
-                .map_err(|_| not_converged())?;
-            let s = evd.S().column_vector();
-            ((evd.U().to_owned()), (0..d).map(|i| s[i]).collect())
-        }
+        None => match (!exact_rank).then(|| subspace_iteration(g, rank)).flatten() {
+            Some(found) => found,
+            None => {
+                let evd = g
+                    .self_adjoint_eigen(Side::Lower)
+                    .map_err(|_| not_converged())?;
+                let s = evd.S().column_vector();
+                ((evd.U().to_owned()), (0..d).map(|i| s[i]).collect())
+            }
+        },
     };
     let mut order: Vec<usize> = (0..values.len()).collect();
     order.sort_by(|&a, &b| values[b].total_cmp(&values[a]));
@@ -707,6 +773,33 @@ mod tests {
         let (v, values, _) = dominant_eigenvectors(g.as_ref(), 40, RANK_TOLERANCE, false).unwrap();
         assert_eq!(v.ncols(), 32, "rank is capped at D");
         assert!(values.windows(2).all(|w| w[0] >= w[1]));
+    }
+
+    #[test]
+    fn subspace_iteration_finds_the_dense_top_space_or_declines() {
+        let mut rng = StdRng::seed_from_u64(3);
+        let d = 200;
+        // Full rank: 30 strong directions over noise in every direction.
+        let g = low_rank_covariance(&mut rng, d, 30, 1e-4);
+        let g = Mat::from_fn(d, d, |i, j| g[[i, j]]);
+        let (v, values) = subspace_iteration(g.as_ref(), 20).expect("a clear gap converges");
+        let evd = g.self_adjoint_eigen(Side::Lower).unwrap();
+        let s = evd.S().column_vector();
+        let dense = Mat::from_fn(d, 20, |i, c| evd.U()[(i, d - 1 - c)]);
+        for c in 0..20 {
+            assert!((values[c] - s[d - 1 - c]).abs() <= 1e-10 * s[d - 1]);
+        }
+        let top = v.subcols(0, 20).to_owned();
+        let gap = (projector(&top) - projector(&dense)).norm_max();
+        assert!(gap < 1e-9, "top-20 subspaces differ by {gap}");
+        // A block that would be most of the matrix, or no gap at all: the caller decomposes.
+        assert!(subspace_iteration(g.as_ref(), 90).is_none());
+        let flat = Mat::from_fn(
+            d,
+            d,
+            |i, j| if i == j { 1.0 - 1e-4 * i as f64 } else { 0.0 },
+        );
+        assert!(subspace_iteration(flat.as_ref(), 20).is_none());
     }
 
     #[test]
