@@ -321,6 +321,12 @@ const RITZ_TOLERANCE: f64 = 1e-12;
 /// Block iterations tried before a dense eigendecomposition is used instead.
 const MAX_SUBSPACE_ITERATIONS: usize = 24;
 
+/// The block of subspace iteration for the top `rank` eigenpairs: half as many again, for
+/// the convergence rate λ_{k+1}/λ_rank.
+fn subspace_block(rank: usize, d: usize) -> usize {
+    (rank + (rank / 2).max(16)).min(d)
+}
+
 /// The top eigenpairs of a symmetric PSD matrix of high numerical rank, by block subspace
 /// iteration with Rayleigh–Ritz (the oversampled block makes the top `rank` converge at the
 /// rate λ_{k+1}/λ_rank per iteration), or None when they have not converged to
@@ -329,7 +335,7 @@ const MAX_SUBSPACE_ITERATIONS: usize = 24;
 /// pseudo-random one, so the result does not vary between runs.
 fn subspace_iteration(g: MatRef<f64>, rank: usize) -> Option<(Mat<f64>, Vec<f64>)> {
     let d = g.nrows();
-    let k = (rank + (rank / 2).max(16)).min(d);
+    let k = subspace_block(rank, d);
     if 2 * k > d {
         return None;
     }
@@ -399,10 +405,11 @@ fn dominant_eigenvectors(
     let factor = if exact_rank {
         None // the null space is wanted too: only a full decomposition has it
     } else {
+        // Past the subspace iteration's block, that is the cheaper way to the top space.
         pivoted_cholesky(
             g,
             CHOLESKY_FRACTION * tolerance * max_diag,
-            d / LOW_RANK_FRACTION,
+            (d / LOW_RANK_FRACTION).min(subspace_block(rank, d)),
         )
     };
     let (vectors, values): (Mat<f64>, Vec<f64>) = match factor {
