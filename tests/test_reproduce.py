@@ -111,3 +111,13 @@ def test_reproduce_stops_on_an_implausible_baseline(tmp_path, capsys):
     with pytest.raises(InputError, match=r"under 0\.50%, implausible for 1000 classes"):
         reproduce.check_plausible(0.004, 1000, "ImageNet", force=False)
     assert main([*arguments, "--force"]) == 0
+
+
+def test_bad_data_is_named_before_any_work(tmp_path):
+    assert main(["toy-data", "waterbirds", str(tmp_path / "wb"), "--train", "4", "--val", "2",
+                 "--test", "2"]) == 0  # fmt: skip
+    text = (tmp_path / "wb" / "metadata.csv").read_text().replace(",y,", ",label,")
+    (tmp_path / "wb" / "metadata.csv").write_text(text)
+    with pytest.raises(InputError, match="missing y"):
+        reproduce.run("toy", None, tmp_path / "o", waterbirds=str(tmp_path / "wb"))
+    assert not (tmp_path / "o").exists()

@@ -204,7 +204,16 @@ def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     return n
 
 
-def _spans(chunk, pool: TextPool, n_texts: int, rank: int, tolerances, start: int, exact: bool):
+def _spans(
+    chunk: list[HeadStats],
+    pool: TextPool,
+    n_texts: int,
+    rank: int,
+    tolerances: list[float],
+    start: int,
+    exact: bool,
+) -> list[Any]:
+    """The core's TextSpan for a group of heads (the first is head `start`)."""
     try:
         return _core.text_span_heads(
             pool,
@@ -363,9 +372,8 @@ def text_span_from_stats(
         )
     pool = _text_pool(text_embeddings)
     names = _check_texts(texts, pool)
-    return _run([stats], pool, n_texts, rank, names, False, rank_tolerance, convention, stability)[
-        0
-    ]
+    found = _run([stats], pool, n_texts, rank, names, False, rank_tolerance, convention, stability)
+    return found[0]
 
 
 def text_span(

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from .. import report
+from .. import datasets, report
 from ..analysis import ablation, rank_heads, repair, repair_head_count
 from ..analysis.repair import GroupAccuracy
 from ..core.checks import CONVENTIONS
@@ -170,7 +170,19 @@ def run(
             raise InputError(f"conventions: expected some of {', '.join(CONVENTIONS)}, got {c!r}")
     if not (imagenet or waterbirds or imagenet_seg):
         raise InputError("reproduce: expected data: --imagenet, --waterbirds and/or --imagenet-seg")
-    pool_texts(pool), load_texts(words) if words else None  # bad files fail now
+    # Every input is read once now, so that a bad one fails before the long work.
+    pool_texts(pool)
+    if words:
+        load_texts(words)
+    if imagenet:
+        datasets.open_images(f"imagenet:{imagenet}")
+    if waterbirds:
+        for split in datasets.WATERBIRDS_SPLITS:
+            datasets.waterbirds(waterbirds, split)
+    if imagenet_seg:
+        datasets.imagenet_segmentation(imagenet_seg)
+    if imagenet_classes != "imagenet":
+        load_texts(imagenet_classes)
     folder = report.output_folder(Path(out) / tag_folder(model, pretrained))
     result = Reproduction(model, pretrained)
     options = {
