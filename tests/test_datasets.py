@@ -233,3 +233,13 @@ def test_extract_over_a_dataset_spec_keeps_its_labels(flat_imagenet, tmp_path, t
     store = textspan.extract(f"imagenet:{root}", tmp_path / "s", **extract_options(tiny))
     np.testing.assert_array_equal(store.labels, labels)
     assert store.manifest["dataset"] == "imagenet" and store.classes == SYNSETS
+
+
+def test_a_class_sidecar_that_is_not_an_index_is_named(tmp_path):
+    with tarfile.open(tmp_path / "bad.tar", "w") as tar:
+        for name, data in (("a.png", b"x"), ("a.cls", b"cat")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    with pytest.raises(InputError, match=r"a\.cls: expected a class index, got b'cat'"):
+        webdataset(str(tmp_path / "bad.tar"))

@@ -19,6 +19,7 @@ ImageNet-segmentation (`imagenet_segmentation`) holds masks as well and is read 
 
 from __future__ import annotations
 
+import atexit
 import csv
 import glob
 import os
@@ -420,18 +421,40 @@ def _shards(pattern: str) -> list[Path]:
     return paths
 
 
+# Per process (each DataLoader worker has its own): the shards opened so far, with an index
+# of their members, so that reading an item does not scan its archive again.
+_OPEN_SHARDS: dict[Path, tuple[tarfile.TarFile, dict[str, tarfile.TarInfo]]] = {}
+_MAX_OPEN_SHARDS = 8
+
+
+@atexit.register
+def _close_shards() -> None:
+    while _OPEN_SHARDS:
+        _OPEN_SHARDS.popitem()[1][0].close()
+
+
+def _shard(path: Path) -> tuple[tarfile.TarFile, dict[str, tarfile.TarInfo]]:
+    if path not in _OPEN_SHARDS:
+        if len(_OPEN_SHARDS) >= _MAX_OPEN_SHARDS:
+            oldest = next(iter(_OPEN_SHARDS))
+            _OPEN_SHARDS.pop(oldest)[0].close()
+        tar = tarfile.open(path)
+        _OPEN_SHARDS[path] = (tar, {m.name: m for m in tar.getmembers()})
+    return _OPEN_SHARDS[path]
+
+
 def _read_member(root: Path, name: str) -> Any:
     from io import BytesIO
 
     from PIL import Image
 
     shard, member = name.split("//", 1)
-    with tarfile.open(root / shard) as tar:
-        data = tar.extractfile(member)
-        if data is None:
-            raise OSError(f"{member} is not a file in {shard}")
-        with Image.open(BytesIO(data.read())) as im:
-            return im.convert("RGB")
+    tar, members = _shard(root / shard)
+    data = tar.extractfile(members[member]) if member in members else None
+    if data is None:
+        raise OSError(f"{member} is not a file in {shard}")
+    with Image.open(BytesIO(data.read())) as im:
+        return im.convert("RGB")
 
 
 def webdataset(pattern: str | os.PathLike | list[str]) -> ImageSet:
@@ -451,7 +474,13 @@ def webdataset(pattern: str | os.PathLike | list[str]) -> ImageSet:
                 for m in members:
                     if m.name.endswith(".cls"):
                         data = tar.extractfile(m)
-                        classes[m.name[:-4]] = int(data.read().strip() or -1) if data else -1
+                        text = data.read().strip() if data else b""
+                        if not text.lstrip(b"-").isdigit():
+                            raise InputError(
+                                f"webdataset: {shard}: {m.name}: expected a class index, got "
+                                f"{text[:20]!r}"
+                            )
+                        classes[m.name[:-4]] = int(text)
         except tarfile.TarError as e:
             raise InputError(f"webdataset: {shard} is not a tar archive: {e}") from None
         for m in members:
