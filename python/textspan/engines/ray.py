@@ -75,24 +75,31 @@ def _actor_pool(
     actor: type,
     workers: int,
     num_gpus_per_worker: float | None,
+    rows_per_call: int = 1,
+    spare_cpu: bool = False,
     **constructor_kwargs: Any,
 ) -> Any:
-    """`dataset` mapped one row at a time by a pool of `workers` actors of class `actor`.
+    """`dataset` mapped `rows_per_call` rows at a time by a pool of `workers` actors of class
+    `actor`.
 
     Each actor gets `num_gpus_per_worker` GPUs (default: 1 when the cluster has GPUs; its
-    constructor is told by `use_gpu`), else an equal share of the CPUs. An actor that dies
-    is restarted and its row retried, however often."""
+    constructor is told by `use_gpu`), else an equal share of the CPUs — of all but one with
+    `spare_cpu`, which the dataset's own read tasks need or they would wait for ever. An
+    actor that dies is restarted and its rows retried, however often."""
     gpus = num_gpus_per_worker
     if gpus is None:
         gpus = 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
     if gpus > 0:
         resources = {"num_gpus": gpus, "num_cpus": 1}
+    elif spare_cpu:
+        cpus = ray.available_resources().get("CPU", 1) - 1
+        resources = {"num_cpus": max(0.25, cpus / workers)}
     else:
         cpus = ray.available_resources().get("CPU", 1)
         resources = {"num_cpus": max(1, int(cpus // workers))}
     return dataset.map_batches(
         actor,
-        batch_size=1,
+        batch_size=rows_per_call,
         concurrency=workers,
         fn_constructor_kwargs={**constructor_kwargs, "use_gpu": gpus > 0},
         max_restarts=-1,
@@ -517,13 +524,22 @@ def _extract_shards(
 PARTS = "parts"
 
 
+def _complete_parts(parts: Path) -> list[tuple[Path, np.ndarray, dict[str, str]]]:
+    """Each complete part (not a temporary folder being written): its folder, the file
+    indices of its readable rows, and its unreadable files by file index."""
+    folders = sorted(f for f in parts.iterdir() if f.is_dir() and ".tmp-" not in f.name)
+    return [
+        (f, np.load(f / "indices.npy"), json.loads((f / "skipped.json").read_text()))
+        for f in folders
+    ]
+
+
 def _parts_done(parts: Path) -> set[int]:
     """File indices already written (readable or skipped) by complete parts."""
     done: set[int] = set()
-    for folder in parts.iterdir() if parts.is_dir() else []:
-        if folder.is_dir() and ".tmp-" not in folder.name:
-            done.update(int(i) for i in np.load(folder / "indices.npy"))
-            done.update(int(i) for i in json.loads((folder / "skipped.json").read_text()))
+    for _, indices, skipped in _complete_parts(parts) if parts.is_dir() else []:
+        done.update(int(i) for i in indices)
+        done.update(int(i) for i in skipped)
     return done
 
 
@@ -550,11 +566,14 @@ class _SampleWriter(_Decomposing):
             model, pretrained, precision, root, out, dtype, batch_size, use_gpu, convention
         )
         self.index, self.done = ray.get(index), ray.get(done)
+        self.shards: dict[str, str] = {}  # shard path as Ray Data gives it → name in the index
 
     def _image(self, batch: dict[str, Any], row: int) -> tuple[str | None, bytes | None]:
         """The sample's listed name and image bytes (its first image member)."""
-        shard = str(Path(str(batch["__url__"][row])).resolve().relative_to(self.root))
-        key = str(batch["__key__"][row])
+        url = str(batch["__url__"][row])
+        if url not in self.shards:  # once per shard, not per sample
+            self.shards[url] = str(Path(url).resolve().relative_to(self.root))
+        shard, key = self.shards[url], str(batch["__key__"][row])
         for column, values in batch.items():
             if column.startswith("__") or values[row] is None:
                 continue
@@ -623,32 +642,24 @@ def _extract_samples(
         samples = ray.data.read_webdataset(
             [str(root / s) for s in shards], decoder=None, include_paths=False
         )
-        gpus = options["num_gpus_per_worker"]
-        if gpus is None:
-            gpus = 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
-        # The actors leave a CPU to Ray Data's read tasks, or they would wait for ever.
-        free = ray.available_resources().get("CPU", 1) - 1
-        cpus = max(0.25, free / options["workers"])
-        written = samples.map_batches(
+        written = _actor_pool(
+            ray,
+            samples,
             _SampleWriter,
+            options["workers"],
+            options["num_gpus_per_worker"],
+            rows_per_call=options["batch_size"],
+            spare_cpu=True,
+            model=manifest["model"],
+            pretrained=manifest["pretrained"],
+            precision=manifest["precision"],
+            root=str(root.resolve()),
+            index=ray.put({f: i for i, f in enumerate(files)}),
+            done=ray.put(done),
+            out=str(out.resolve()),
+            dtype=manifest["dtype"],
             batch_size=options["batch_size"],
-            concurrency=options["workers"],
-            fn_constructor_kwargs={
-                "model": manifest["model"],
-                "pretrained": manifest["pretrained"],
-                "precision": manifest["precision"],
-                "root": str(root.resolve()),
-                "index": ray.put({f: i for i, f in enumerate(files)}),
-                "done": ray.put(done),
-                "out": str(out.resolve()),
-                "dtype": manifest["dtype"],
-                "batch_size": options["batch_size"],
-                "use_gpu": gpus > 0,
-                "convention": manifest["convention"],
-            },
-            max_restarts=-1,
-            max_task_retries=-1,
-            **({"num_gpus": gpus, "num_cpus": 1} if gpus > 0 else {"num_cpus": cpus}),
+            convention=manifest["convention"],
         )
         bar = tqdm(total=len(files), initial=len(done), desc="extracting", unit="img",
                    disable=not progress)  # fmt: skip
@@ -662,28 +673,21 @@ def _extract_samples(
 def _merge_parts(out: Path, manifest: dict[str, Any], labels: list[int], files: list[str]) -> None:
     """Every part's rows at their places in file order (a row per readable image), the
     statistics merged, the parts removed."""
-    folders = sorted(f for f in (out / PARTS).iterdir() if f.is_dir() and ".tmp-" not in f.name)
-    skipped: dict[str, str] = {}
-    readable: list[tuple[int, Path, int]] = []  # (file index, part, position in the part)
-    for folder in folders:
-        for k, why in json.loads((folder / "skipped.json").read_text()).items():
-            skipped[files[int(k)]] = why
-        readable += [(int(i), folder, p) for p, i in enumerate(np.load(folder / "indices.npy"))]
-    covered = {i for i, _, _ in readable} | {files.index(f) for f in skipped}
-    if len(covered) != len(files):
-        raise RuntimeError(f"{len(files) - len(covered)} images were not written")
-    readable.sort()
-    row_of = {(folder, p): row for row, (_, folder, p) in enumerate(readable)}
+    parts = _complete_parts(out / PARTS)
+    skipped = {files[int(k)]: why for _, _, unreadable in parts for k, why in unreadable.items()}
+    # The store holds a row per readable image, in file order.
+    readable = np.sort(np.concatenate([indices for _, indices, _ in parts]).astype(np.int64))
+    if len(readable) + len(skipped) != len(files):
+        raise RuntimeError(f"{len(files) - len(readable) - len(skipped)} images were not written")
     arrays = create_arrays(out, manifest)
     stats = None
-    for folder in folders:
-        positions = np.load(folder / "indices.npy")
-        if not len(positions):
+    for folder, indices, _ in parts:
+        if not len(indices):
             continue
-        rows = np.array([row_of[(folder, p)] for p in range(len(positions))])
+        rows = np.searchsorted(readable, indices)
         for name in ("heads", "mlps", "class_token", "representation"):
             arrays[name][rows] = np.load(folder / f"{name}.npy")
-        arrays["labels"][rows] = np.asarray(labels)[positions]
+        arrays["labels"][rows] = np.asarray(labels)[indices]
         part_stats = HeadStats.load(folder / "stats.npz")
         stats = part_stats if stats is None else stats + part_stats
     if stats is None:
