@@ -34,7 +34,7 @@ import numpy as np
 
 from .errors import InputError, MissingDependencyError, MissingFileError
 from .store.format import make_manifest
-from .store.images import IMAGE_SUFFIXES, list_images, stamps
+from .store.images import IMAGE_SUFFIXES, MEMBER_SEPARATOR, list_images, open_file, stamps
 
 __all__ = [
     "WATERBIRDS_SPLITS",
@@ -83,12 +83,7 @@ class ImageSet:
 
     def open(self, i: int) -> Any:
         """The i-th image as an RGB PIL image."""
-        from PIL import Image
-
-        if self.reader is not None:
-            return self.reader(self.root, self.files[i])
-        with Image.open(self.root / self.files[i]) as im:
-            return im.convert("RGB")
+        return (self.reader or open_file)(self.root, self.files[i])
 
     @property
     def places(self) -> np.ndarray:
@@ -448,7 +443,7 @@ def _read_member(root: Path, name: str) -> Any:
 
     from PIL import Image
 
-    shard, member = name.split("//", 1)
+    shard, member = name.split(MEMBER_SEPARATOR, 1)
     tar, members = _shard(root / shard)
     data = tar.extractfile(members[member]) if member in members else None
     if data is None:
@@ -486,7 +481,7 @@ def webdataset(pattern: str | os.PathLike | list[str]) -> ImageSet:
         for m in members:
             stem, suffix = os.path.splitext(m.name)
             if suffix.lower() in IMAGE_SUFFIXES:
-                files.append(f"{relative}//{m.name}")
+                files.append(f"{relative}{MEMBER_SEPARATOR}{m.name}")
                 labels.append(classes.get(stem, -1))
     if not files:
         raise InputError(

@@ -19,7 +19,7 @@ __all__ = [
     "TolerantImages",
     "collate_readable",
     "list_images",
-    "read_image",
+    "open_file",
     "stamps",
 ]
 
@@ -86,19 +86,16 @@ def stamps(root: Path, files: list[str]) -> list[list[int]]:
     return out
 
 
+# Opens the item `name` under `root` as an RGB PIL image.
 Reader = Callable[[Path, str], Any]
 
 
-def read_image(path: Path, preprocess: Any) -> Any:
-    """The preprocessed image; an unreadable file (truncated, empty, not an image) is an
-    `UnreadableImageError` naming it."""
+def open_file(root: Path, name: str) -> Any:
+    """The image file `root / name` as an RGB PIL image (the `Reader` of plain files)."""
     from PIL import Image
 
-    try:
-        with Image.open(path) as im:
-            return preprocess(im.convert("RGB"))
-    except (OSError, ValueError, SyntaxError) as e:  # what PIL raises for broken files
-        raise UnreadableImageError(f"image {path} cannot be read: {e}") from None
+    with Image.open(root / name) as im:
+        return im.convert("RGB")
 
 
 class ImageDataset(torch.utils.data.Dataset):
@@ -120,12 +117,12 @@ class ImageDataset(torch.utils.data.Dataset):
         return len(self.files) - self.start
 
     def _read(self, index: int) -> Any:
+        """The preprocessed image; an unreadable one (truncated, empty, not an image) is an
+        `UnreadableImageError` naming it."""
         name = self.files[index]
-        if self.reader is None:
-            return read_image(self.root / name, self.preprocess)
         try:
-            return self.preprocess(self.reader(self.root, name))
-        except (OSError, ValueError, SyntaxError, KeyError) as e:
+            return self.preprocess((self.reader or open_file)(self.root, name))
+        except (OSError, ValueError, SyntaxError) as e:  # what PIL raises for broken files
             raise UnreadableImageError(f"image {self.root / name} cannot be read: {e}") from None
 
     def __getitem__(self, i: int) -> torch.Tensor:
