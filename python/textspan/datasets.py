@@ -353,15 +353,27 @@ class SegmentationSet:
         return [f"{i:04d}" for i in range(self.count)]
 
     def __getitem__(self, i: int) -> tuple[Any, np.ndarray]:
-        from PIL import Image
+        return self.image(i), self.mask(i)
 
+    def _check(self, i: int) -> None:
         if not 0 <= i < self.count:
             raise IndexError(i)
+
+    def image(self, i: int) -> Any:
+        """The i-th image (PIL, RGB), without reading its mask."""
+        from PIL import Image
+
+        self._check(i)
         with _h5(self.path) as f:
             image = np.asarray(f[f["value/img"][i, 0]]).transpose(2, 1, 0)
+        return Image.fromarray(np.ascontiguousarray(image, dtype=np.uint8))
+
+    def mask(self, i: int) -> np.ndarray:
+        """The i-th mask [H, W] exactly as stored, without reading its image."""
+        self._check(i)
+        with _h5(self.path) as f:
             cell = f[f["value/gt"][i, 0]]
-            mask = np.asarray(f[cell[0, 0]]).transpose(1, 0)
-        return Image.fromarray(np.ascontiguousarray(image, dtype=np.uint8)), mask
+            return np.asarray(f[cell[0, 0]]).transpose(1, 0)
 
 
 def _h5(path: Path):

@@ -158,7 +158,6 @@ def run(
     and with `masks` (a folder of mask images named like the images) metrics.json;
     `images` "imagenet-seg:FILE" reads images and masks from gtsegs_ijcv.mat and scores
     both mask protocols."""
-
     if method not in ("decomposition", "attention"):
         raise InputError(f"method: expected 'decomposition' or 'attention', got {method!r}")
     if overlays < 0 or batch_size < 1 or workers < 0:
@@ -256,7 +255,7 @@ class _Preprocessed(torch.utils.data.Dataset):
         return len(self.ds)
 
     def __getitem__(self, i: int) -> Any:
-        return self.preprocess(self.ds[i][0])
+        return self.preprocess(self.ds.image(i))
 
 
 def _run_imagenet_seg(
@@ -287,7 +286,7 @@ def _run_imagenet_seg(
     size = tuple(int(v) for v in net.visual.image_size)
     truth: dict[str, list[np.ndarray]] = {name: [] for name in MASK_PROTOCOLS}
     for i in range(len(ds)):
-        mask = ds[i][1]
+        mask = ds.mask(i)
         for name, protocol in MASK_PROTOCOLS.items():
             truth[name].append(protocol(mask, size))
     w = zero_shot_weights(net, tokenizer, names, templates)
@@ -296,7 +295,7 @@ def _run_imagenet_seg(
     )
     result = segment(net, loader, w, method=method, progress=progress, convention=convention)
     folder = report.output_folder(out)
-    pictures = [report.crop_rgb(ds[i][0], size[0]) for i in range(min(overlays, len(ds)))]
+    pictures = [report.crop_rgb(ds.image(i), size[0]) for i in range(min(overlays, len(ds)))]
     _write(folder, result, ds.files, names, pictures)
     protocols = {name: result.scores(np.stack(m)) for name, m in truth.items()}
     report.write_json(
