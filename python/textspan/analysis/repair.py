@@ -28,6 +28,7 @@ __all__ = [
     "GroupAccuracy",
     "RepairResult",
     "group_accuracy",
+    "group_sizes",
     "rank_heads",
     "repair",
     "repair_head_count",
@@ -109,13 +110,18 @@ class GroupAccuracy:
         return float(sum(a * sizes.get(g, 0) for g, a in self.groups.items()) / total)
 
 
+def group_sizes(labels: np.ndarray, attribute: np.ndarray) -> dict[tuple[int, int], int]:
+    """The number of images of each (class label, attribute) group present, in sorted order."""
+    pairs, counts = np.unique(
+        np.stack([np.asarray(labels), np.asarray(attribute)], 1), axis=0, return_counts=True
+    )
+    return {(int(y), int(a)): int(c) for (y, a), c in zip(pairs, counts, strict=True)}
+
+
 def group_accuracy(correct: np.ndarray, labels: np.ndarray, attribute: np.ndarray) -> GroupAccuracy:
     """Per-group accuracy from a boolean [N] of correct predictions."""
-    groups, counts = {}, {}
-    for y, a in sorted({(int(y), int(a)) for y, a in zip(labels, attribute, strict=True)}):
-        members = (labels == y) & (attribute == a)
-        groups[(y, a)] = float(correct[members].mean())
-        counts[(y, a)] = int(members.sum())
+    counts = group_sizes(labels, attribute)
+    groups = {(y, a): float(correct[(labels == y) & (attribute == a)].mean()) for y, a in counts}
     return GroupAccuracy(groups, min(groups.values()), float(correct.mean()), counts)
 
 

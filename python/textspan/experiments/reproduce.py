@@ -16,7 +16,8 @@ import numpy as np
 
 from .. import datasets, report
 from ..analysis import ablation, rank_heads, repair, repair_head_count
-from ..analysis.repair import GroupAccuracy
+from ..analysis.repair import GroupAccuracy, group_sizes
+from ..analysis.sources import chunks, correct_counts, rows_f32
 from ..core.checks import CONVENTIONS
 from ..core.pools import load_texts
 from ..engines import encode_texts, extract
@@ -232,17 +233,14 @@ def _imagenet(
     w = zero_shot_weights(net, tokenizer, names, templates)
     check_plausible(baseline_accuracy(store, w), len(names), "ImageNet", force)
     table = ablation(store, w, progress=progress)
+    experiment = "ImageNet mean-ablation (means from the same set)"
     for condition, value in table.conditions.items():
-        result.put("ImageNet mean-ablation (means from the same set)", condition, convention, value)
+        result.put(experiment, condition, convention, value)
     for k in (len(table.layers) - 1 - layers, len(table.layers) - 1):
         if k > 0:
-            result.put(
-                "ImageNet mean-ablation (means from the same set)",
-                f"attention layers 0..{k - 1} mean-ablated",
-                convention,
-                table.layers[k],
-            )
-    result.notes["ImageNet mean-ablation (means from the same set)"] = (
+            name = f"attention layers 0..{k - 1} mean-ablated"
+            result.put(experiment, name, convention, table.layers[k])
+    result.notes[experiment] = (
         "ImageNet's validation set is the only split given, so the means come from it, as in "
         "the paper. In the paper's convention 'MLPs' includes the embedding term."
     )
@@ -295,7 +293,7 @@ def _waterbirds(
         progress, stability=False,
     )  # fmt: skip
     order = [k for k, _ in rank_heads(spans, keywords=keywords)]
-    train_sizes = group_sizes(train)
+    train_sizes = group_sizes(np.asarray(train.labels), train.attributes["place"])
     # Clean protocol: means from train, the number of heads chosen on val, figures on test.
     count, _ = repair_head_count(val, w, val.attributes["place"], order, means=train)
     clean = repair(
@@ -317,20 +315,13 @@ def _waterbirds(
     result.put(experiment, "heads ablated", convention, count_p)
 
 
-def group_sizes(store: Store) -> dict[tuple[int, int], int]:
-    """The (class, place) group sizes of a Waterbirds store."""
-    labels, places = np.asarray(store.labels), store.attributes["place"]
-    pairs, counts = np.unique(np.stack([labels, places], 1), axis=0, return_counts=True)
-    return {(int(y), int(p)): int(c) for (y, p), c in zip(pairs, counts, strict=True)}
-
-
 def baseline_accuracy(store: Store, w: np.ndarray) -> float:
-    """Zero-shot accuracy of the store's representations (in chunks)."""
+    """Zero-shot accuracy of the store's representations (in checked chunks)."""
+    labels = np.asarray(store.labels)
     correct = 0
-    for start in range(0, len(store), 4096):
-        rep = np.asarray(store.representation[start : start + 4096], dtype=np.float32)
-        labels = np.asarray(store.labels[start : start + 4096])
-        correct += int(((rep @ w).argmax(-1) == labels).sum())
+    for rows in chunks(store, len(store), False, "baseline"):
+        rep = rows_f32(store.representation, rows)
+        correct += int(correct_counts(rep[None], w, labels[rows])[0])
     return correct / max(len(store), 1)
 
 
