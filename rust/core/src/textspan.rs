@@ -501,23 +501,24 @@ fn dot2<T: Real>(a: &[T], u: &[f64], w: &[f64]) -> (f64, f64) {
     (cs, es)
 }
 
-/// One greedy step's change to the scores of a chunk of texts (`a_chunk`: their
-/// coordinates, r per text): `−2 c e + c² γ` with `c = a·u`, `e = a·w`.
-#[inline(always)]
-fn update_scores_body<T: Real>(
-    s_chunk: &mut [f64],
-    a_chunk: &[T],
-    r: usize,
-    u: &[f64],
-    w: &[f64],
+/// One greedy step: the chosen unit direction `u` (in the basis of the span), `w = Q Λ u`
+/// (Q removes the earlier directions) and `gamma = uᵀ Λ u`.
+struct Step<'a> {
+    u: &'a [f64],
+    w: &'a [f64],
     gamma: f64,
-) {
+}
+
+/// The step's change to the scores of a chunk of texts (`a_chunk`: their coordinates, r per
+/// text): `−2 c e + c² γ` with `c = a·u`, `e = a·w`.
+#[inline(always)]
+fn update_scores_body<T: Real>(s_chunk: &mut [f64], a_chunk: &[T], r: usize, step: &Step) {
     for (i, s) in s_chunk.iter_mut().enumerate() {
         if *s == f64::NEG_INFINITY {
             continue;
         }
-        let (c, e) = dot2(&a_chunk[i * r..(i + 1) * r], u, w);
-        *s += c * (c * gamma - 2.0 * e);
+        let (c, e) = dot2(&a_chunk[i * r..(i + 1) * r], step.u, step.w);
+        *s += c * (c * step.gamma - 2.0 * e);
     }
 }
 
@@ -525,32 +526,18 @@ fn update_scores_body<T: Real>(
 /// multiply-adds), four lanes at a time.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-fn update_scores_avx2<T: Real>(
-    s_chunk: &mut [f64],
-    a_chunk: &[T],
-    r: usize,
-    u: &[f64],
-    w: &[f64],
-    gamma: f64,
-) {
-    update_scores_body(s_chunk, a_chunk, r, u, w, gamma)
+fn update_scores_avx2<T: Real>(s_chunk: &mut [f64], a_chunk: &[T], r: usize, step: &Step) {
+    update_scores_body(s_chunk, a_chunk, r, step)
 }
 
 /// The step's hot loop, on the widest vectors the CPU has (the build targets any x86-64).
-fn update_scores<T: Real>(
-    s_chunk: &mut [f64],
-    a_chunk: &[T],
-    r: usize,
-    u: &[f64],
-    w: &[f64],
-    gamma: f64,
-) {
+fn update_scores<T: Real>(s_chunk: &mut [f64], a_chunk: &[T], r: usize, step: &Step) {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2") {
         // SAFETY: the CPU has AVX2, the only feature the function is compiled for.
-        return unsafe { update_scores_avx2(s_chunk, a_chunk, r, u, w, gamma) };
+        return unsafe { update_scores_avx2(s_chunk, a_chunk, r, step) };
     }
-    update_scores_body(s_chunk, a_chunk, r, u, w, gamma)
+    update_scores_body(s_chunk, a_chunk, r, step)
 }
 
 /// The best unmasked score of a slice and its index; ties go to the lower index.
@@ -658,10 +645,15 @@ fn greedy<T: Real>(basis: &HeadBasis, pool: &TextPool<T>, n_texts: usize) -> Spa
         let gamma: f64 = u.iter().zip(&lu).map(|(x, y)| x * y).sum();
         let mut w = lu;
         orthogonalise(&mut w, &chosen);
+        let step = Step {
+            u: &u,
+            w: &w,
+            gamma,
+        };
         scores
             .par_chunks_mut(TEXT_CHUNK)
             .zip(a.par_chunks(r * TEXT_CHUNK))
-            .for_each(|(s_chunk, a_chunk)| update_scores(s_chunk, a_chunk, r, &u, &w, gamma));
+            .for_each(|(s_chunk, a_chunk)| update_scores(s_chunk, a_chunk, r, &step));
         scores[j] = f64::NEG_INFINITY;
         indices.push(j);
         variance.push(gamma);
