@@ -1,10 +1,13 @@
 """Decomposition benchmark: each figure beside plain `encode_image`, in one process.
 
-Randomly initialised ViT-B-16 at 224 px, batch 16, on the CPU, float32. Prints times, ratios
-and peak memory; asserts nothing about time.
+Randomly initialised towers of three families — open_clip's ViT-B-16 (class token), ViT-B-16-
+SigLIP (timm, attention pooler) and EVA02-B-16 (timm Eva: RoPE, sub-LN) — at 224 px, batch 16,
+on the CPU, float32; then extraction of a folder into a store with ViT-B-16. Prints times,
+ratios and peak memory; asserts nothing about time.
 
     python benches/bench_decompose.py                 # 1,000 images for the store
     python benches/bench_decompose.py --images 200    # a quicker extraction figure
+    python benches/bench_decompose.py --models ViT-B-16-SigLIP --images 0
 """
 
 from __future__ import annotations
@@ -51,12 +54,28 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=1000, help="images for the store figure")
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--models", nargs="+", default=list(MODELS))
     args = parser.parse_args()
+    for name in args.models:
+        bench_model(name)
+    if args.images:
+        bench_store(args.images, args.workers)
+
+
+MODELS = ("ViT-B-16", "ViT-B-16-SigLIP", "EVA02-B-16")
+
+
+def bench_model(name: str) -> None:
     torch.manual_seed(0)
-    model = open_clip.create_model("ViT-B-16").eval()
+    model = open_clip.create_model(name).eval()
     x = torch.randn(BATCH, 3, SIZE, SIZE)
-    directions = torch.randn(K, model.visual.output_dim)
-    print(f"ViT-B-16 (random weights), {SIZE} px, batch {BATCH}, {torch.get_num_threads()} threads")
+    with Decomposer(model) as decomposer:
+        directions = torch.randn(K, decomposer.tower.dim)
+        family = f"{decomposer.tower.family}, {decomposer.tower.pooling_type} pooling"
+    print(
+        f"{name} ({family}, random weights), {SIZE} px, batch {BATCH}, "
+        f"{torch.get_num_threads()} threads"
+    )
 
     with torch.no_grad(), Decomposer(model) as decomposer:
         plain = lambda: model.encode_image(x)  # noqa: E731
@@ -72,14 +91,18 @@ def main() -> None:
     print(f"  decompose + scores, K = {K}       {t_scores:7.3f} s   {t_scores / t_plain:5.2f}x")
     print(
         f"  peak memory: encode_image {m_plain:,.0f} MiB, decompose + scores {m_scores:,.0f} MiB "
-        f"(scores {list(s.shape)})"
+        f"(scores {list(s.shape)})\n"
     )
 
+
+def bench_store(images: int, workers: int) -> None:
+    torch.manual_seed(0)
+    model = open_clip.create_model("ViT-B-16").eval()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "images"
         root.mkdir()
         rng = np.random.default_rng(0)
-        for i in range(args.images):
+        for i in range(images):
             Image.fromarray(rng.integers(0, 256, (256, 256, 3), dtype=np.uint8)).save(
                 root / f"{i:05d}.jpg"
             )
@@ -90,7 +113,7 @@ def main() -> None:
 
         files, _, _ = list_images(root)
         loader = torch.utils.data.DataLoader(
-            ImageDataset(root, files, preprocess, 0), batch_size=BATCH, num_workers=args.workers
+            ImageDataset(root, files, preprocess, 0), batch_size=BATCH, num_workers=workers
         )
         start = time.perf_counter()
         with torch.no_grad():
@@ -104,12 +127,12 @@ def main() -> None:
             model="ViT-B-16",
             pretrained=str(checkpoint),
             batch_size=BATCH,
-            workers=args.workers,
+            workers=workers,
             device="cpu",
             dtype="float16",
         )
         store_rate = len(store) / (time.perf_counter() - start)
-    print(f"\n{args.images} images from a folder, batch {BATCH}, {args.workers} loader workers")
+    print(f"{images} images from a folder, batch {BATCH}, {workers} loader workers")
     print(f"  encode_image          {plain_rate:7.2f} images/s")
     print(
         f"  extract to a store    {store_rate:7.2f} images/s"

@@ -160,7 +160,7 @@ def test_segment_scores_patches_against_the_class_minus_the_mean_class(tiny_mode
     )
     np.testing.assert_array_equal(given.classes, [0, 1, 2, 3, 4])
     attention = textspan.segment(tiny_model, images, classifier, method="attention", progress=False)
-    last = parts._attention[-1][:, :, 1:].mean(1).numpy().reshape(5, 4, 4)
+    last = parts.class_attention(-1)[:, :, 1:].mean(1).numpy().reshape(5, 4, 4)
     np.testing.assert_allclose(attention.heatmaps, last, atol=1e-6)
     with pytest.raises(ValueError, match=r"classes: expected one per image \(5\), got 4"):
         textspan.segment(tiny_model, images, classifier, classes=[0, 1, 2, 3], progress=False)

@@ -386,7 +386,8 @@ def _sample_pages(
             with torch.no_grad():
                 parts = decomposer.decompose(preprocess(image)[None].to(device), spatial=True)
                 r = parts.representation / parts.representation.norm(dim=-1, keepdim=True)
-                scores = parts.scores(r)[0, :, 1:, :, 0].cpu().numpy()  # [L, P, H]
+                patches = slice(parts.prefix_tokens, None)
+                scores = parts.scores(r)[0, :, patches, :, 0].cpu().numpy()  # [L, P, H]
             figures = []
             for layer in range(scores.shape[0]):
                 name = f"maps/{i}-L{layer}.jpg"

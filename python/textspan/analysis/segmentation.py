@@ -97,13 +97,11 @@ def segment(
         raise InputError(f"classes: expected shape [N], got {list(given.shape)}")
     if given is not None and isinstance(images, torch.Tensor) and len(given) != len(images):
         raise InputError(f"classes: expected one per image ({len(images)}), got {len(given)}")
-    visual = getattr(model, "visual", model)
-    grid = tuple(int(v) for v in visual.grid_size)
-    size = tuple(int(v) for v in visual.image_size)
     maps, chosen = [], []
     done = 0
     bar = tqdm(desc="segmenting", unit="img", disable=not progress)
     with Decomposer(model) as decomposer:
+        grid, size = decomposer.tower.grid_size, decomposer.tower.image_size
         device = next(model.parameters()).device
         directions = weights.T.to(device)
         for batch in batches:
@@ -124,11 +122,15 @@ def segment(
                     raise InputError(f"classes: expected one per image, got {len(given)}")
                 batch_classes = given[done : done + b]
             if method == "decomposition":
-                patch = parts.token_scores(directions)[:, 1:].cpu().numpy()
+                patch = parts.token_scores(directions)[:, parts.prefix_tokens :].cpu().numpy()
                 maps.append(class_heatmaps(patch, batch_classes))
             else:
                 maps.append(
-                    parts.class_attention(-1)[:, :, 1:].mean(1).cpu().numpy().astype(np.float64)
+                    parts.class_attention(-1)[:, :, parts.prefix_tokens :]
+                    .mean(1)
+                    .cpu()
+                    .numpy()
+                    .astype(np.float64)
                 )
             chosen.append(np.asarray(batch_classes, dtype=np.int64))
             done += b

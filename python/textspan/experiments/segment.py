@@ -18,7 +18,7 @@ from ..core.checks import CONVENTIONS
 from ..core.metrics import foreground
 from ..datasets import open_images
 from ..errors import InputError, MissingFileError
-from ..models import load
+from ..models import load, tower_of
 from ..store.images import ImageDataset
 from .common import (
     class_names,
@@ -206,7 +206,7 @@ def run(
     net, preprocess, tokenizer = load(
         model, pretrained=pretrained, device=device, precision=precision
     )
-    size = tuple(int(v) for v in net.visual.image_size)
+    size = tower_of(net).image_size
     # Masks are read (and checked) before the long work starts.
     truth = None if mask_files is None else np.stack([read_mask(p, size) for p in mask_files])
     w = zero_shot_weights(net, tokenizer, names, templates)
@@ -283,7 +283,7 @@ def _run_imagenet_seg(
     net, preprocess, tokenizer = load(
         model, pretrained=pretrained, device=device, precision=precision
     )
-    size = tuple(int(v) for v in net.visual.image_size)
+    size = tower_of(net).image_size
     truth: dict[str, list[np.ndarray]] = {name: [] for name in MASK_PROTOCOLS}
     for i in range(len(ds)):
         mask = ds.mask(i)

@@ -6,12 +6,12 @@ from .decompose import Decomposer, Decomposition
 from .families import tower_of
 from .loading import default_device, load, register_model, resolve_model_name, skeleton
 from .texts import encode_texts, imagenet_names, imagenet_synsets, zero_shot_classifier
-from .tower import LayerWeights, Tower
+from .tower import LayerMaps, Tower
 
 __all__ = [
     "Decomposer",
     "Decomposition",
-    "LayerWeights",
+    "LayerMaps",
     "Tower",
     "default_device",
     "encode_texts",

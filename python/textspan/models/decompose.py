@@ -1,35 +1,39 @@
 """Exact decomposition of a ViT's image representation into direct contributions: the maths,
 shared by every tower family (each family is an adapter, `tower.Tower`).
 
-With pre-LayerNorm residual blocks, the class token entering `ln_post` is
+The residual stream entering the final norm is, at every token,
 
-    z = x0 + Σ_l attn_l + Σ_l mlp_l,
+    y = x0 + Σ_l attn_l + Σ_l mlp_l,
 
-and `ln_post` is linearised per image with that image's own mean and standard deviation σ
-of z, so the representation `ln_post(z) @ proj` is a sum of terms `((t − mean(t)) ⊙ γ/σ) @ proj`,
-one per term t, plus `β @ proj`. The attention term of layer l splits exactly over heads h
-and source tokens j: `attn_l = Σ_h Σ_j a^{l,h}_{0j} W_O^h v^{l,h}_j + b_O`.
+and with every norm on the way to the representation linearised per token with that token's
+own σ (and a pooler's attention weights taken from the forward pass), the representation is
+linear in y: `Σ_g Σ_j P[g, j] · y_j @ value_g @ out_g + constant`, j over the tokens the
+pooling reads (the class token; every patch; the tokens an attention pooler attends to) and g
+over the pooler's heads (`tower.Pooling`). So every term maps exactly. The attention term of
+layer l splits over heads h and source tokens i: `attn_l[j] = Σ_h Σ_i A^{l,h}_{ji} v^{l,h}_i
+@ head_map_h + bias` (a sub-LN or post-norm inside the branch adds a per-token scale).
 
 Conventions for what is shared (they decide which term a constant lands in; the parts always
-sum to `encode_image`):
+sum to the representation):
 
-- the LayerNorm mean: each term is centred by its own mean over the width (exact, since the
-  mean is linear);
-- `ln_post`'s bias β: it goes to the embedding term, `mlps[:, 0]`;
-- the attention output bias b_O of layer l: split equally among the H heads, and within a
-  head equally among the T source tokens (so `spatial.sum(2) == heads`);
-- the value bias b_V is part of every token's value, so it is weighted by that token's
-  attention like the rest of the value;
-- LayerScale multiplies every term of its branch.
+- a norm's mean: each term is centred by its own mean (exact, since the mean is linear);
+- every bias and norm offset past the residual stream (the final norm's β, a pooler's
+  biases, a linear head's bias) goes to the embedding term, `mlps[:, 0]`;
+- an attention layer's output bias (and a branch norm's offset): split equally among its H
+  heads, and within a head equally among the T source tokens (so `spatial.sum(2) == heads`);
+- the value bias is part of every token's value, so it is weighted by that token's attention;
+- LayerScale multiplies every term of its branch;
+- an attention pooler's MLP (SigLIP, PE-Core) is nonlinear in everything: its own term, the
+  last entry of `mlps` (`Decomposition.terms` names them all).
 
-Only the class-token row of each attention map is computed, from the block's LayerNorm
-output, so no [B, T, T, H, D] tensor is ever built.
+Only the attention rows of the tokens the pooling reads are used, reduced as soon as a layer
+finishes, so no [B, T, T, H, D] tensor is ever built.
 
-`convention="paper"` gives the terms of Gandelsman et al.'s own code instead: the final
-norm's mean μ and bias β (of the whole stream) are shared equally among the K = 2L + 1
-additive blocks (the embedding, L attention layers, L MLPs), an attention layer's share
-equally among its H heads and, for token terms, among its T source tokens; every term is then
-divided by the image's ‖r‖, so the terms sum to the normalised representation r/‖r‖.
+`convention="paper"` (class-token pooling only) gives the terms of Gandelsman et al.'s own
+code instead: the final norm's mean μ and bias β (of the whole stream) are shared equally
+among the K = 2L + 1 additive blocks (the embedding, L attention layers, L MLPs), an attention
+layer's share equally among its H heads and, for token terms, among its T source tokens;
+every term is then divided by the image's ‖r‖, so the terms sum to r/‖r‖.
 """
 
 from __future__ import annotations
@@ -45,7 +49,7 @@ from torch import nn
 from ..core.checks import check_convention
 from ..errors import InputError, InputTypeError, UnsupportedModelError
 from .families import tower_of
-from .tower import Tower
+from .tower import Capture, LayerCapture, LayerMaps, Pooling, Tower
 
 __all__ = ["Decomposer", "Decomposition"]
 
@@ -58,24 +62,25 @@ _DROPOUTS = (
     nn.FeatureAlphaDropout,
 )
 
+# Spatial decompositions run in chunks of images whose transient attention maps
+# [chunk, H, T, T] stay under this many floats.
+_ATTENTION_FLOATS = 2**27
+
 
 @dataclass
-class _Readout:
-    """Per layer: maps a head's weighted value sum [d_h] into the joint space, before 1/σ."""
+class _TokenLayer:
+    """One layer's token terms: what `spatial` and `scores` need."""
 
-    heads: torch.Tensor  # [H, d_h, D]
-    bias: torch.Tensor  # [H, D]
-    value_weight: torch.Tensor  # [H, d_h, W]: v^h = value_weight[h] @ x + value_bias[h]
-    value_bias: torch.Tensor  # [H, d_h]
+    weights: torch.Tensor  # [B, G, H, T]: Σ_j P[g, j] · s_j · A^h_{j, i}
+    inputs: torch.Tensor  # [B, T, W] the attention's input
+    maps: LayerMaps
+    bias: torch.Tensor  # [B, D]: the layer's biases (all heads, all tokens), read out
 
-    def values(self, x: torch.Tensor) -> torch.Tensor:
-        """Every token's value [B, T, H, d_h] from the block's LayerNorm output x [B, T, W]."""
-        return torch.einsum("btw,hew->bthe", x, self.value_weight) + self.value_bias
-
-    def pooled_values(self, pooled: torch.Tensor) -> torch.Tensor:
-        """Each head's attention-weighted value [B, H, d_h] from its attention-weighted input
-        [B, H, W] (the weights sum to one, so the bias enters once)."""
-        return torch.einsum("bhw,hew->bhe", pooled, self.value_weight) + self.value_bias
+    def values(self) -> torch.Tensor:
+        """Every token's value [B, T, H, d_h]."""
+        return torch.einsum("btw,hew->bthe", self.inputs, self.maps.value_weight) + (
+            self.maps.value_bias
+        )
 
 
 @dataclass
@@ -83,19 +88,20 @@ class Decomposition:
     """Direct contributions to the image representation, in the joint image–text space.
 
     `heads.sum((1, 2)) + mlps.sum(1)` equals `representation` up to float rounding: what
-    `model.encode_image(images, normalize=False)` returns, or (convention "paper") that
-    divided by its norm. See the module docstring for how biases and LayerNorm means are
-    shared under each convention.
+    the model's image encoder returns (unnormalised), or (convention "paper") that divided by
+    its norm. See the module docstring for how biases and norm means are shared.
 
     Attributes:
-        heads: [B, L, H, D], each attention head's contribution at the class token.
-        mlps: [B, L+1, D], the embedding term (index 0: class embedding, positional
-            embedding and `ln_pre`, plus, in textspan's convention, `ln_post`'s bias) then
-            each layer's MLP.
+        heads: [B, L, H, D], each attention head's contribution.
+        mlps: [B, len(terms), D], the embedding term (index 0: everything before the first
+            block plus the constants past the stream), each layer's MLP, then any pooler MLP.
         representation: [B, D].
         class_token: [B, L, D], the part of each layer's attention term (all heads) that
-            flows from the class token's own position: `spatial[:, :, 0].sum(2)`.
+            flows from the class token's own position, `spatial[:, :, 0].sum(2)`; zeros for a
+            tower without a class token.
         convention: "textspan" or "paper".
+        terms: the names of the `mlps` entries.
+        prefix_tokens: how many tokens precede the patches (class token, registers).
     """
 
     heads: torch.Tensor
@@ -103,15 +109,21 @@ class Decomposition:
     representation: torch.Tensor
     class_token: torch.Tensor
     convention: str = "textspan"
-    _attention: list[torch.Tensor] = field(default_factory=list, repr=False)  # [B, H, T] per layer
-    # Each layer's attention input (ln_1 output) [B, T, W].
-    _inputs: list[torch.Tensor] = field(default_factory=list, repr=False)
-    _readouts: list[_Readout] = field(default_factory=list, repr=False)
-    # [B]: what every term is multiplied by at the end: 1/σ, or 1/(σ‖r‖) (paper).
+    terms: tuple[str, ...] = ()
+    prefix_tokens: int = 1
+    _layers: list[_TokenLayer] = field(default_factory=list, repr=False)
+    _pooling: Pooling | None = field(default=None, repr=False)
+    # [B]: 1/‖r‖ (paper) or ones: every token term is multiplied by it at the end.
     _scale: torch.Tensor | None = field(default=None, repr=False)
-    # [B, D] (paper only): each additive block's share of −μ and β, before `_scale`; a head
-    # takes 1/H of its layer's, a token term 1/(H·T).
+    # [B, D] (paper only): each additive block's share of −μ and β; a head takes 1/H of its
+    # layer's, a token term 1/(H·T).
     _shared: torch.Tensor | None = field(default=None, repr=False)
+
+    def _need_tokens(self) -> None:
+        if not self._layers:
+            raise InputError(
+                "this decomposition has no token terms: call decompose(images, spatial=True)"
+            )
 
     def _share(self, d: torch.Tensor | None = None) -> torch.Tensor | None:
         """The block's share [B, D], or scored against directions d [K, D] → [B, K]."""
@@ -119,17 +131,13 @@ class Decomposition:
             return None
         return self._shared if d is None else self._shared @ d.T
 
-    def _need_tokens(self) -> None:
-        if not self._attention:
-            raise InputError(
-                "this decomposition has no token terms: call decompose(images, spatial=True)"
-            )
-
     def class_attention(self, layer: int) -> torch.Tensor:
-        """[B, H, T]: layer `layer`'s attention from the class token to every token (the
-        raw-attention baseline of segmentation reads the last layer's)."""
+        """[B, H, T]: how layer `layer`'s heads weigh every source token for the pooled
+        representation, each row summing to one (with class-token pooling: the attention from
+        the class token; the raw-attention baseline of segmentation reads the last layer's)."""
         self._need_tokens()
-        return self._attention[layer]
+        w = self._layers[layer].weights.sum(1)
+        return w / w.sum(-1, keepdim=True)
 
     @property
     def spatial(self) -> torch.Tensor:
@@ -137,14 +145,27 @@ class Decomposition:
 
         Materialised on each access (B·L·T·H·D floats); `scores` avoids that."""
         self._need_tokens()
-        layers = []
+        pooling = self._pooling
         share = self._share()
-        for a, x, r in zip(self._attention, self._inputs, self._readouts, strict=True):
-            h, t = a.shape[1:]
-            layer = torch.einsum("bhj,bjhe,hed->bjhd", a, r.values(x), r.heads) + r.bias / t
+        layers = []
+        for layer in self._layers:
+            h, t = layer.weights.shape[2:]
+            through = torch.einsum("bthe,hew->bthw", layer.values(), layer.maps.head_map)
+            out = sum(
+                pooling.read((layer.weights[:, g].transpose(1, 2)[..., None] * through)[:, None])
+                if pooling.value is None
+                else torch.einsum(
+                    "bthw,we,ed->bthd",
+                    layer.weights[:, g].transpose(1, 2)[..., None] * through,
+                    pooling.value[g],
+                    pooling.out[g],
+                )
+                for g in range(layer.weights.shape[1])
+            )
+            out = out + layer.bias[:, None, None] / (h * t)
             if share is not None:
-                layer = layer + share[:, None, None] / (h * t)
-            layers.append(layer)
+                out = out + share[:, None, None] / (h * t)
+            layers.append(out)
         return torch.stack(layers, 1) * self._scale[:, None, None, None, None]
 
     def _directions(self, directions: Any) -> torch.Tensor:
@@ -155,26 +176,24 @@ class Decomposition:
             )
         return d
 
-    def token_scores(self, directions: Any) -> torch.Tensor:
-        """Each token's contribution, summed over layers and heads, scored against K
-        directions [K, D] → [B, T, K] (token 0 is the class token). Equals
-        `scores(directions).sum((1, 3))` without its O(B·L·T·H·K) memory."""
-        self._need_tokens()
-        d = self._directions(directions)
-        share = self._share(d)
-        total = None
-        for a, x, r in zip(self._attention, self._inputs, self._readouts, strict=True):
-            b, t, _ = x.shape
-            read = r.heads @ d.T  # [H, d_h, K]
-            through_values = torch.einsum("hew,hek->hwk", r.value_weight, read)
-            weighted = torch.einsum("btw,bht->bthw", x, a).reshape(b, t, -1)
-            layer = weighted @ through_values.reshape(-1, d.shape[0])
-            layer = layer + a.transpose(1, 2) @ torch.einsum("he,hek->hk", r.value_bias, read)
-            layer = layer + (r.bias @ d.T).sum(0) / t
-            if share is not None:  # the layer's H heads' shares at each token
-                layer = layer + share[:, None] / t
-            total = layer if total is None else total + layer
-        return total * self._scale[:, None, None]
+    def _layer_scores(self, layer: _TokenLayer, d: torch.Tensor) -> torch.Tensor:
+        """[B, T, H, K], before `_scale` and the paper's share."""
+        pooling = self._pooling
+        h, t = layer.weights.shape[2:]
+        read = d.T if pooling.value is None else None
+        if pooling.value is None:
+            read = pooling.out[0] @ d.T  # [W, K]
+            by_head = torch.einsum("hew,wk->hek", layer.maps.head_map, read)
+            # Fold the value projection into the read-out: tokens meet K columns per head.
+            through_values = torch.einsum("hew,hek->hwk", layer.maps.value_weight, by_head)
+            per_token = torch.einsum("btw,hwk->bthk", layer.inputs, through_values)
+            per_token = per_token + torch.einsum("he,hek->hk", layer.maps.value_bias, by_head)
+            scored = per_token * layer.weights[:, 0].transpose(1, 2)[..., None]
+        else:
+            read = torch.einsum("gwe,ged,kd->gwk", pooling.value, pooling.out, d)
+            by_head = torch.einsum("hew,gwk->ghek", layer.maps.head_map, read)
+            scored = torch.einsum("bthe,ghek,bght->bthk", layer.values(), by_head, layer.weights)
+        return scored + (layer.bias @ d.T)[:, None, None] / (h * t)
 
     def scores(self, directions: Any) -> torch.Tensor:
         """Token-by-head contributions scored against K directions [K, D] → [B, L, T, H, K].
@@ -185,37 +204,70 @@ class Decomposition:
         d = self._directions(directions)
         share = self._share(d)
         layers = []
-        for a, x, r in zip(self._attention, self._inputs, self._readouts, strict=True):
-            h, t = a.shape[1:]
-            read = r.heads @ d.T  # [H, d_h, K]
-            # Fold the value projection into the read-out: tokens meet K columns per head.
-            through_values = torch.einsum("hew,hek->hwk", r.value_weight, read)
-            per_token = torch.einsum("btw,hwk->bthk", x, through_values)
-            per_token = per_token + torch.einsum("he,hek->hk", r.value_bias, read)
-            scored = per_token * a.transpose(1, 2)[..., None] + (r.bias @ d.T) / t
+        for layer in self._layers:
+            scored = self._layer_scores(layer, d)
             if share is not None:
+                h, t = layer.weights.shape[2:]
                 scored = scored + share[:, None, None] / (h * t)
             layers.append(scored)
         return torch.stack(layers, 1) * self._scale[:, None, None, None, None]
 
+    def token_scores(self, directions: Any) -> torch.Tensor:
+        """Each token's contribution, summed over layers and heads, scored against K
+        directions [K, D] → [B, T, K] (the first `prefix_tokens` are the class token and
+        registers). Equals `scores(directions).sum((1, 3))` without its memory."""
+        self._need_tokens()
+        d = self._directions(directions)
+        share = self._share(d)
+        total = None
+        for layer in self._layers:
+            summed = self._layer_scores(layer, d).sum(2)
+            if share is not None:
+                summed = summed + share[:, None] / layer.weights.shape[3]
+            total = summed if total is None else total + summed
+        return total * self._scale[:, None, None]
 
-@dataclass
-class _Capture:
-    """What the hooks record during one forward pass (one slot per layer)."""
+    @staticmethod
+    def concat(parts: list[Decomposition]) -> Decomposition:
+        """The decompositions of consecutive chunks of one batch, as one."""
+        first = parts[0]
+        if len(parts) == 1:
+            return first
 
-    layers: int
-    spatial: bool
-    embedding: torch.Tensor | None = None  # [B, W] the class token after the embedding
-    final: torch.Tensor | None = None  # [B, W] the stream entering the final norm
-    mlp: list[torch.Tensor | None] = field(default_factory=list)  # [B, W] per layer
-    pooled: list[torch.Tensor | None] = field(default_factory=list)  # [B, H, W] Σ_j a_j x_j
-    own: list[tuple[torch.Tensor, torch.Tensor, int] | None] = field(default_factory=list)
-    attention: list[torch.Tensor | None] = field(default_factory=list)  # [B, H, T]
-    inputs: list[torch.Tensor | None] = field(default_factory=list)  # [B, T, W]
+        def cat(name: str) -> torch.Tensor | None:
+            values = [getattr(p, name) for p in parts]
+            return None if values[0] is None else torch.cat(values)
 
-    def __post_init__(self) -> None:
-        for name in ("mlp", "pooled", "own", "attention", "inputs"):
-            setattr(self, name, [None] * self.layers)
+        layers = [
+            _TokenLayer(
+                weights=torch.cat([p._layers[i].weights for p in parts]),
+                inputs=torch.cat([p._layers[i].inputs for p in parts]),
+                maps=first._layers[i].maps,
+                bias=torch.cat([p._layers[i].bias for p in parts]),
+            )
+            for i in range(len(first._layers))
+        ]
+        pooling = None
+        if first._pooling is not None:
+            pooling = Pooling(
+                weights=torch.cat([p._pooling.weights for p in parts]),
+                value=first._pooling.value,
+                out=first._pooling.out,
+                constant=torch.cat([p._pooling.constant for p in parts]),
+            )
+        return Decomposition(
+            heads=cat("heads"),
+            mlps=cat("mlps"),
+            representation=cat("representation"),
+            class_token=cat("class_token"),
+            convention=first.convention,
+            terms=first.terms,
+            prefix_tokens=first.prefix_tokens,
+            _layers=layers,
+            _pooling=pooling,
+            _scale=cat("_scale"),
+            _shared=cat("_shared"),
+        )
 
 
 class Decomposer:
@@ -226,16 +278,19 @@ class Decomposer:
         with Decomposer(model) as decomposer:
             parts = decomposer.decompose(images)
 
-    Raises `UnsupportedModelError` for towers it cannot decompose exactly (timm and ResNet
-    towers, attentional or average pooling, custom blocks).
+    Raises `UnsupportedModelError` for towers it cannot decompose exactly (ResNets,
+    ConvNeXt, a nonlinear projection head, custom blocks), naming why.
     """
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
         self.tower: Tower = tower_of(model)
-        self._capture: _Capture | None = None
+        self._capture: Capture | None = None
+        # During a spatial pass: [B or 1, G, T_r], the pooling weights (up to a per-image
+        # factor) each layer's attention rows are reduced with as soon as the layer ends.
+        self._reduce: torch.Tensor | None = None
         self._handles: list[Any] = []
-        self._cached: tuple[tuple[int, ...], Any] | None = None
+        self._cached: tuple[tuple[int, ...], list[LayerMaps]] | None = None
         self._attach()
 
     @property
@@ -243,19 +298,23 @@ class Decomposer:
         """The image tower."""
         return self.tower.module
 
+    @property
+    def terms(self) -> tuple[str, ...]:
+        """The names of a decomposition's `mlps` entries."""
+        t = self.tower
+        return ("embedding", *(f"layer {i} MLP" for i in range(t.layers)), *t.extra_terms)
+
     # hooks ---------------------------------------------------------------------------------
 
     def _attach(self) -> None:
         t = self.tower
         # Module paths for the error when a hook never fires, taken before any forward.
         self._names = {id(m): name for name, m in t.module.named_modules()}
-        self._handles.append(t.embedding.register_forward_hook(self._on_embedding))
-        self._handles.append(t.final_norm.register_forward_pre_hook(self._on_final_norm))
+        self._handles.append(t.block(0).register_forward_pre_hook(self._on_embedding))
+        self._handles.append(t.block(t.layers - 1).register_forward_hook(self._on_final))
         for i in range(t.layers):
-            self._handles.append(
-                t.attention_input(i).register_forward_hook(self._attention_hook(i))
-            )
-            self._handles.append(t.mlp_output(i).register_forward_hook(self._mlp_hook(i)))
+            self._handles.append(t.block(i).register_forward_hook(self._layer_done(i)))
+        self._handles.extend(t.attach(lambda: self._capture))
 
     def close(self) -> None:
         """Removes every hook (idempotent)."""
@@ -269,108 +328,82 @@ class Decomposer:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _on_embedding(self, module, inputs, output) -> None:
+    def _on_embedding(self, module, args) -> None:
         if self._capture is not None:
-            self._capture.embedding = self.tower.tokens(output)[:, 0].float()
+            self._capture.embedding = self.tower.tokens(args[0])[:, self.tower.read_tokens].float()
 
-    def _on_final_norm(self, module, inputs) -> None:
+    def _on_final(self, module, args, output) -> None:
         if self._capture is not None:
-            z = inputs[0]
-            self._capture.final = (z[:, 0] if z.ndim == 3 else z).float()
+            out = output[0] if isinstance(output, tuple) else output
+            self._capture.final = self.tower.tokens(out)[:, self.tower.read_tokens].float()
 
-    def _mlp_hook(self, i: int):
-        def hook(module, inputs, output) -> None:
-            if self._capture is not None:
-                self._capture.mlp[i] = self.tower.tokens(output)[:, 0].float()
+    def _layer_done(self, i: int):
+        """Reduces the layer's attention rows once every hook of the block has fired: what
+        the class-token term needs, and in a spatial pass every source token's weight."""
 
-        return hook
-
-    def _attention_hook(self, i: int):
-        def hook(module, inputs, output) -> None:
+        def hook(module, args, output) -> None:
             cap = self._capture
             if cap is None:
                 return
-            x = self.tower.tokens(output).float()  # [B, T, W], the attention's input
-            weights = self.tower.layer_weights(i, x.device)
-            weight, bias = weights.qkv_weight, weights.qkv_bias
-            dh = weight.shape[2]
-            # Only the class token's query row is needed, and neither keys nor values of every
-            # token: q·(W_K x_j + b_K) = (W_Kᵀ q)·x_j + q·b_K, and Σ_j a_j (W_V x_j + b_V) =
-            # W_V (Σ_j a_j x_j) + b_V since the row sums to one; the value projection of the
-            # pooled input is the read-out's (`_assemble`). O(B·H·T·W) per layer.
-            q = torch.einsum("bw,hew->bhe", x[:, 0], weight[0]) + bias[0]
-            keyed = torch.einsum("bhe,hew->bhw", q, weight[1])
-            logits = torch.einsum("bhw,btw->bht", keyed, x) + (q * bias[1]).sum(-1)[..., None]
-            a = torch.softmax(logits * dh**-0.5, dim=-1)  # [B, H, T]
-            cap.pooled[i] = torch.einsum("bht,btw->bhw", a, x)
-            cap.own[i] = (a[:, :, 0], x[:, 0], x.shape[1])
-            if cap.spatial:
-                cap.attention[i] = a
-                cap.inputs[i] = x
+            layer = cap.layers[i]
+            if layer.rows is None or layer.inputs is None:
+                return  # reported by _check_fired
+            rows = layer.rows * (1.0 if layer.o_scale is None else layer.o_scale[:, None, :, None])
+            if self.tower.has_class_token:
+                layer.class_rows = rows[..., 0]  # [B, H, T_r]
+                layer.class_input = layer.inputs[:, 0]
+            if self._reduce is not None:
+                reduce = self._reduce.expand(rows.shape[0], -1, -1)
+                layer.weights = torch.einsum("bgj,bhji->bghi", reduce, rows)
+            else:
+                layer.inputs = None
+            layer.rows = None
 
         return hook
-
-    # readout -------------------------------------------------------------------------------
-
-    def _post(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The final norm's γ folded into the projection [W, D], and β @ projection [D]."""
-        norm = self.tower.final_norm
-        width = norm.normalized_shape[0]
-        device = next(self.tower.module.parameters()).device
-        proj = self.tower.projection()
-        if proj is None:
-            proj = torch.eye(width, device=device)
-        gamma = norm.weight.detach().float() if norm.weight is not None else None
-        scaled = proj if gamma is None else gamma[:, None] * proj
-        beta = norm.bias
-        offset = (
-            beta.detach().float() @ proj
-            if beta is not None
-            else torch.zeros(proj.shape[1], device=device)
-        )
-        return scaled, offset
-
-    def _readouts(self, read: torch.Tensor) -> list[_Readout]:
-        readouts = []
-        for i in range(self.tower.layers):
-            lw = self.tower.layer_weights(i, read.device)
-            _, h, dh, _ = lw.qkv_weight.shape
-            layer = lw.scale[:, None] * read  # [W, D]
-            heads = torch.stack(
-                [lw.out_weight[:, j * dh : (j + 1) * dh].T @ layer for j in range(h)]
-            )
-            readouts.append(
-                _Readout(
-                    heads=heads,
-                    bias=((lw.out_bias / h) @ layer).expand(h, -1),
-                    value_weight=lw.qkv_weight[2],
-                    value_bias=lw.qkv_bias[2],
-                )
-            )
-        return readouts
 
     # decomposition -------------------------------------------------------------------------
 
     @contextmanager
-    def _capturing(self, spatial: bool) -> Iterator[_Capture]:
+    def _capturing(self, reduce: torch.Tensor | None) -> Iterator[Capture]:
         if not self._handles:
             raise RuntimeError("this Decomposer is closed: its hooks were removed")
-        self._capture = _Capture(self.tower.layers, spatial)
+        self._capture = Capture([LayerCapture() for _ in range(self.tower.layers)])
+        self._reduce = reduce
         try:
-            yield self._capture
+            with self.tower.forward_context():
+                yield self._capture
         finally:
             self._capture = None
+            self._reduce = None
 
-    def _check_fired(self, cap: _Capture) -> None:
+    def _forward(self, images: torch.Tensor, reduce: torch.Tensor | None):
+        with self._capturing(reduce) as cap:
+            representation = self.tower.encode(images)
+            self._check_fired(cap)
+            return cap, representation.float()
+
+    def _check_fired(self, cap: Capture) -> None:
         t = self.tower
-        expected = [(t.embedding, cap.embedding), (t.final_norm, cap.final)]
-        expected += [(t.attention_input(i), x) for i, x in enumerate(cap.pooled)]
-        expected += [(t.mlp_output(i), x) for i, x in enumerate(cap.mlp)]
-        missing = [self._names.get(id(m), type(m).__name__) for m, x in expected if x is None]
+        missing = []
+        if cap.embedding is None:
+            missing.append(f"the input of {self._names.get(id(t.block(0)), 'block 0')}")
+        if cap.final is None:
+            missing.append(f"the output of {self._names.get(id(t.block(t.layers - 1)))}")
+        wanted = {"o": "heads' outputs", "mlp": "MLP term"}
+        if t.has_class_token:
+            wanted["class_input"] = "attention input"
+        if self._reduce is not None:
+            wanted["weights"] = "attention weights"
+        for i, layer in enumerate(cap.layers):
+            missing += [
+                f"layer {i}'s {what}"
+                for name, what in wanted.items()
+                if getattr(layer, name) is None
+            ]
         if missing:
             raise RuntimeError(
-                "hooks never fired on " + ", ".join(missing) + ": the model's forward did "
-                "not run through these modules, so the decomposition would be wrong"
+                "hooks never fired for " + ", ".join(missing) + ": the model's forward did "
+                "not run through the modules the decomposition hooks, so it would be wrong"
             )
 
     @torch.no_grad()
@@ -380,17 +413,42 @@ class Decomposer:
         """Runs the image tower on `images` [B, 3, H, W] and splits its output.
 
         With `spatial=True` the result also holds the per-token terms (`spatial`, `scores`).
-        `convention`: "textspan" (each term centred by its own mean, β in the embedding term,
-        the unnormalised representation) or "paper" (the shares and ‖r‖ of Gandelsman et
-        al.'s code; see the module docstring).
+        `convention`: "textspan" (each term centred by its own mean, constants in the
+        embedding term, the unnormalised representation) or "paper" (the shares and ‖r‖ of
+        Gandelsman et al.'s code, for class-token pooling; see the module docstring).
         """
         check_convention(convention)
+        if convention == "paper" and self.tower.pooling_type != "token":
+            raise UnsupportedModelError(
+                f"convention 'paper' is defined for class-token pooling; {self.tower.family} "
+                f"pools by {self.tower.pooling_type}: use convention 'textspan'"
+            )
         self._check_images(images)
         self._refuse_active_dropout()
-        with self._capturing(spatial) as cap:
-            representation = self.tower.encode(images)
-            self._check_fired(cap)
-            return self._assemble(cap, representation.float(), convention)
+        if not spatial:
+            cap, representation = self._forward(images, None)
+            return self._assemble(cap, representation, convention, None)
+        t = self.tower
+        tokens = (t.grid_size[0] * t.grid_size[1]) + t.prefix_tokens
+        chunk = max(1, _ATTENTION_FLOATS // (t.heads * tokens * tokens))
+        return Decomposition.concat(
+            [
+                self._decompose_tokens(images[i : i + chunk], convention)
+                for i in range(0, images.shape[0], chunk)
+            ]
+        )
+
+    def _decompose_tokens(self, images: torch.Tensor, convention: str) -> Decomposition:
+        pattern = self.tower.pattern()
+        if pattern is None:
+            # The pooling weights depend on the image (an attention pooler, a norm per
+            # token): a first pass finds them, so the second reduces each layer at once.
+            cap, _ = self._forward(images, None)
+            reduce = self.tower.pooling(cap, centre=convention == "textspan").weights
+        else:
+            reduce = pattern.to(images.device)
+        cap, representation = self._forward(images, reduce)
+        return self._assemble(cap, representation, convention, reduce)
 
     def _check_images(self, images: Any) -> None:
         h, w = self.tower.image_size
@@ -416,8 +474,10 @@ class Decomposer:
             p = getattr(m, "p", None) if isinstance(m, _DROPOUTS) else None
             if isinstance(m, nn.MultiheadAttention):
                 p = m.dropout
-            elif type(m).__name__ == "PatchDropout":
+            elif type(m).__name__ in ("PatchDropout", "PatchDropoutWithIndices"):
                 p = getattr(m, "prob", 0.0)
+            elif type(m).__name__ == "DropPath":
+                p = getattr(m, "drop_prob", 0.0)
             if p:
                 raise UnsupportedModelError(
                     f"{type(self.tower.module).__name__}.{name or 'itself'} has active dropout "
@@ -425,71 +485,92 @@ class Decomposer:
                     "call model.eval()"
                 )
 
-    def _readout_weights(
-        self, convention: str
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[_Readout]]:
-        """(read-out of a width vector [W, D], γ @ projection [D], β @ projection [D], the
-        heads' read-outs), recomputed only when a parameter of the tower changed.
-
-        textspan's convention reads through the projection centred over the width (each term
-        centred by its own mean); the paper's through the plain one (μ is shared instead)."""
+    def _layer_maps(self, device: torch.device) -> list[LayerMaps]:
+        """Every layer's maps, recomputed only when a parameter of the tower changed."""
         params = list(self.tower.module.parameters())
-        key = (convention, *(p._version for p in params), *(p.data_ptr() for p in params))
+        key = (*(p._version for p in params), *(p.data_ptr() for p in params))
         if self._cached is None or self._cached[0] != key:
-            scaled, offset = self._post()
-            read = scaled - scaled.mean(0, keepdim=True) if convention == "textspan" else scaled
-            self._cached = (key, (read, scaled.sum(0), offset, self._readouts(read)))
+            maps = [self.tower.layer_maps(i, device) for i in range(self.tower.layers)]
+            self._cached = (key, maps)
         return self._cached[1]
 
     def _assemble(
-        self, cap: _Capture, representation: torch.Tensor, convention: str
+        self,
+        cap: Capture,
+        representation: torch.Tensor,
+        convention: str,
+        reduce: torch.Tensor | None,
     ) -> Decomposition:
-        read, gamma_p, offset, readouts = self._readout_weights(convention)
-        z = cap.final
-        eps = self.tower.final_norm.eps
-        sigma = torch.sqrt(z.var(dim=-1, unbiased=False) + eps)  # [B]
-        heads = torch.stack(
-            [
-                torch.einsum("bhe,hed->bhd", r.pooled_values(pooled), r.heads) + r.bias
-                for pooled, r in zip(cap.pooled, readouts, strict=True)
-            ],
-            1,
-        )
-        # The class token's own share of each attention term: its attention weight times
-        # its value, plus its 1/T share of the output bias.
-        tokens = cap.own[0][2]
-        class_token = torch.stack(
-            [
-                torch.einsum("bh,bhe,hed->bd", weight, r.values(x0[:, None])[:, 0], r.heads)
-                + r.bias.sum(0) / t
-                for (weight, x0, t), r in zip(cap.own, readouts, strict=True)
-            ],
-            1,
-        )
-        mlps = torch.stack([cap.embedding, *cap.mlp], 1) @ read
+        t = self.tower
+        pooling = t.pooling(cap, centre=convention == "textspan")
+        maps = self._layer_maps(representation.device)
+        p = pooling.weights  # [B, G, T_r]
+        n = representation.shape[0]
+        tokens = t.grid_size[0] * t.grid_size[1] + t.prefix_tokens
+        heads, biases, class_token = [], [], []
+        for layer, m in zip(cap.layers, maps, strict=True):
+            scaled = p if layer.o_scale is None else p * layer.o_scale[:, None]
+            pooled = torch.einsum("bgj,bjhe->bghe", scaled, layer.o)
+            through = torch.einsum("bghe,hew->bghw", pooled, m.head_map)
+            # The branch's constants at every read token (a post-norm scales a part per token).
+            bias = m.bias_fixed + (
+                m.bias_scaled
+                if layer.bias_scale is None
+                else layer.bias_scale[..., None] * m.bias_scaled
+            )
+            bias = pooling.pool(bias.expand(n, p.shape[2], -1))
+            biases.append(bias)
+            heads.append(pooling.read(through) + bias[:, None] / t.heads)
+            if t.has_class_token:
+                weight = torch.einsum("bgj,bhj->bgh", p, layer.class_rows)
+                value = torch.einsum("bw,hew->bhe", layer.class_input, m.value_weight)
+                value = value + m.value_bias
+                flow = torch.einsum("bgh,bhe,hew->bgw", weight, value, m.head_map)
+                class_token.append(pooling.read(flow) + bias / tokens)
+            else:
+                class_token.append(torch.zeros_like(bias))
+        heads = torch.stack(heads, 1)
+        class_token = torch.stack(class_token, 1)
+        mlps = [pooling.pool(cap.embedding), *(pooling.pool(layer.mlp) for layer in cap.layers)]
+        if pooling.extra is not None:
+            mlps.append(pooling.extra)
+        mlps = torch.stack(mlps, 1)
+        scale = torch.ones(n, device=representation.device)
         shared = None
         if convention == "textspan":
-            mlps[:, 0] += offset * sigma[:, None]
-            scale = 1.0 / sigma
+            mlps[:, 0] += pooling.constant
         else:
-            # −μ and β shared equally among the 2L + 1 additive blocks, per image.
-            blocks = 2 * self.tower.layers + 1
-            shared = (sigma[:, None] * offset - z.mean(-1, keepdim=True) * gamma_p) / blocks
-            heads = heads + shared[:, None, None] / heads.shape[2]
+            # −μ and β shared equally among the 2L + 1 additive blocks, per image (P already
+            # holds the final norm's 1/σ).
+            blocks = 2 * t.layers + 1
+            mu = cap.final[:, 0].mean(-1)
+            shared = (
+                pooling.constant - (mu * p[:, 0, 0])[:, None] * pooling.out[0].sum(0)
+            ) / blocks
+            heads = heads + shared[:, None, None] / t.heads
             class_token = class_token + shared[:, None] / tokens
             mlps = mlps + shared[:, None]
             norm = representation.norm(dim=-1)
-            scale = 1.0 / (sigma * norm)
+            scale = 1.0 / norm
             representation = representation / norm[:, None]
+        token_layers = []
+        if reduce is not None:
+            # The rows were reduced with P up to a per-image factor (exact P in a second pass).
+            factor = (p.flatten(1)[:, 0] / reduce.flatten(1)[:, 0]).reshape(-1, 1, 1, 1)
+            token_layers = [
+                _TokenLayer(layer.weights * factor, layer.inputs, m, bias)
+                for layer, m, bias in zip(cap.layers, maps, biases, strict=True)
+            ]
         return Decomposition(
             heads=heads * scale[:, None, None, None],
             mlps=mlps * scale[:, None, None],
             representation=representation,
             class_token=class_token * scale[:, None, None],
             convention=convention,
-            _attention=[a for a in cap.attention if a is not None],
-            _inputs=[x for x in cap.inputs if x is not None],
-            _readouts=readouts if cap.spatial else [],
+            terms=self.terms,
+            prefix_tokens=t.prefix_tokens,
+            _layers=token_layers,
+            _pooling=pooling if reduce is not None else None,
             _scale=scale,
             _shared=shared,
         )

@@ -1,21 +1,24 @@
 """Where the pieces of an open_clip `VisionTransformer` are, for the decomposition.
 
-It answers the questions of `textspan.models.tower.Tower` (which modules to hook, each
-layer's attention weights, the projection after the final norm); the maths is in
-`decompose.py`, shared by every family.
+Class-token pooling (OpenAI, LAION, DFN, MetaCLIP …), average pooling (CLIPA: the final norm
+after the mean, or one per token before it) and CoCa's attentional pooler. Each block's
+attention is a packed `nn.MultiheadAttention` that runs as one fused function, so its rows
+are recomputed from the block's LayerNorm output — only the rows of the tokens the pooling
+reads. The maths is in `decompose.py`, shared by every family.
 """
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
 from torch import nn
 
 from ..errors import UnsupportedModelError
-from .tower import LayerWeights
+from .tower import Capture, LayerMaps, Pooling, centred, inverse_sigma, norm_parts
 
-__all__ = ["OpenClipTower"]
+__all__ = ["OpenClipTower", "mha_parts"]
 
 
 def _refusal(model: nn.Module, visual: nn.Module) -> Any:
@@ -23,17 +26,43 @@ def _refusal(model: nn.Module, visual: nn.Module) -> Any:
 
     def refuse(what: str) -> UnsupportedModelError:
         return UnsupportedModelError(
-            f"{name} ({type(visual).__name__}) cannot be decomposed exactly: {what}. "
-            "Supported: open_clip VisionTransformer towers with class-token pooling and "
-            "standard residual attention blocks."
+            f"{name} ({type(visual).__name__}) cannot be decomposed exactly: {what}."
         )
 
     return refuse
 
 
+def mha_parts(attn: nn.MultiheadAttention) -> tuple[torch.Tensor, torch.Tensor]:
+    """(query, key and value weights [3, H, d_h, W_in] — or a list when the widths differ —,
+    biases [3, H, d_h]) of an `nn.MultiheadAttention`, float32, detached."""
+    e, h = attn.embed_dim, attn.num_heads
+    dh = e // h
+    if attn._qkv_same_embed_dim:
+        weights = [w.view(h, dh, -1) for w in attn.in_proj_weight.detach().float().chunk(3)]
+    else:
+        weights = [
+            w.detach().float().view(h, dh, -1)
+            for w in (attn.q_proj_weight, attn.k_proj_weight, attn.v_proj_weight)
+        ]
+    bias = attn.in_proj_bias
+    device = weights[0].device
+    biases = (
+        torch.zeros(3, h, dh, device=device)
+        if bias is None
+        else bias.detach().float().view(3, h, dh)
+    )
+    return weights, biases
+
+
 class OpenClipTower:
-    """An open_clip `VisionTransformer` with class-token pooling and standard residual
-    attention blocks (a packed `nn.MultiheadAttention`, optional LayerScale)."""
+    """An open_clip `VisionTransformer` with standard residual attention blocks (a packed
+    `nn.MultiheadAttention`, optional LayerScale) and class-token, average or attentional
+    pooling."""
+
+    family = "open_clip VisionTransformer"
+    prefix_tokens = 1
+    has_class_token = True
+    extra_terms: tuple[str, ...] = ()
 
     def __init__(self, model: nn.Module) -> None:
         from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
@@ -41,14 +70,27 @@ class OpenClipTower:
         visual = getattr(model, "visual", model)
         refuse = _refusal(model, visual)
         if not isinstance(visual, VisionTransformer):
-            raise refuse(
-                "only open_clip's own VisionTransformer is supported (timm and ResNet towers "
-                "are not)"
-            )
-        if getattr(visual, "attn_pool", None) is not None:
-            raise refuse("attentional pooling is not supported")
-        if getattr(visual, "pool_type", "tok") != "tok":
-            raise refuse(f"pool_type {visual.pool_type!r} is not supported, only 'tok'")
+            raise refuse("it is not an open_clip VisionTransformer")
+        if not getattr(visual.transformer, "batch_first", True):
+            raise refuse("its transformer is sequence-first (open_clip < 2.24): upgrade open_clip")
+        self.attn_pool = getattr(visual, "attn_pool", None)
+        pool_type = getattr(visual, "pool_type", "tok")
+        if self.attn_pool is not None:
+            if getattr(visual, "attn_pool_contrastive", None) is not None:
+                raise refuse("the two-pooler (contrastive attentional pool) setup is unsupported")
+            if pool_type != "tok":
+                raise refuse(f"attentional pooling with pool_type {pool_type!r}")
+            self.pooling_type = "attention"
+            self.read_tokens = slice(0, None)
+        elif pool_type == "tok":
+            self.pooling_type = "token"
+            self.read_tokens = slice(0, 1)
+        elif pool_type == "avg":
+            self.pooling_type = "average"
+            self.read_tokens = slice(1, None)
+        else:
+            raise refuse(f"pool_type {pool_type!r} returns every token, not one representation")
+        self.after_pool = bool(getattr(visual, "final_ln_after_pool", False))
         for i, block in enumerate(visual.transformer.resblocks):
             if type(block) is not ResidualAttentionBlock:
                 raise refuse(f"block {i} is a {type(block).__name__}, not a ResidualAttentionBlock")
@@ -60,10 +102,12 @@ class OpenClipTower:
             for ls in (block.ls_1, block.ls_2):
                 if not isinstance(ls, nn.Identity) and not hasattr(ls, "gamma"):
                     raise refuse(f"block {i} has an unknown scale layer {type(ls).__name__}")
+        for norm in (visual.ln_post, *(b.ln_1 for b in visual.transformer.resblocks)):
+            if not isinstance(norm, nn.LayerNorm):
+                raise refuse(f"a norm is a {type(norm).__name__}, not a LayerNorm")
         self.model = model
         self.module = visual
         self.blocks = list(visual.transformer.resblocks)
-        self.batch_first = getattr(visual.transformer, "batch_first", True)
 
     # shapes ---------------------------------------------------------------------------------
 
@@ -88,58 +132,169 @@ class OpenClipTower:
     def image_size(self) -> tuple[int, int]:
         return tuple(int(v) for v in self.module.image_size)
 
-    # hook points ----------------------------------------------------------------------------
+    def block(self, layer: int) -> nn.Module:
+        return self.blocks[layer]
 
-    @property
-    def embedding(self) -> nn.Module:
-        """Its output holds every token after the embedding (class token first)."""
-        return self.module.ln_pre
+    def tokens(self, x: torch.Tensor) -> torch.Tensor:
+        return x
 
-    @property
-    def final_norm(self) -> nn.LayerNorm:
-        """Its input is the residual stream the representation is read from."""
-        return self.module.ln_post
-
-    def attention_input(self, layer: int) -> nn.Module:
-        """Its output is the attention's input at every token (the block's first norm)."""
-        return self.blocks[layer].ln_1
-
-    def mlp_output(self, layer: int) -> nn.Module:
-        """Its output is the MLP branch's contribution to the residual stream."""
-        return self.blocks[layer].ls_2
-
-    # weights --------------------------------------------------------------------------------
-
-    def layer_weights(self, layer: int, device: torch.device) -> LayerWeights:
-        block = self.blocks[layer]
-        attn: nn.MultiheadAttention = block.attn
-        w, h = attn.embed_dim, attn.num_heads
-        dh = w // h
-        bias = attn.in_proj_bias
-        out_bias = attn.out_proj.bias
-        gamma = getattr(block.ls_1, "gamma", None)
-        return LayerWeights(
-            qkv_weight=attn.in_proj_weight.detach().float().view(3, h, dh, w),
-            qkv_bias=torch.zeros(3, h, dh, device=device)
-            if bias is None
-            else bias.detach().float().view(3, h, dh),
-            out_weight=attn.out_proj.weight.detach().float(),
-            out_bias=torch.zeros(w, device=device)
-            if out_bias is None
-            else out_bias.detach().float(),
-            scale=torch.ones(w, device=device) if gamma is None else gamma.detach().float(),
-        )
-
-    def projection(self) -> torch.Tensor | None:
-        """The map after the final norm, [W, D], or None for the identity."""
-        proj = self.module.proj
-        return None if proj is None else proj.detach().float()
+    def forward_context(self) -> Any:
+        return contextlib.nullcontext()
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """The representation the parts add up to (before normalisation)."""
-        encode = getattr(self.model, "encode_image", self.module)
-        return encode(images)
+        if hasattr(self.model, "encode_image"):
+            return self.model.encode_image(images, normalize=False)
+        out = self.module(images)
+        return out[0] if isinstance(out, tuple) else out  # CoCa's tower: (pooled, tokens)
 
-    def tokens(self, x: torch.Tensor) -> torch.Tensor:
-        """A hooked activation as [B, T, W]."""
-        return x if self.batch_first else x.transpose(0, 1)
+    # hooks ----------------------------------------------------------------------------------
+
+    def attach(self, capture: Any) -> list[Any]:
+        handles = []
+        for i, block in enumerate(self.blocks):
+            handles.append(block.ln_1.register_forward_hook(self._attention_hook(i, capture)))
+            handles.append(block.ls_2.register_forward_hook(self._mlp_hook(i, capture)))
+        if self.attn_pool is not None:
+
+            def on_keys(module, args, output) -> None:
+                if (cap := capture()) is not None:
+                    cap.pool["keys"] = output.float()
+
+            def on_post(module, args) -> None:
+                if (cap := capture()) is not None:
+                    cap.pool["post"] = args[0][:, 0].float()
+
+            handles.append(self.attn_pool.ln_k.register_forward_hook(on_keys))
+            handles.append(self.module.ln_post.register_forward_pre_hook(on_post))
+        return handles
+
+    def _mlp_hook(self, i: int, capture: Any):
+        def hook(module, args, output) -> None:
+            if (cap := capture()) is not None:
+                cap.layers[i].mlp = output[:, self.read_tokens].float()
+
+        return hook
+
+    def _attention_hook(self, i: int, capture: Any):
+        def hook(module, args, output) -> None:
+            cap = capture()
+            if cap is None:
+                return
+            x = output.float()  # [B, T, W], the attention's input
+            weights, bias = mha_parts(self.blocks[i].attn)
+            wq, wk, wv = weights
+            dh = wq.shape[1]
+            read = x[:, self.read_tokens]
+            q = torch.einsum("bjw,hew->bhje", read, wq) + bias[0][:, None]
+            if read.shape[1] == 1:
+                # One query row: q·(W_K x_i + b_K) = (W_Kᵀ q)·x_i + q·b_K, and the weighted
+                # value is W_V (Σ_i a_i x_i) + b_V since the row sums to one. O(B·H·T·W).
+                keyed = torch.einsum("bhje,hew->bhjw", q, wk)
+                logits = torch.einsum("bhjw,btw->bhjt", keyed, x)
+                logits = logits + (q * bias[1][:, None]).sum(-1)[..., None]
+                rows = torch.softmax(logits * dh**-0.5, dim=-1)  # [B, H, 1, T]
+                pooled = torch.einsum("bhjt,btw->bjhw", rows, x)
+                o = torch.einsum("bjhw,hew->bjhe", pooled, wv) + bias[2]
+            else:
+                k = torch.einsum("btw,hew->bhte", x, wk) + bias[1][:, None]
+                v = torch.einsum("btw,hew->bhte", x, wv) + bias[2][:, None]
+                rows = torch.softmax(torch.einsum("bhje,bhte->bhjt", q, k) * dh**-0.5, dim=-1)
+                o = torch.einsum("bhjt,bhte->bjhe", rows, v)
+            layer = cap.layers[i]
+            layer.rows, layer.o, layer.inputs = rows, o, x
+
+        return hook
+
+    # maps -----------------------------------------------------------------------------------
+
+    def layer_maps(self, layer: int, device: torch.device) -> LayerMaps:
+        block = self.blocks[layer]
+        attn: nn.MultiheadAttention = block.attn
+        weights, bias = mha_parts(attn)
+        h, dh = weights[0].shape[:2]
+        w = attn.embed_dim
+        gamma = getattr(block.ls_1, "gamma", None)
+        scale = torch.ones(w, device=device) if gamma is None else gamma.detach().float()
+        out_weight = attn.out_proj.weight.detach().float()  # [W, H·d_h]
+        out_bias = attn.out_proj.bias
+        return LayerMaps(
+            value_weight=weights[2],
+            value_bias=bias[2],
+            head_map=(out_weight.T * scale).view(h, dh, w),
+            bias_scaled=torch.zeros(w, device=device),
+            bias_fixed=torch.zeros(w, device=device)
+            if out_bias is None
+            else out_bias.detach().float() * scale,
+        )
+
+    def _projection(self, device: torch.device) -> torch.Tensor:
+        proj = self.module.proj
+        width = self.module.ln_post.normalized_shape[0]
+        return torch.eye(width, device=device) if proj is None else proj.detach().float()
+
+    def pattern(self) -> torch.Tensor | None:
+        if self.pooling_type == "token":
+            return torch.ones(1, 1, 1)
+        if self.pooling_type == "average" and self.after_pool:
+            t = self.grid_size[0] * self.grid_size[1]
+            return torch.full((1, 1, t), 1.0 / t)
+        return None
+
+    def pooling(self, cap: Capture, centre: bool) -> Pooling:
+        y = cap.final  # [B, T_r, W]
+        norm = self.module.ln_post
+        device = y.device
+        proj = self._projection(device)
+        gamma, beta = norm_parts(norm, proj.shape[0], device)
+        read = gamma[:, None] * proj
+        if centre:
+            read = centred(read)
+        constant = (beta @ proj).expand(y.shape[0], -1)
+        if self.pooling_type == "token":
+            weights = inverse_sigma(y[:, 0], norm)[:, None, None]
+        elif self.pooling_type == "average":
+            t = y.shape[1]
+            pooled_sigma = inverse_sigma(y.mean(1), norm)[:, None] if self.after_pool else None
+            weights = (pooled_sigma if self.after_pool else inverse_sigma(y, norm)) / t
+            weights = weights.expand(-1, t)[:, None]
+        else:
+            return self._attention_pooling(cap, read, constant)
+        return Pooling(weights=weights, value=None, out=read[None], constant=constant)
+
+    def _attention_pooling(self, cap: Capture, read: torch.Tensor, constant) -> Pooling:
+        """CoCa: `ln_k` per token, query 0 of the pooler, its output map, `ln_post` on that
+        query's output (the representation reads query 0 only)."""
+        pool = self.attn_pool
+        if "keys" not in cap.pool or "post" not in cap.pool:
+            raise RuntimeError("the attentional pooler's hooks never fired")
+        attn: nn.MultiheadAttention = pool.attn
+        weights, bias = mha_parts(attn)
+        wq, wk, wv = weights
+        g, e = wq.shape[:2]
+        keys = cap.pool["keys"]  # [B, T, W] ln_k's output
+        query = pool.ln_q(pool.query[:1]).float()[0]  # [W_q]
+        q = torch.einsum("w,gew->ge", query, wq) + bias[0]
+        k = torch.einsum("btw,gew->bgte", keys, wk) + bias[1][:, None]
+        p = torch.softmax(torch.einsum("ge,bgte->bgt", q, k) * e**-0.5, dim=-1)
+        y = cap.final
+        sigma_k = inverse_sigma(y, pool.ln_k)  # [B, T]
+        post = inverse_sigma(cap.pool["post"], self.module.ln_post)  # [B]
+        gamma_k, beta_k = norm_parts(pool.ln_k, y.shape[-1], y.device)
+        value = centred(gamma_k[:, None, None] * wv.permute(2, 0, 1))  # [W, G, E]
+        out_weight = attn.out_proj.weight.detach().float()  # [W_q, G·E]
+        # `read` centres and scales by ln_post what the pooler's output map writes.
+        out = (out_weight.T @ read).view(g, e, -1)
+        # The pooler's constants: ln_k's β through the values (each row sums to one), the
+        # value and output biases, then read out by ln_post (so scaled by its 1/σ).
+        values_const = (torch.einsum("w,gew->ge", beta_k, wv) + bias[2]).reshape(-1)
+        out_bias = attn.out_proj.bias
+        pooled_const = values_const @ out_weight.T
+        if out_bias is not None:
+            pooled_const = pooled_const + out_bias.detach().float()
+        return Pooling(
+            weights=p * sigma_k[:, None] * post[:, None, None],
+            value=value.permute(1, 0, 2),
+            out=out,
+            constant=constant + post[:, None] * (pooled_const @ read),
+        )

@@ -1,52 +1,143 @@
 """What the decomposition needs to know of an image tower, whatever its family.
 
-The maths (`decompose.py`) is the same for every pre-norm ViT; a family is one adapter that
-says where its pieces are (`openclip.py`), and `families.tower_of` picks the adapter.
+The maths (`decompose.py`) is the same for every tower whose representation is a sum of
+attention heads: a family is one adapter (`openclip.py`, `timm.py`) that hooks the model's
+own modules to fill a `LayerCapture` per layer, says how each layer's heads map into the
+residual stream (`LayerMaps`), and how the representation reads the final stream
+(`Pooling`); `families.tower_of` picks the adapter.
+
+Every norm on the path is linearised per token with that token's own σ, so with the σ's and
+the pooler's attention weights fixed by the forward pass the representation is linear in
+the final stream: `Σ_g Σ_j P[b, g, j] · y_j @ value_g @ out_g + constant (+ a pooler MLP
+term)`, where j runs over the tokens the pooling reads and g over the pooler's heads.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Protocol
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 
-__all__ = ["LayerWeights", "Tower"]
+__all__ = ["LayerCapture", "LayerMaps", "Pooling", "Tower", "centred", "norm_parts"]
+
+
+def centred(m: torch.Tensor) -> torch.Tensor:
+    """`C @ m` for the centring matrix C = I − 11ᵀ/n over m's first axis: what a norm's mean
+    subtraction does to every vector entering it (so each term is centred by its own mean)."""
+    return m - m.mean(0, keepdim=True)
+
+
+def norm_parts(norm: nn.Module, width: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """(γ [W], β [W]) of a LayerNorm, ones and zeros where it has none."""
+    weight = getattr(norm, "weight", None)
+    bias = getattr(norm, "bias", None)
+    gamma = torch.ones(width, device=device) if weight is None else weight.detach().float()
+    beta = torch.zeros(width, device=device) if bias is None else bias.detach().float()
+    return gamma, beta
+
+
+def inverse_sigma(x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
+    """1/σ over the last axis as `norm` computes it (biased variance plus its eps)."""
+    return torch.rsqrt(x.float().var(dim=-1, unbiased=False) + norm.eps)
 
 
 @dataclass
-class LayerWeights:
-    """One layer's attention, float32, detached.
+class LayerMaps:
+    """How one layer's heads write into the residual stream, float32, detached.
 
-    qkv_weight [3, H, d_h, W] and qkv_bias [3, H, d_h]: query, key and value of each head
-    from the attention's input; out_weight [W, H·d_h] and out_bias [W]: the output map
-    (`out = o @ out_weightᵀ + out_bias`); scale [W]: LayerScale's gamma (ones without it).
+    A head's output at a token is its attention-weighted value o_h [d_h]; the branch adds
+    `s · (Σ_h o_h @ head_map[h] + bias_scaled) · t + bias_fixed` to the stream, where s and t
+    are per-token scales the capture holds (1/σ of a sub-LN or a post-norm; ones without).
+
+    value_weight [H, d_h, W], value_bias [H, d_h]: v_h = value_weight[h] @ x + value_bias[h]
+    from the attention's input x. head_map [H, d_h, W] holds the output map, LayerScale and
+    the norms' centring and γ inside the branch.
     """
 
-    qkv_weight: torch.Tensor
-    qkv_bias: torch.Tensor
-    out_weight: torch.Tensor
-    out_bias: torch.Tensor
-    scale: torch.Tensor
+    value_weight: torch.Tensor
+    value_bias: torch.Tensor
+    head_map: torch.Tensor
+    bias_scaled: torch.Tensor  # [W], multiplied by the capture's bias_scale
+    bias_fixed: torch.Tensor  # [W]
+
+
+@dataclass
+class LayerCapture:
+    """What the hooks record of one layer during a forward pass, at the tokens the pooling
+    reads (T_r of them) unless said otherwise."""
+
+    o: torch.Tensor | None = None  # [B, T_r, H, d_h] each head's attention-weighted value
+    o_scale: torch.Tensor | None = None  # [B, T_r] (sub-LN, post-norm) or None
+    bias_scale: torch.Tensor | None = None  # [B, T_r] (post-norm) or None
+    mlp: torch.Tensor | None = None  # [B, T_r, W] the MLP branch's term
+    rows: torch.Tensor | None = None  # [B, H, T_r, T] attention rows of the read tokens
+    inputs: torch.Tensor | None = None  # [B, T, W] the attention's input (every token)
+    # Filled by the decomposer when the layer ends, from `rows` (then dropped):
+    class_rows: torch.Tensor | None = None  # [B, H, T_r] the rows' class-token column
+    class_input: torch.Tensor | None = None  # [B, W] the class token's attention input
+    weights: torch.Tensor | None = None  # [B, G, H, T] rows reduced by the pooling weights
+
+
+@dataclass
+class Pooling:
+    """How the representation reads the final stream, for one batch (see the module doc).
+
+    weights [B, G, T_r] (P, with every 1/σ folded in); value [G, W, E] or None (then G = 1
+    and the stream goes straight to `out`); out [G, E, D]; constant [B, D] (every bias and
+    norm offset past the residual stream); extra [B, D] or None: the pooler's MLP term.
+    """
+
+    weights: torch.Tensor
+    value: torch.Tensor | None
+    out: torch.Tensor
+    constant: torch.Tensor
+    extra: torch.Tensor | None = None
+
+    def read(self, u: torch.Tensor) -> torch.Tensor:
+        """Stream vectors already weighted per group, [B, G, ..., W] → [B, ..., D]."""
+        if self.value is not None:
+            u = torch.einsum("bg...w,gwe->bg...e", u, self.value)
+        return torch.einsum("bg...e,ged->b...d", u, self.out)
+
+    def pool(self, terms: torch.Tensor) -> torch.Tensor:
+        """A term at every read token [B, T_r, W] → its contribution [B, D]."""
+        return self.read(torch.einsum("bgj,bjw->bgw", self.weights, terms))
+
+
+@dataclass
+class Capture:
+    """Everything one forward pass records: the embedding and final stream at the read
+    tokens, one `LayerCapture` per layer, and what the pooling needs (`pool`)."""
+
+    layers: list[LayerCapture]
+    embedding: torch.Tensor | None = None  # [B, T_r, W]
+    final: torch.Tensor | None = None  # [B, T_r, W]
+    pool: dict[str, Any] = field(default_factory=dict)
 
 
 class Tower(Protocol):
     """An image tower as the decomposition sees it."""
 
     model: nn.Module  # what the user passed (a CLIP model or its tower)
-    module: nn.Module  # the image tower; its parameters key the cached read-out maps
+    module: nn.Module  # the image tower; its parameters key the cached maps
+    family: str  # e.g. "open_clip ViT", "timm Eva"
+    pooling_type: str  # "token", "average", "attention"
     layers: int
     heads: int
     dim: int  # D, the width of the joint space
     grid_size: tuple[int, int]
     image_size: tuple[int, int]
-    embedding: nn.Module  # output: every token after the embedding, class token first
-    final_norm: nn.LayerNorm  # input: the residual stream the representation is read from
+    prefix_tokens: int  # tokens before the patches (class token, registers)
+    has_class_token: bool
+    read_tokens: slice  # the tokens the pooling reads
+    extra_terms: tuple[str, ...]  # names of terms past the layers' MLPs ("pooler MLP")
 
-    def attention_input(self, layer: int) -> nn.Module: ...  # output: the attention's input
-    def mlp_output(self, layer: int) -> nn.Module: ...  # output: the MLP branch's term
-    def layer_weights(self, layer: int, device: torch.device) -> LayerWeights: ...
-    def projection(self) -> torch.Tensor | None: ...  # [W, D] after the final norm
+    def block(self, layer: int) -> nn.Module: ...  # its input at layer 0 is the embedding
+    def attach(self, capture: Any) -> list[Any]: ...  # hooks; capture() → Capture | None
+    def layer_maps(self, layer: int, device: torch.device) -> LayerMaps: ...
+    def pooling(self, cap: Capture, centre: bool) -> Pooling: ...
+    def pattern(self) -> torch.Tensor | None: ...  # [1, G, T_r] P up to a per-image factor
     def encode(self, images: torch.Tensor) -> torch.Tensor: ...  # the representation
-    def tokens(self, x: torch.Tensor) -> torch.Tensor: ...  # a hooked activation as [B, T, W]
+    def forward_context(self) -> Any: ...  # a context manager around the hooked forward
