@@ -49,7 +49,7 @@ from torch import nn
 from ..core.checks import check_convention
 from ..errors import InputError, InputTypeError, UnsupportedModelError
 from .families import tower_of
-from .tower import Capture, LayerCapture, LayerMaps, Pooling, Tower
+from .tower import Capture, LayerCapture, LayerMaps, Pooling, Tower, exact
 
 __all__ = ["Decomposer", "Decomposition"]
 
@@ -169,7 +169,7 @@ class Decomposition:
         return torch.stack(layers, 1) * self._scale[:, None, None, None, None]
 
     def _directions(self, directions: Any) -> torch.Tensor:
-        d = torch.as_tensor(directions, dtype=torch.float32, device=self.heads.device)
+        d = torch.as_tensor(directions, dtype=self.heads.dtype, device=self.heads.device)
         if d.ndim != 2 or d.shape[1] != self.heads.shape[-1]:
             raise InputError(
                 f"directions: expected shape [K, {self.heads.shape[-1]}], got {list(d.shape)}"
@@ -330,12 +330,12 @@ class Decomposer:
 
     def _on_embedding(self, module, args) -> None:
         if self._capture is not None:
-            self._capture.embedding = self.tower.tokens(args[0])[:, self.tower.read_tokens].float()
+            self._capture.embedding = exact(self.tower.tokens(args[0])[:, self.tower.read_tokens])
 
     def _on_final(self, module, args, output) -> None:
         if self._capture is not None:
             out = output[0] if isinstance(output, tuple) else output
-            self._capture.final = self.tower.tokens(out)[:, self.tower.read_tokens].float()
+            self._capture.final = exact(self.tower.tokens(out)[:, self.tower.read_tokens])
 
     def _layer_done(self, i: int):
         """Reduces the layer's attention rows once every hook of the block has fired: what
@@ -380,7 +380,7 @@ class Decomposer:
         with self._capturing(reduce) as cap:
             representation = self.tower.encode(images)
             self._check_fired(cap)
-            return cap, representation.float()
+            return cap, exact(representation)
 
     def _check_fired(self, cap: Capture) -> None:
         t = self.tower
@@ -446,7 +446,7 @@ class Decomposer:
             cap, _ = self._forward(images, None)
             reduce = self.tower.pooling(cap, centre=convention == "textspan").weights
         else:
-            reduce = pattern.to(images.device)
+            reduce = pattern.to(images.device, self.tower.dtype)
         cap, representation = self._forward(images, reduce)
         return self._assemble(cap, representation, convention, reduce)
 
@@ -535,7 +535,7 @@ class Decomposer:
         if pooling.extra is not None:
             mlps.append(pooling.extra)
         mlps = torch.stack(mlps, 1)
-        scale = torch.ones(n, device=representation.device)
+        scale = torch.ones(n, device=representation.device, dtype=representation.dtype)
         shared = None
         if convention == "textspan":
             mlps[:, 0] += pooling.constant

@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from ..errors import UnsupportedModelError
+from .hf import HfTower, is_hf_model
 from .openclip import OpenClipTower
 from .timm import TimmTower, is_timm_tower
 from .tower import Tower
@@ -31,6 +32,8 @@ def tower_of(model: nn.Module) -> Tower:
             f"{type(model).__name__} ({type(inner).__name__}) cannot be decomposed exactly: it "
             f"is {why}, so its output is not a sum of attention-head terms."
         )
+    if is_hf_model(model):
+        return HfTower(model)
     if is_timm_tower(model):
         return TimmTower(model)
     from open_clip.transformer import VisionTransformer
@@ -41,5 +44,6 @@ def tower_of(model: nn.Module) -> Tower:
         f"{type(model).__name__} ({type(inner).__name__}) cannot be decomposed exactly: it is "
         "not a tower textspan knows. Supported: open_clip VisionTransformer towers (class-"
         "token, average and attentional pooling), timm VisionTransformer and Eva trunks "
-        "(inside open_clip or alone). Run `textspan models` for the list."
+        "(inside open_clip or alone), Hugging Face CLIP and SigLIP. Run `textspan models` for "
+        "the open_clip list."
     )

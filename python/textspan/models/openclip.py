@@ -16,7 +16,16 @@ import torch
 from torch import nn
 
 from ..errors import UnsupportedModelError
-from .tower import Capture, LayerMaps, Pooling, centred, inverse_sigma, norm_parts
+from .tower import (
+    Capture,
+    LayerMaps,
+    Pooling,
+    centred,
+    exact,
+    inverse_sigma,
+    norm_parts,
+    work_dtype,
+)
 
 __all__ = ["OpenClipTower", "mha_parts"]
 
@@ -38,18 +47,18 @@ def mha_parts(attn: nn.MultiheadAttention) -> tuple[torch.Tensor, torch.Tensor]:
     e, h = attn.embed_dim, attn.num_heads
     dh = e // h
     if attn._qkv_same_embed_dim:
-        weights = [w.view(h, dh, -1) for w in attn.in_proj_weight.detach().float().chunk(3)]
+        weights = [w.view(h, dh, -1) for w in exact(attn.in_proj_weight.detach()).chunk(3)]
     else:
         weights = [
-            w.detach().float().view(h, dh, -1)
+            exact(w.detach()).view(h, dh, -1)
             for w in (attn.q_proj_weight, attn.k_proj_weight, attn.v_proj_weight)
         ]
     bias = attn.in_proj_bias
     device = weights[0].device
     biases = (
-        torch.zeros(3, h, dh, device=device)
+        torch.zeros(3, h, dh, device=device, dtype=weights[0].dtype)
         if bias is None
-        else bias.detach().float().view(3, h, dh)
+        else exact(bias.detach()).view(3, h, dh)
     )
     return weights, biases
 
@@ -132,6 +141,10 @@ class OpenClipTower:
     def image_size(self) -> tuple[int, int]:
         return tuple(int(v) for v in self.module.image_size)
 
+    @property
+    def dtype(self) -> torch.dtype:
+        return work_dtype(self.module)
+
     def block(self, layer: int) -> nn.Module:
         return self.blocks[layer]
 
@@ -159,11 +172,11 @@ class OpenClipTower:
 
             def on_keys(module, args, output) -> None:
                 if (cap := capture()) is not None:
-                    cap.pool["keys"] = output.float()
+                    cap.pool["keys"] = exact(output)
 
             def on_post(module, args) -> None:
                 if (cap := capture()) is not None:
-                    cap.pool["post"] = args[0][:, 0].float()
+                    cap.pool["post"] = exact(args[0][:, 0])
 
             handles.append(self.attn_pool.ln_k.register_forward_hook(on_keys))
             handles.append(self.module.ln_post.register_forward_pre_hook(on_post))
@@ -172,7 +185,7 @@ class OpenClipTower:
     def _mlp_hook(self, i: int, capture: Any):
         def hook(module, args, output) -> None:
             if (cap := capture()) is not None:
-                cap.layers[i].mlp = output[:, self.read_tokens].float()
+                cap.layers[i].mlp = exact(output[:, self.read_tokens])
 
         return hook
 
@@ -181,7 +194,7 @@ class OpenClipTower:
             cap = capture()
             if cap is None:
                 return
-            x = output.float()  # [B, T, W], the attention's input
+            x = exact(output)  # [B, T, W], the attention's input
             weights, bias = mha_parts(self.blocks[i].attn)
             wq, wk, wv = weights
             dh = wq.shape[1]
@@ -215,23 +228,31 @@ class OpenClipTower:
         h, dh = weights[0].shape[:2]
         w = attn.embed_dim
         gamma = getattr(block.ls_1, "gamma", None)
-        scale = torch.ones(w, device=device) if gamma is None else gamma.detach().float()
-        out_weight = attn.out_proj.weight.detach().float()  # [W, H·d_h]
+        scale = (
+            torch.ones(w, device=device, dtype=self.dtype)
+            if gamma is None
+            else exact(gamma.detach())
+        )
+        out_weight = exact(attn.out_proj.weight.detach())  # [W, H·d_h]
         out_bias = attn.out_proj.bias
         return LayerMaps(
             value_weight=weights[2],
             value_bias=bias[2],
             head_map=(out_weight.T * scale).view(h, dh, w),
-            bias_scaled=torch.zeros(w, device=device),
-            bias_fixed=torch.zeros(w, device=device)
+            bias_scaled=torch.zeros(w, device=device, dtype=self.dtype),
+            bias_fixed=torch.zeros(w, device=device, dtype=self.dtype)
             if out_bias is None
-            else out_bias.detach().float() * scale,
+            else exact(out_bias.detach()) * scale,
         )
 
     def _projection(self, device: torch.device) -> torch.Tensor:
         proj = self.module.proj
         width = self.module.ln_post.normalized_shape[0]
-        return torch.eye(width, device=device) if proj is None else proj.detach().float()
+        return (
+            torch.eye(width, device=device, dtype=self.dtype)
+            if proj is None
+            else exact(proj.detach())
+        )
 
     def pattern(self) -> torch.Tensor | None:
         if self.pooling_type == "token":
@@ -246,7 +267,7 @@ class OpenClipTower:
         norm = self.module.ln_post
         device = y.device
         proj = self._projection(device)
-        gamma, beta = norm_parts(norm, proj.shape[0], device)
+        gamma, beta = norm_parts(norm, proj.shape[0], device, self.dtype)
         read = gamma[:, None] * proj
         if centre:
             read = centred(read)
@@ -273,16 +294,16 @@ class OpenClipTower:
         wq, wk, wv = weights
         g, e = wq.shape[:2]
         keys = cap.pool["keys"]  # [B, T, W] ln_k's output
-        query = pool.ln_q(pool.query[:1]).float()[0]  # [W_q]
+        query = exact(pool.ln_q(pool.query[:1]))[0]  # [W_q]
         q = torch.einsum("w,gew->ge", query, wq) + bias[0]
         k = torch.einsum("btw,gew->bgte", keys, wk) + bias[1][:, None]
         p = torch.softmax(torch.einsum("ge,bgte->bgt", q, k) * e**-0.5, dim=-1)
         y = cap.final
         sigma_k = inverse_sigma(y, pool.ln_k)  # [B, T]
         post = inverse_sigma(cap.pool["post"], self.module.ln_post)  # [B]
-        gamma_k, beta_k = norm_parts(pool.ln_k, y.shape[-1], y.device)
+        gamma_k, beta_k = norm_parts(pool.ln_k, y.shape[-1], y.device, self.dtype)
         value = centred(gamma_k[:, None, None] * wv.permute(2, 0, 1))  # [W, G, E]
-        out_weight = attn.out_proj.weight.detach().float()  # [W_q, G·E]
+        out_weight = exact(attn.out_proj.weight.detach())  # [W_q, G·E]
         # `read` centres and scales by ln_post what the pooler's output map writes.
         out = (out_weight.T @ read).view(g, e, -1)
         # The pooler's constants: ln_k's β through the values (each row sums to one), the
@@ -291,7 +312,7 @@ class OpenClipTower:
         out_bias = attn.out_proj.bias
         pooled_const = values_const @ out_weight.T
         if out_bias is not None:
-            pooled_const = pooled_const + out_bias.detach().float()
+            pooled_const = pooled_const + exact(out_bias.detach())
         return Pooling(
             weights=p * sigma_k[:, None] * post[:, None, None],
             value=value.permute(1, 0, 2),

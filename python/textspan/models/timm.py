@@ -19,7 +19,16 @@ import torch
 from torch import nn
 
 from ..errors import UnsupportedModelError
-from .tower import Capture, LayerMaps, Pooling, centred, inverse_sigma, norm_parts
+from .tower import (
+    Capture,
+    LayerMaps,
+    Pooling,
+    centred,
+    exact,
+    inverse_sigma,
+    norm_parts,
+    work_dtype,
+)
 
 __all__ = ["TimmTower", "is_timm_tower"]
 
@@ -47,7 +56,7 @@ def _linear(m: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | None:
     if isinstance(m, nn.Identity):
         return None
     if isinstance(m, nn.Linear):
-        return m.weight.detach().float(), None if m.bias is None else m.bias.detach().float()
+        return exact(m.weight.detach()), None if m.bias is None else exact(m.bias.detach())
     raise TypeError(type(m).__name__)
 
 
@@ -171,6 +180,10 @@ class TimmTower:
     def image_size(self) -> tuple[int, int]:
         return tuple(int(v) for v in self.trunk.patch_embed.img_size)
 
+    @property
+    def dtype(self) -> torch.dtype:
+        return work_dtype(self.module)
+
     def block(self, layer: int) -> nn.Module:
         return self.blocks[layer]
 
@@ -204,16 +217,16 @@ class TimmTower:
 
             def on_input(module, args, i=i) -> None:
                 if (cap := capture()) is not None:
-                    cap.layers[i].inputs = args[0].float()
+                    cap.layers[i].inputs = exact(args[0])
 
             def on_probabilities(module, args, output, i=i) -> None:
                 if (cap := capture()) is not None:
-                    cap.layers[i].rows = output[:, :, read].float()
+                    cap.layers[i].rows = exact(output[:, :, read])
 
             def on_heads(module, args, output, i=i, attn=attn) -> None:
                 if (cap := capture()) is None:
                     return
-                o = args[0][:, read].float()  # [B, T_r, H·d_h]
+                o = exact(args[0][:, read])  # [B, T_r, H·d_h]
                 layer = cap.layers[i]
                 layer.o = o.view(*o.shape[:2], attn.num_heads, -1)
                 if _is_norm(module):  # sub-LN: its σ per token scales the heads' outputs
@@ -229,7 +242,7 @@ class TimmTower:
 
             def on_mlp(module, args, i=i) -> None:
                 if (cap := capture()) is not None:
-                    cap.layers[i].mlp = args[0][:, read].float()
+                    cap.layers[i].mlp = exact(args[0][:, read])
 
             handles.append(attn.register_forward_pre_hook(on_input))
             handles.append(attn.attn_drop.register_forward_hook(on_probabilities))
@@ -241,14 +254,14 @@ class TimmTower:
 
             def on_pool(module, args) -> None:
                 if (cap := capture()) is not None:
-                    cap.pool["tokens"] = args[0].float()
+                    cap.pool["tokens"] = exact(args[0])
 
             handles.append(self.attn_pool.register_forward_pre_hook(on_pool))
             if self.attn_pool.mlp is not None:
 
                 def on_pool_mlp(module, args, output) -> None:
                     if (cap := capture()) is not None:
-                        cap.pool["mlp"] = output[:, 0].float()
+                        cap.pool["mlp"] = exact(output[:, 0])
 
                 handles.append(self.attn_pool.mlp.register_forward_hook(on_pool_mlp))
         return handles
@@ -267,17 +280,19 @@ class TimmTower:
         qkv = getattr(attn, "qkv", None)
         if qkv is not None:
             n = qkv.weight.shape[0] // 3
-            weight = qkv.weight.detach().float()[2 * n :]
-            bias = torch.zeros(n, device=device)
+            weight = exact(qkv.weight.detach())[2 * n :]
+            bias = torch.zeros(n, device=device, dtype=self.dtype)
             if qkv.bias is not None:
-                bias = bias + qkv.bias.detach().float()[2 * n :]
+                bias = bias + exact(qkv.bias.detach())[2 * n :]
             if getattr(attn, "v_bias", None) is not None:  # Eva's separate q/v biases
-                bias = bias + attn.v_bias.detach().float()
+                bias = bias + exact(attn.v_bias.detach())
         else:
-            weight = attn.v_proj.weight.detach().float()
+            weight = exact(attn.v_proj.weight.detach())
             n = weight.shape[0]
             b = attn.v_proj.bias
-            bias = torch.zeros(n, device=device) if b is None else b.detach().float()
+            bias = (
+                torch.zeros(n, device=device, dtype=self.dtype) if b is None else exact(b.detach())
+            )
         dh = attn.head_dim if hasattr(attn, "head_dim") else n // h
         weight, bias = weight.view(n // dh, dh, -1), bias.view(n // dh, dh)
         if n // dh != h:  # grouped-query attention: head i reads key/value head i // groups
@@ -290,17 +305,21 @@ class TimmTower:
         attn = block.attn
         value_weight, value_bias = self._values(attn, device)
         h, dh, w = value_weight.shape
-        out_weight = attn.proj.weight.detach().float()  # [W, H·d_h]
+        out_weight = exact(attn.proj.weight.detach())  # [W, H·d_h]
         out_bias = attn.proj.bias
         heads = out_weight.T  # [H·d_h, W]
-        fixed = torch.zeros(w, device=device) if out_bias is None else out_bias.detach().float()
+        fixed = (
+            torch.zeros(w, device=device, dtype=self.dtype)
+            if out_bias is None
+            else exact(out_bias.detach())
+        )
         if _is_norm(attn.norm):  # sub-LN: centred and scaled over the concatenated heads
-            gamma, beta = norm_parts(attn.norm, h * dh, device)
+            gamma, beta = norm_parts(attn.norm, h * dh, device, self.dtype)
             heads = centred(gamma[:, None] * heads)
             fixed = fixed + beta @ out_weight.T
-        scaled = torch.zeros(w, device=device)
+        scaled = torch.zeros(w, device=device, dtype=self.dtype)
         if self._post_norm(block):  # x + norm1(attn(x)): centred, γ, its β unscaled
-            gamma, beta = norm_parts(block.norm1, w, device)
+            gamma, beta = norm_parts(block.norm1, w, device, self.dtype)
             heads = (heads - heads.mean(1, keepdim=True)) * gamma
             scaled = (fixed - fixed.mean()) * gamma
             fixed = beta
@@ -309,7 +328,7 @@ class TimmTower:
         if gamma_ls is None:
             gamma_ls = getattr(block, "gamma_1", None)
         if gamma_ls is not None:
-            g = gamma_ls.detach().float()
+            g = exact(gamma_ls.detach())
             heads, scaled, fixed = heads * g, scaled * g, fixed * g
         return LayerMaps(
             value_weight=value_weight,
@@ -337,9 +356,9 @@ class TimmTower:
         """(the head [W, D], its bias [D]) with identities and zeros filled in."""
         weight, bias = self._head(device)
         if weight is None:
-            weight = torch.eye(width, device=device)
+            weight = torch.eye(width, device=device, dtype=self.dtype)
         if bias is None:
-            bias = torch.zeros(weight.shape[1], device=device)
+            bias = torch.zeros(weight.shape[1], device=device, dtype=self.dtype)
         return weight, bias
 
     def pattern(self) -> torch.Tensor | None:
@@ -360,9 +379,9 @@ class TimmTower:
         head, head_bias = self._pooled_map(w, device)
         norm = self.trunk.norm if _is_norm(self.trunk.norm) else self.trunk.fc_norm
         if not _is_norm(norm):
-            weights = torch.full((b, 1, t), 1.0 / t, device=device)
+            weights = torch.full((b, 1, t), 1.0 / t, device=device, dtype=self.dtype)
             return Pooling(weights, None, head[None], head_bias.expand(b, -1))
-        gamma, beta = norm_parts(norm, w, device)
+        gamma, beta = norm_parts(norm, w, device, self.dtype)
         read = gamma[:, None] * head
         if centre:
             read = centred(read)
@@ -386,36 +405,41 @@ class TimmTower:
         b, t, w = y.shape
         device = y.device
         g, e = pool.num_heads, pool.head_dim
-        kv = pool.kv.weight.detach().float()  # [2·G·E, W]
+        kv = exact(pool.kv.weight.detach())  # [2·G·E, W]
         kv_bias = pool.kv.bias
         kv_bias = (
-            torch.zeros(kv.shape[0], device=device) if kv_bias is None else kv_bias.detach().float()
+            torch.zeros(kv.shape[0], device=device, dtype=self.dtype)
+            if kv_bias is None
+            else exact(kv_bias.detach())
         )
-        query = pool.q(pool.latent[:, :1]).float().view(g, e)
+        query = exact(pool.q(pool.latent[:, :1])).view(g, e)
         query = pool.q_norm(query.view(1, g, 1, e)).view(g, e)
         keys = (tokens @ kv[: g * e].T + kv_bias[: g * e]).view(b, t, g, e)
         keys = pool.k_norm(keys.transpose(1, 2))  # [B, G, T, E]
         p = torch.softmax(torch.einsum("ge,bgte->bgt", query, keys) * pool.scale, dim=-1)
         norm = self.trunk.norm
         if _is_norm(norm):
-            gamma, beta = norm_parts(norm, w, device)
+            gamma, beta = norm_parts(norm, w, device, self.dtype)
             p_scaled = p * inverse_sigma(y, norm)[:, None]
         else:
-            gamma, beta = torch.ones(w, device=device), torch.zeros(w, device=device)
+            gamma, beta = (
+                torch.ones(w, device=device, dtype=self.dtype),
+                torch.zeros(w, device=device, dtype=self.dtype),
+            )
             p_scaled = p
         wv = kv[g * e :].view(g, e, w)
         value = gamma[None, :, None] * wv.permute(0, 2, 1)  # [G, W, E]
         if _is_norm(norm):
             value = value - value.mean(1, keepdim=True)
         head, head_bias = self._pooled_map(pool.proj.weight.shape[0], device)
-        proj = pool.proj.weight.detach().float()  # [W_out, G·E]
+        proj = exact(pool.proj.weight.detach())  # [W_out, G·E]
         out = (proj.T @ head).view(g, e, -1)
         # Constants: the norm's β through the values (each row sums to one), the value bias,
         # the output map's bias, the head's bias.
         values_const = torch.einsum("w,gew->ge", beta, wv) + kv_bias[g * e :].view(g, e)
         pooled_const = values_const.reshape(-1) @ proj.T
         if pool.proj.bias is not None:
-            pooled_const = pooled_const + pool.proj.bias.detach().float()
+            pooled_const = pooled_const + exact(pool.proj.bias.detach())
         constant = (pooled_const @ head + head_bias).expand(b, -1)
         extra = None
         if pool.mlp is not None:

@@ -20,7 +20,30 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-__all__ = ["LayerCapture", "LayerMaps", "Pooling", "Tower", "centred", "norm_parts"]
+__all__ = [
+    "Capture",
+    "LayerCapture",
+    "LayerMaps",
+    "Pooling",
+    "Tower",
+    "centred",
+    "exact",
+    "inverse_sigma",
+    "norm_parts",
+    "work_dtype",
+]
+
+
+def exact(x: torch.Tensor) -> torch.Tensor:
+    """The working precision of the maths: float32, or float64 for a float64 model (half and
+    bfloat16 activations are widened, so the parts are summed in float32 at least)."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
+def work_dtype(module: nn.Module) -> torch.dtype:
+    """float64 for a float64 model, float32 otherwise."""
+    p = next(module.parameters(), None)
+    return torch.float64 if p is not None and p.dtype == torch.float64 else torch.float32
 
 
 def centred(m: torch.Tensor) -> torch.Tensor:
@@ -29,18 +52,20 @@ def centred(m: torch.Tensor) -> torch.Tensor:
     return m - m.mean(0, keepdim=True)
 
 
-def norm_parts(norm: nn.Module, width: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+def norm_parts(
+    norm: nn.Module, width: int, device: torch.device, dtype: torch.dtype = torch.float32
+) -> tuple[torch.Tensor, ...]:
     """(γ [W], β [W]) of a LayerNorm, ones and zeros where it has none."""
     weight = getattr(norm, "weight", None)
     bias = getattr(norm, "bias", None)
-    gamma = torch.ones(width, device=device) if weight is None else weight.detach().float()
-    beta = torch.zeros(width, device=device) if bias is None else bias.detach().float()
-    return gamma, beta
+    gamma = torch.ones(width, device=device, dtype=dtype) if weight is None else weight.detach()
+    beta = torch.zeros(width, device=device, dtype=dtype) if bias is None else bias.detach()
+    return exact(gamma), exact(beta)
 
 
 def inverse_sigma(x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
     """1/σ over the last axis as `norm` computes it (biased variance plus its eps)."""
-    return torch.rsqrt(x.float().var(dim=-1, unbiased=False) + norm.eps)
+    return torch.rsqrt(exact(x).var(dim=-1, unbiased=False) + norm.eps)
 
 
 @dataclass
@@ -131,6 +156,7 @@ class Tower(Protocol):
     image_size: tuple[int, int]
     prefix_tokens: int  # tokens before the patches (class token, registers)
     has_class_token: bool
+    dtype: torch.dtype  # the maths' working precision (`work_dtype`)
     read_tokens: slice  # the tokens the pooling reads
     extra_terms: tuple[str, ...]  # names of terms past the layers' MLPs ("pooler MLP")
 
