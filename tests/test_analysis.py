@@ -169,7 +169,9 @@ def test_bad_input_is_named_before_any_work():
         textspan.ablation(unlabeled, w, progress=False)
     with pytest.raises(ValueError, match=r"labels: accuracy needs a class label per image"):
         textspan.ablation(Contributions(src.heads, src.mlps), w, progress=False)
-    with pytest.raises(ValueError, match=r"mlps: expected shape \[240, 5, 16\]"):
+    with pytest.raises(
+        ValueError, match=r"mlps: expected shape \[240, 5 \(or 6 with a pooler MLP\), 16\]"
+    ):
         textspan.ablation(Contributions(src.heads, src.mlps[:, 1:], labels=src.labels), w)
     with pytest.raises(ValueError, match=r"classifier: expected shape \[16, C\], got \[5, 16\]"):
         textspan.ablation(src, w.T, progress=False)

@@ -105,7 +105,7 @@ def manifest_of(
     pretrained: Any,
     precision: str,
     dtype: str,
-    shape: tuple[int, int, int],
+    shape: tuple[int, int, int, tuple[str, ...]],
     convention: str,
 ) -> dict[str, Any]:
     """The manifest of a store of `source`'s images (`store.format.make_manifest`)."""

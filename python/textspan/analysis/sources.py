@@ -42,7 +42,8 @@ class Contributions:
     """In-memory direct contributions (what a `Store` holds on disk).
 
     Attributes:
-        heads: [N, L, H, D]; mlps: [N, L+1, D]; class_token: [N, L, D] or None (the class
+        heads: [N, L, H, D]; mlps: [N, L+1, D] (L+2 with an attention pooler's MLP, last);
+        class_token: [N, L, D] or None (the class
         token's own share of each attention layer); labels: [N] class indices or None;
         convention: the decomposition's ("textspan" or "paper").
     """
@@ -76,10 +77,15 @@ def shapes(source: Any) -> tuple[int, int, int, int]:
     if np.ndim(heads) != 4:
         raise InputError(f"heads: expected shape [N, L, H, D], got {list(np.shape(heads))}")
     n, layers, h, d = heads.shape
-    if tuple(mlps.shape) != (n, layers + 1, d):
+    if (
+        np.ndim(mlps) != 3
+        or mlps.shape[0] != n
+        or mlps.shape[2] != d
+        or not (layers + 1 <= mlps.shape[1] <= layers + 2)
+    ):
         raise InputError(
-            f"mlps: expected shape [{n}, {layers + 1}, {d}] to match heads {list(heads.shape)}, "
-            f"got {list(mlps.shape)}"
+            f"mlps: expected shape [{n}, {layers + 1} (or {layers + 2} with a pooler MLP), {d}] "
+            f"to match heads {list(heads.shape)}, got {list(np.shape(mlps))}"
         )
     ct = getattr(source, "class_token", None)
     if ct is not None and tuple(ct.shape) != (n, layers, d):

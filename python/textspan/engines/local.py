@@ -21,7 +21,7 @@ import torch
 
 from ..datasets import ImageSet, manifest_of, open_images
 from ..errors import InputError, StoreError, UnreadableImageError
-from ..models import Decomposer, load, tower_of
+from ..models import Decomposer, load, term_names, tower_of
 from ..store.format import (
     Store,
     check_resume,
@@ -205,7 +205,7 @@ def extract_local(
     files = source.files
     net, preprocess, _ = load(model, pretrained=pretrained, device=device, precision=precision)
     tower = tower_of(net)
-    shape = (tower.layers, tower.heads, tower.dim)
+    shape = (tower.layers, tower.heads, tower.dim, term_names(tower))
     manifest = manifest_of(source, model, pretrained, precision, dtype, shape, convention)
     out.mkdir(parents=True, exist_ok=True)
     interrupts = _Interrupts()

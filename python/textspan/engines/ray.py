@@ -29,7 +29,7 @@ import numpy as np
 from ..core.stats import HeadStats
 from ..datasets import manifest_of, open_images
 from ..errors import InputError, MissingDependencyError, StoreError, UnreadableImageError
-from ..models import Decomposer, encode_texts, load, skeleton, tower_of
+from ..models import Decomposer, encode_texts, load, skeleton, term_names, tower_of
 from ..store.format import (
     check_resume,
     checksum,
@@ -153,7 +153,7 @@ class _Decomposing:
         self.decomposer = Decomposer(net)
         tower = self.decomposer.tower
         self.shape = (tower.layers, tower.heads, tower.dim)
-        self.shapes = row_shapes(*self.shape)
+        self.shapes = row_shapes(*self.shape, len(term_names(tower)))
         self.root, self.out = Path(root), Path(out)
         self.dtype, self.batch_size = np.dtype(dtype), batch_size
         self.convention = convention
@@ -360,11 +360,11 @@ def _finish(
     write_atomic(out / "progress.json", json.dumps(progress).encode())
 
 
-def _tower_shape(model: str, pretrained: Any) -> tuple[int, int, int]:
-    """(layers, heads, D) of the model, checked for support, without loading weights where
-    the model is an open_clip architecture."""
+def _tower_shape(model: str, pretrained: Any) -> tuple[int, int, int, tuple[str, ...]]:
+    """(layers, heads, D, the mlps terms' names) of the model, checked for support, without
+    loading weights where the model is an open_clip architecture."""
     tower = tower_of(skeleton(model, pretrained))
-    return tower.layers, tower.heads, tower.dim
+    return tower.layers, tower.heads, tower.dim, term_names(tower)
 
 
 def _write_shards(

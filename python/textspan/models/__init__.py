@@ -6,7 +6,7 @@ from .decompose import Decomposer, Decomposition
 from .families import tower_of
 from .loading import default_device, load, register_model, resolve_model_name, skeleton
 from .texts import encode_texts, imagenet_names, imagenet_synsets, zero_shot_classifier
-from .tower import LayerMaps, Tower
+from .tower import LayerMaps, Tower, term_names
 
 __all__ = [
     "Decomposer",
@@ -21,6 +21,7 @@ __all__ = [
     "register_model",
     "resolve_model_name",
     "skeleton",
+    "term_names",
     "tower_of",
     "zero_shot_classifier",
 ]

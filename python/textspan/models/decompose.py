@@ -49,7 +49,7 @@ from torch import nn
 from ..core.checks import check_convention
 from ..errors import InputError, InputTypeError, UnsupportedModelError
 from .families import tower_of
-from .tower import Capture, LayerCapture, LayerMaps, Pooling, Tower, exact
+from .tower import Capture, LayerCapture, LayerMaps, Pooling, Tower, exact, term_names
 
 __all__ = ["Decomposer", "Decomposition"]
 
@@ -301,8 +301,7 @@ class Decomposer:
     @property
     def terms(self) -> tuple[str, ...]:
         """The names of a decomposition's `mlps` entries."""
-        t = self.tower
-        return ("embedding", *(f"layer {i} MLP" for i in range(t.layers)), *t.extra_terms)
+        return term_names(self.tower)
 
     # hooks ---------------------------------------------------------------------------------
 

@@ -15,6 +15,8 @@ MLP is its own term.
 from __future__ import annotations
 
 import contextlib
+import json
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -33,7 +35,14 @@ from .tower import (
     work_dtype,
 )
 
-__all__ = ["HfTower", "is_hf_model"]
+__all__ = [
+    "HF_PREFIX",
+    "HfTower",
+    "is_hf_model",
+    "is_transformers_name",
+    "load_transformers",
+    "text_features",
+]
 
 
 def is_hf_model(model: nn.Module) -> bool:
@@ -286,3 +295,89 @@ class HfTower:
             constant=constant.expand(b, -1),
             extra=cap.pool["mlp"],
         )
+
+
+# Loading ---------------------------------------------------------------------------------------
+
+HF_PREFIX = "hf:"
+_MODEL_TYPES = ("clip", "siglip", "metaclip_2")
+
+
+def is_transformers_name(name: Any) -> bool:
+    """ "hf:<hub id or folder>", or a folder written by `save_pretrained` of a CLIP-like model."""
+    text = str(name)
+    if text.startswith(HF_PREFIX):
+        return True
+    config = Path(text) / "config.json"
+    if not config.is_file():
+        return False
+    try:
+        return json.loads(config.read_text()).get("model_type") in _MODEL_TYPES
+    except (OSError, ValueError):
+        return False
+
+
+class ImagePreprocess:
+    """The model's own image processor as a PIL image → tensor [3, H, W] callable (picklable,
+    for loader workers)."""
+
+    def __init__(self, processor: Any) -> None:
+        self.processor = processor
+
+    def __call__(self, image: Any) -> torch.Tensor:
+        return self.processor(images=image, return_tensors="pt")["pixel_values"][0]
+
+
+class Tokenizer:
+    """Texts → the tokenizer's batch (input ids and, where the model uses one, a mask), padded
+    as the model was trained: CLIP to the longest text, SigLIP to its fixed length."""
+
+    def __init__(self, tokenizer: Any, fixed_length: bool) -> None:
+        self.tokenizer = tokenizer
+        self.fixed_length = fixed_length
+
+    def __call__(self, texts: Any) -> Any:
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        padding = "max_length" if self.fixed_length else True
+        return self.tokenizer(texts, padding=padding, truncation=True, return_tensors="pt")
+
+
+def text_features(model: nn.Module, tokens: Any) -> torch.Tensor:
+    """The text embeddings [M, D] of a Hugging Face CLIP/SigLIP model (a tensor in 4.x, an
+    output object in 5.x), unnormalised."""
+    out = model.get_text_features(**tokens)
+    return out if isinstance(out, torch.Tensor) else out.pooler_output
+
+
+def load_transformers(name: Any, device: str, precision: str) -> tuple[nn.Module, Any, Any]:
+    """(model, preprocess, tokenizer) of a Hugging Face CLIP-like model by hub id or folder."""
+    from ..errors import MissingFileError
+
+    source = str(name)[len(HF_PREFIX) :] if str(name).startswith(HF_PREFIX) else str(name)
+    try:
+        import transformers
+    except ImportError:
+        raise MissingFileError(
+            f"{name}: Hugging Face models need `transformers` (pip install 'textspan[hf]')"
+        ) from None
+    try:
+        model = transformers.AutoModel.from_pretrained(source)
+        processor = transformers.AutoImageProcessor.from_pretrained(source)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0]
+        raise MissingFileError(
+            f"{name}: the Hugging Face model could not be read ({first}). Offline, pass a "
+            "folder written by save_pretrained that holds config.json, the weights "
+            "(model.safetensors), the tokenizer files and preprocessor_config.json"
+        ) from None
+    if not hasattr(model, "get_text_features"):
+        raise MissingFileError(
+            f"{name}: {type(model).__name__} has no text tower (get_text_features); textspan "
+            "needs an image–text model such as CLIPModel or SiglipModel"
+        )
+    dtype = {"fp16": torch.float16, "pure_fp16": torch.float16}.get(precision)
+    dtype = dtype or {"bf16": torch.bfloat16, "pure_bf16": torch.bfloat16}.get(precision)
+    model = model.to(device=device, dtype=dtype) if dtype else model.to(device)
+    fixed = getattr(model.config, "model_type", "") == "siglip"
+    return model.eval(), ImagePreprocess(processor), Tokenizer(tokenizer, fixed)

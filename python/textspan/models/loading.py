@@ -1,5 +1,6 @@
-"""Loading models: open_clip names, config files and checkpoints, and models registered by
-name (the package registers its embedded toy CLIPs this way)."""
+"""Loading models: open_clip names (and `hf-hub:` names), config files and checkpoints, Hugging
+Face `transformers` CLIP-like models (`hf:` hub ids or `save_pretrained` folders), and models
+registered by name (the package registers its embedded toy CLIPs this way)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from typing import Any
 import torch
 
 from ..errors import InputError, MissingFileError
+from .hf import is_transformers_name, load_transformers
 
 __all__ = ["default_device", "load", "register_model", "resolve_model_name", "skeleton"]
 
@@ -68,16 +70,19 @@ def load(
     device: str | torch.device | None = None,
     precision: str = "fp32",
 ) -> tuple[torch.nn.Module, Callable[[Any], torch.Tensor], Callable[..., torch.Tensor]]:
-    """An open_clip model in eval mode, its image preprocessing and its tokenizer.
+    """A model in eval mode, its image preprocessing and its tokenizer.
 
     Args:
-        name: an open_clip model name (`open_clip.list_models()`), a path to a model
-            config JSON of your own, or a registered name: "toy", the embedded toy CLIP
+        name: an open_clip model name (`open_clip.list_models()`; `textspan models` lists
+            which decompose), an open_clip `hf-hub:` name, a path to a model config JSON of
+            your own, a Hugging Face `transformers` CLIP, SigLIP or MetaCLIP 2 model ("hf:" and
+            a hub id such as "hf:openai/clip-vit-base-patch16", or a folder written by
+            `save_pretrained`), or a registered name: "toy", the embedded toy CLIP
             (`textspan.toy`; `pretrained` may then name a folder written by `textspan
             toy-train`), or "toy-spurious", the toy CLIP trained to lean on the background.
         pretrained: an open_clip pretrained tag (downloaded from the hub, e.g. "openai" or
             "laion2b_s34b_b79k"), a path to a local checkpoint, or None for random weights
-            (seeded: the same in every process).
+            (seeded: the same in every process). Unused for Hugging Face models.
         device: "cuda" when available, else "cpu", unless given.
         precision: "fp32", "fp16", "bf16", "pure_fp16" or "pure_bf16" (open_clip's names).
 
@@ -92,12 +97,9 @@ def load(
     named = _named_loader(str(name)) if not str(name).endswith(".json") else None
     if named is not None:
         return named(pretrained, device)
-    model_name = resolve_model_name(name)
-    if model_name not in open_clip.list_models():
-        raise InputError(
-            f"model: expected an open_clip model name or a config .json, got {str(name)!r} "
-            "(open_clip.list_models() lists the names)"
-        )
+    if is_transformers_name(name):
+        return load_transformers(name, device, precision)
+    model_name = _checked_open_clip_name(name)
     if pretrained is not None:
         path = Path(pretrained)
         looks_like_a_file = os.sep in str(pretrained) or path.suffix in CHECKPOINT_SUFFIXES
@@ -125,7 +127,37 @@ def load(
                 "the path of a checkpoint file instead"
             ) from None
     model.eval()
-    return model, preprocess, open_clip.get_tokenizer(model_name)
+    return model, preprocess, _tokenizer(model_name)
+
+
+def _checked_open_clip_name(name: str | os.PathLike) -> str:
+    import open_clip
+
+    model_name = resolve_model_name(name)
+    if model_name.startswith("hf-hub:") or model_name in open_clip.list_models():
+        return model_name
+    raise InputError(
+        f"model: expected an open_clip model name, an hf-hub: name, a config .json or an "
+        f"hf: Hugging Face model, got {str(name)!r} (`textspan models` lists open_clip's)"
+    )
+
+
+def _tokenizer(model_name: str) -> Callable[..., torch.Tensor]:
+    """open_clip's tokenizer; some (SigLIP's, hf-hub models') come from the Hugging Face hub,
+    so offline that is one clear error, not the hub's traceback."""
+    import open_clip
+
+    try:
+        return open_clip.get_tokenizer(model_name)
+    except (OSError, ValueError) as e:
+        config = open_clip.get_model_config(model_name) or {}
+        hub = config.get("text_cfg", {}).get("hf_tokenizer_name", model_name)
+        first = str(e).strip().splitlines()[0]
+        raise MissingFileError(
+            f"tokenizer of {model_name}: open_clip reads it from the Hugging Face hub ({hub}), "
+            f"which could not be reached ({first}). Run once with a network so that it is "
+            "cached (under HF_HOME), or point HF_HOME at a cache that holds it"
+        ) from None
 
 
 def _checked_device(device: str | torch.device | None) -> str:
@@ -151,11 +183,8 @@ def skeleton(name: str | os.PathLike, pretrained: Any = None) -> torch.nn.Module
     named = _named_loader(str(name)) if not str(name).endswith(".json") else None
     if named is not None:
         return named(pretrained, "cpu")[0]
-    model_name = resolve_model_name(name)
-    if model_name not in open_clip.list_models():
-        raise InputError(
-            f"model: expected an open_clip model name or a config .json, got {str(name)!r} "
-            "(open_clip.list_models() lists the names)"
-        )
+    if is_transformers_name(name):
+        return load_transformers(name, "cpu", "fp32")[0]
+    model_name = _checked_open_clip_name(name)
     with torch.device("meta"):
         return open_clip.create_model(model_name, device="meta")

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from ..errors import InputError, InputTypeError
+from .hf import text_features
 
 __all__ = [
     "checked_texts",
@@ -52,10 +53,14 @@ def encode_texts(
     out = []
     bar = tqdm(total=len(texts), desc="encoding texts", unit="text", disable=not progress)
     for start in range(0, len(texts), batch_size):
-        tokens = tokenizer(texts[start : start + batch_size]).to(device)
-        emb = model.encode_text(tokens, normalize=True).float()
+        batch = texts[start : start + batch_size]
+        tokens = tokenizer(batch).to(device)
+        if hasattr(model, "encode_text"):
+            emb = model.encode_text(tokens, normalize=True).float()
+        else:  # a Hugging Face model
+            emb = torch.nn.functional.normalize(text_features(model, tokens).float(), dim=-1)
         out.append(emb.cpu().numpy())
-        bar.update(len(tokens))
+        bar.update(len(batch))
     bar.close()
     return np.concatenate(out)
 

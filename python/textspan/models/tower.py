@@ -30,6 +30,7 @@ __all__ = [
     "exact",
     "inverse_sigma",
     "norm_parts",
+    "term_names",
     "work_dtype",
 ]
 
@@ -140,6 +141,13 @@ class Capture:
     embedding: torch.Tensor | None = None  # [B, T_r, W]
     final: torch.Tensor | None = None  # [B, T_r, W]
     pool: dict[str, Any] = field(default_factory=dict)
+
+
+def term_names(tower: Tower) -> tuple[str, ...]:
+    """The names of a decomposition's `mlps` entries: the embedding, each layer's MLP, then any
+    term past the layers (an attention pooler's MLP)."""
+    layers = (f"layer {i} MLP" for i in range(tower.layers))
+    return ("embedding", *layers, *tower.extra_terms)
 
 
 class Tower(Protocol):

@@ -4,7 +4,7 @@ A store is a folder:
 
     manifest.json    what was extracted and how (model, weights, images, dtype, shapes)
     heads.npy        [N, L, H, D]  direct contribution of every head (float16 or float32)
-    mlps.npy         [N, L+1, D]   embedding term and every MLP
+    mlps.npy         [N, L+1, D]   embedding term and every MLP (L+2: a pooler's MLP last)
     class_token.npy  [N, L, D]     the class token's own share of each attention layer
     representation.npy [N, D]
     labels.npy       [N]           class index (ImageFolder layout) or -1
@@ -184,6 +184,16 @@ class Store:
         }
 
     @property
+    def terms(self) -> list[str]:
+        """The names of the `mlps` entries (stores from before they were recorded: the
+        embedding and each layer's MLP)."""
+        layers = self.manifest["layers"]
+        return self.manifest.get("terms") or [
+            "embedding",
+            *(f"layer {i} MLP" for i in range(layers)),
+        ]
+
+    @property
     def convention(self) -> str:
         """The decomposition's convention the rows were written in ("textspan", "paper")."""
         return manifest_value(self.manifest, "convention")
@@ -207,11 +217,14 @@ class Store:
             self._verified.add(i)
 
 
-def row_shapes(layers: int, heads: int, dim: int) -> dict[str, tuple[int, ...]]:
-    """The shape of one image's row of each contribution array."""
+def row_shapes(
+    layers: int, heads: int, dim: int, terms: int | None = None
+) -> dict[str, tuple[int, ...]]:
+    """The shape of one image's row of each contribution array (`terms`: the mlps entries,
+    L + 1 unless a pooler's MLP adds one)."""
     return {
         "heads": (layers, heads, dim),
-        "mlps": (layers + 1, dim),
+        "mlps": (terms or layers + 1, dim),
         "class_token": (layers, dim),
         "representation": (dim,),
     }
@@ -219,7 +232,7 @@ def row_shapes(layers: int, heads: int, dim: int) -> dict[str, tuple[int, ...]]:
 
 def expected_shapes(m: dict[str, Any]) -> dict[str, tuple[tuple[int, ...], str]]:
     n = m["count"]
-    rows = row_shapes(m["layers"], m["heads"], m["dim"])
+    rows = row_shapes(m["layers"], m["heads"], m["dim"], len(m.get("terms", ())) or None)
     return {
         **{name: ((n, *shape), m["dtype"]) for name, shape in rows.items()},
         "labels": ((n,), "int64"),
@@ -390,7 +403,7 @@ def make_manifest(
     dtype: str,
     root: Path,
     listing: tuple[list[str], list[int], list[str]],
-    shape: tuple[int, int, int],
+    shape: tuple[int, int, int, Any],
     stamps: list[list[int]],
     convention: str = "textspan",
     dataset: str = "folder",
@@ -398,10 +411,11 @@ def make_manifest(
 ) -> dict[str, Any]:
     """What identifies a store: the model, the images (`listing`: files, labels and classes,
     as `list_images` gives them, and each file's size and modification time), the arrays'
-    shape (layers, heads, D) and the decomposition's convention. `dataset` names the reader
-    (`textspan.datasets`), `attributes` are its per-image integers (Waterbirds' place)."""
+    shape (layers, heads, D, the names of the mlps terms) and the decomposition's
+    convention. `dataset` names the reader (`textspan.datasets`), `attributes` are its
+    per-image integers (Waterbirds' place)."""
     files, labels, classes = listing
-    layers, heads, dim = shape
+    layers, heads, dim, terms = shape
     return {
         "version": STORE_VERSION,
         "model": str(model),
@@ -414,6 +428,7 @@ def make_manifest(
         "layers": layers,
         "heads": heads,
         "dim": dim,
+        "terms": list(terms),
         "classes": classes,
         "files": files,
         "labels": [int(v) for v in labels],
