@@ -8,6 +8,7 @@ exercised. Full-size open_clip models of each family are in the slow tests at th
 
 from __future__ import annotations
 
+import csv
 import logging
 
 import open_clip
@@ -446,3 +447,40 @@ def test_full_size_hugging_face_models_decompose_exactly(build_model):
         parts = decomposer.decompose(images_for(decomposer, 2))
     total = parts.heads.sum((1, 2)) + parts.mlps.sum(1)
     assert relative(total, parts.representation) < 1e-4
+
+
+# `textspan models` -------------------------------------------------------------------------
+
+
+def test_models_lists_every_pretrained_tag_with_its_family(tmp_path, capsys):
+    from textspan.cli import main
+
+    out = tmp_path / "models.csv"
+    assert main(["models", "--csv", str(out)]) == 0
+    with open(out) as f:
+        rows = {(r["model"], r["tag"]): r for r in csv.DictReader(f)}
+    assert set(rows) == set(open_clip.list_pretrained())
+    siglip = rows[("ViT-B-16-SigLIP", "webli")]
+    assert (siglip["decomposes"], siglip["tower"], siglip["pooling"]) == (
+        "True",
+        "timm VisionTransformer",
+        "attention",
+    )
+    assert rows[("RN50", "openai")]["decomposes"] == "False"
+    assert "ResNet" in rows[("RN50", "openai")]["why_not"]
+    assert "ConvNeXt" in rows[("convnext_base", "laion400m_s13b_b51k")]["why_not"]
+    refused = [r for r in rows.values() if r["decomposes"] == "False"]
+    assert all(r["why_not"] for r in refused)
+    exact = len(rows) - len(refused)
+    assert f"{exact} of {len(rows)} pretrained tags" in capsys.readouterr().out
+
+
+def test_models_check_builds_and_checks_the_identity(capsys):
+    from textspan.cli import main
+
+    assert main(["models", "--check", "ViT-B-16-SigLIP", "EVA02-B-16"]) == 0
+    out = capsys.readouterr().out
+    lines = {line.split()[0]: line.split() for line in out.splitlines()[1:3]}
+    assert lines["ViT-B-16-SigLIP"][1:4] == ["timm", "VisionTransformer", "attention"]
+    assert float(lines["EVA02-B-16"][5]) < 1e-4
+    assert main(["models", "--check", "no-such-model"]) == 2

@@ -10,6 +10,7 @@ The command line (`textspan.cli`) is assembled from `COMMANDS`.
 
 from . import (
     ablate,
+    catalogue,
     demo,
     explore,
     extract,
@@ -34,6 +35,7 @@ COMMANDS = (
     segment,
     reproduce,
     explore,
+    catalogue,
     toy_train,
     toy_data,
 )
