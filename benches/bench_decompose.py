@@ -1,9 +1,10 @@
 """Decomposition benchmark: each figure beside plain `encode_image`, in one process.
 
-Randomly initialised towers of three families — open_clip's ViT-B-16 (class token), ViT-B-16-
-SigLIP (timm, attention pooler) and EVA02-B-16 (timm Eva: RoPE, sub-LN) — at 224 px, batch 16,
-on the CPU, float32; then extraction of a folder into a store with ViT-B-16. Prints times,
-ratios and peak memory; asserts nothing about time.
+Randomly initialised towers of four families — open_clip's ViT-B-16 (class token), ViT-B-16-
+SigLIP (timm, attention pooler), EVA02-B-16 (timm Eva: RoPE, sub-LN) and Hugging Face CLIP
+ViT-B/16 — at 224 px, batch 16, on the CPU, float32, each beside the model's own image
+encoding; then extraction of a folder into a store with ViT-B-16. Prints times, ratios and
+peak memory; asserts nothing about time.
 
     python benches/bench_decompose.py                 # 1,000 images for the store
     python benches/bench_decompose.py --images 200    # a quicker extraction figure
@@ -62,12 +63,22 @@ def main() -> None:
         bench_store(args.images, args.workers)
 
 
-MODELS = ("ViT-B-16", "ViT-B-16-SigLIP", "EVA02-B-16")
+HF_CLIP = "HF CLIP ViT-B/16"
+MODELS = ("ViT-B-16", "ViT-B-16-SigLIP", "EVA02-B-16", HF_CLIP)
+
+
+def build(name: str) -> torch.nn.Module:
+    if name == HF_CLIP:
+        import transformers
+
+        config = transformers.CLIPVisionConfig(patch_size=16, projection_dim=512)
+        return transformers.CLIPVisionModelWithProjection(config).eval()
+    return open_clip.create_model(name).eval()
 
 
 def bench_model(name: str) -> None:
     torch.manual_seed(0)
-    model = open_clip.create_model(name).eval()
+    model = build(name)
     x = torch.randn(BATCH, 3, SIZE, SIZE)
     with Decomposer(model) as decomposer:
         directions = torch.randn(K, decomposer.tower.dim)
@@ -78,7 +89,7 @@ def bench_model(name: str) -> None:
     )
 
     with torch.no_grad(), Decomposer(model) as decomposer:
-        plain = lambda: model.encode_image(x)  # noqa: E731
+        plain = lambda: decomposer.tower.encode(x)  # noqa: E731 (the model's own encoder)
         heads = lambda: decomposer.decompose(x)  # noqa: E731
         scores = lambda: decomposer.decompose(x, spatial=True).scores(directions)  # noqa: E731
         for fn in (plain, heads, scores):

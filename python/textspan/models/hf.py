@@ -217,13 +217,22 @@ class HfTower:
     def _rows(self, attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """The attention rows of the read tokens [B, H, T_r, T], from the layer's input."""
         h = self.heads
-        b, t, _ = x.shape
+        b, t, w = x.shape
         read = x[:, self.read_tokens]
         q = exact(attn.q_proj(read.to(attn.q_proj.weight.dtype)))
-        k = exact(attn.k_proj(x.to(attn.k_proj.weight.dtype)))
-        q = q.view(b, read.shape[1], h, -1).transpose(1, 2)
-        k = k.view(b, t, h, -1).transpose(1, 2)
-        return torch.softmax(q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5, dim=-1)
+        q = q.view(b, read.shape[1], h, -1).transpose(1, 2)  # [B, H, T_r, d_h]
+        dh = q.shape[-1]
+        if read.shape[1] == 1:
+            # One query row: q·(W_K x_i + b_K) = (W_Kᵀ q)·x_i + q·b_K, without every key.
+            wk = exact(attn.k_proj.weight.detach()).view(h, dh, w)
+            logits = torch.einsum("bhje,hew,btw->bhjt", q, wk, x)
+            if attn.k_proj.bias is not None:
+                bias = exact(attn.k_proj.bias.detach()).view(h, dh)
+                logits = logits + torch.einsum("bhje,he->bhj", q, bias)[..., None]
+        else:
+            k = exact(attn.k_proj(x.to(attn.k_proj.weight.dtype)))
+            logits = q @ k.view(b, t, h, dh).permute(0, 2, 3, 1)
+        return torch.softmax(logits * dh**-0.5, dim=-1)
 
     # maps -----------------------------------------------------------------------------------
 
