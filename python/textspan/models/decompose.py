@@ -49,7 +49,7 @@ from torch import nn
 from ..core.checks import check_convention
 from ..errors import InputError, InputTypeError, UnsupportedModelError
 from .families import tower_of
-from .tower import Capture, LayerCapture, LayerMaps, Pooling, Tower, exact, term_names
+from .tower import Capture, LayerCapture, LayerMaps, Pooling, Tower, exact, take, term_names
 
 __all__ = ["Decomposer", "Decomposition"]
 
@@ -151,15 +151,9 @@ class Decomposition:
         for layer in self._layers:
             h, t = layer.weights.shape[2:]
             through = torch.einsum("bthe,hew->bthw", layer.values(), layer.maps.head_map)
+            weights = layer.weights.transpose(2, 3)[..., None]  # [B, G, T, H, 1]
             out = sum(
-                pooling.read((layer.weights[:, g].transpose(1, 2)[..., None] * through)[:, None])
-                if pooling.value is None
-                else torch.einsum(
-                    "bthw,we,ed->bthd",
-                    layer.weights[:, g].transpose(1, 2)[..., None] * through,
-                    pooling.value[g],
-                    pooling.out[g],
-                )
+                pooling.read_group(weights[:, g] * through, g)
                 for g in range(layer.weights.shape[1])
             )
             out = out + layer.bias[:, None, None] / (h * t)
@@ -178,20 +172,17 @@ class Decomposition:
 
     def _layer_scores(self, layer: _TokenLayer, d: torch.Tensor) -> torch.Tensor:
         """[B, T, H, K], before `_scale` and the paper's share."""
-        pooling = self._pooling
         h, t = layer.weights.shape[2:]
-        read = d.T if pooling.value is None else None
-        if pooling.value is None:
-            read = pooling.out[0] @ d.T  # [W, K]
-            by_head = torch.einsum("hew,wk->hek", layer.maps.head_map, read)
-            # Fold the value projection into the read-out: tokens meet K columns per head.
-            through_values = torch.einsum("hew,hek->hwk", layer.maps.value_weight, by_head)
+        read = self._pooling.directions(d)  # [G, W, K]
+        by_head = torch.einsum("hew,gwk->ghek", layer.maps.head_map, read)
+        if by_head.shape[0] == 1:
+            # One group: fold the value projection into the read-out, so the tokens meet K
+            # columns per head instead of being projected to values first.
+            through_values = torch.einsum("hew,hek->hwk", layer.maps.value_weight, by_head[0])
             per_token = torch.einsum("btw,hwk->bthk", layer.inputs, through_values)
-            per_token = per_token + torch.einsum("he,hek->hk", layer.maps.value_bias, by_head)
+            per_token = per_token + torch.einsum("he,hek->hk", layer.maps.value_bias, by_head[0])
             scored = per_token * layer.weights[:, 0].transpose(1, 2)[..., None]
         else:
-            read = torch.einsum("gwe,ged,kd->gwk", pooling.value, pooling.out, d)
-            by_head = torch.einsum("hew,gwk->ghek", layer.maps.head_map, read)
             scored = torch.einsum("bthe,ghek,bght->bthk", layer.values(), by_head, layer.weights)
         return scored + (layer.bias @ d.T)[:, None, None] / (h * t)
 
@@ -329,12 +320,12 @@ class Decomposer:
 
     def _on_embedding(self, module, args) -> None:
         if self._capture is not None:
-            self._capture.embedding = exact(self.tower.tokens(args[0])[:, self.tower.read_tokens])
+            self._capture.embedding = take(self.tower.tokens(args[0]), self.tower.read_tokens)
 
     def _on_final(self, module, args, output) -> None:
         if self._capture is not None:
             out = output[0] if isinstance(output, tuple) else output
-            self._capture.final = exact(self.tower.tokens(out)[:, self.tower.read_tokens])
+            self._capture.final = take(self.tower.tokens(out), self.tower.read_tokens)
 
     def _layer_done(self, i: int):
         """Reduces the layer's attention rows once every hook of the block has fired: what
@@ -347,10 +338,12 @@ class Decomposer:
             layer = cap.layers[i]
             if layer.rows is None or layer.inputs is None:
                 return  # reported by _check_fired
-            rows = layer.rows * (1.0 if layer.o_scale is None else layer.o_scale[:, None, :, None])
+            scale = None if layer.o_scale is None else layer.o_scale[:, None, :, None]
+            rows = layer.rows if scale is None else layer.rows * scale
             if self.tower.has_class_token:
-                layer.class_rows = rows[..., 0]  # [B, H, T_r]
-                layer.class_input = layer.inputs[:, 0]
+                # Copies, so that neither keeps the layer's whole attention map alive.
+                layer.class_rows = rows[..., 0].clone()  # [B, H, T_r]
+                layer.class_input = layer.inputs[:, 0].clone()
             if self._reduce is not None:
                 reduce = self._reduce.expand(rows.shape[0], -1, -1)
                 layer.weights = torch.einsum("bgj,bhji->bghi", reduce, rows)
@@ -442,12 +435,16 @@ class Decomposer:
         if pattern is None:
             # The pooling weights depend on the image (an attention pooler, a norm per
             # token): a first pass finds them, so the second reduces each layer at once.
-            cap, _ = self._forward(images, None)
-            reduce = self.tower.pooling(cap, centre=convention == "textspan").weights
+            reduce = self._pooling_weights(images, convention)
         else:
             reduce = pattern.to(images.device, self.tower.dtype)
         cap, representation = self._forward(images, reduce)
         return self._assemble(cap, representation, convention, reduce)
+
+    def _pooling_weights(self, images: torch.Tensor, convention: str) -> torch.Tensor:
+        """P [B, G, T_r] of a plain pass (its capture freed before the next pass)."""
+        cap, _ = self._forward(images, None)
+        return self.tower.pooling(cap, centre=convention == "textspan").weights
 
     def _check_images(self, images: Any) -> None:
         h, w = self.tower.image_size

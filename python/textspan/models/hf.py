@@ -32,6 +32,7 @@ from .tower import (
     exact,
     inverse_sigma,
     norm_parts,
+    take,
     work_dtype,
 )
 
@@ -183,18 +184,18 @@ class HfTower:
                 layer = cap.layers[i]
                 weights = output[1] if isinstance(output, tuple) and len(output) > 1 else None
                 if weights is not None:
-                    layer.rows = exact(weights[:, :, read])
+                    layer.rows = take(weights, read, axis=2)
                 elif layer.inputs is not None:
                     layer.rows = self._rows(attn, layer.inputs)
 
             def on_heads(module, args, i=i, attn=attn) -> None:
                 if (cap := capture()) is not None:
-                    o = exact(args[0][:, read])
+                    o = take(args[0], read)
                     cap.layers[i].o = o.view(*o.shape[:2], self.heads, -1)
 
             def on_mlp(module, args, output, i=i) -> None:
                 if (cap := capture()) is not None:
-                    cap.layers[i].mlp = exact(output[:, read])
+                    cap.layers[i].mlp = take(output, read)
 
             handles.append(layer.layer_norm1.register_forward_hook(on_input))
             handles.append(attn.register_forward_hook(on_attention))

@@ -24,6 +24,7 @@ from .tower import (
     exact,
     inverse_sigma,
     norm_parts,
+    take,
     work_dtype,
 )
 
@@ -185,7 +186,7 @@ class OpenClipTower:
     def _mlp_hook(self, i: int, capture: Any):
         def hook(module, args, output) -> None:
             if (cap := capture()) is not None:
-                cap.layers[i].mlp = exact(output[:, self.read_tokens])
+                cap.layers[i].mlp = take(output, self.read_tokens)
 
         return hook
 

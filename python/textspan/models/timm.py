@@ -27,6 +27,7 @@ from .tower import (
     exact,
     inverse_sigma,
     norm_parts,
+    take,
     work_dtype,
 )
 
@@ -221,12 +222,12 @@ class TimmTower:
 
             def on_probabilities(module, args, output, i=i) -> None:
                 if (cap := capture()) is not None:
-                    cap.layers[i].rows = exact(output[:, :, read])
+                    cap.layers[i].rows = take(output, read, axis=2)
 
             def on_heads(module, args, output, i=i, attn=attn) -> None:
                 if (cap := capture()) is None:
                     return
-                o = exact(args[0][:, read])  # [B, T_r, H·d_h]
+                o = take(args[0], read)  # [B, T_r, H·d_h]
                 layer = cap.layers[i]
                 layer.o = o.view(*o.shape[:2], attn.num_heads, -1)
                 if _is_norm(module):  # sub-LN: its σ per token scales the heads' outputs
@@ -242,7 +243,7 @@ class TimmTower:
 
             def on_mlp(module, args, i=i) -> None:
                 if (cap := capture()) is not None:
-                    cap.layers[i].mlp = exact(args[0][:, read])
+                    cap.layers[i].mlp = take(args[0], read)
 
             handles.append(attn.register_forward_pre_hook(on_input))
             handles.append(attn.attn_drop.register_forward_hook(on_probabilities))

@@ -30,6 +30,7 @@ __all__ = [
     "exact",
     "inverse_sigma",
     "norm_parts",
+    "take",
     "term_names",
     "work_dtype",
 ]
@@ -39,6 +40,15 @@ def exact(x: torch.Tensor) -> torch.Tensor:
     """The working precision of the maths: float32, or float64 for a float64 model (half and
     bfloat16 activations are widened, so the parts are summed in float32 at least)."""
     return x if x.dtype == torch.float64 else x.float()
+
+
+def take(x: torch.Tensor, tokens: slice, axis: int = 1) -> torch.Tensor:
+    """The read tokens of a hooked activation, in the working precision, as a tensor of their
+    own: a view would keep the whole activation alive until the end of the forward."""
+    part = exact(x[(slice(None),) * axis + (tokens,)])
+    if part.shape == x.shape or part.untyped_storage().data_ptr() != x.untyped_storage().data_ptr():
+        return part  # all of it, or already a copy (a widened half-precision activation)
+    return part.clone()
 
 
 def work_dtype(module: nn.Module) -> torch.dtype:
@@ -126,6 +136,17 @@ class Pooling:
         if self.value is not None:
             u = torch.einsum("bg...w,gwe->bg...e", u, self.value)
         return torch.einsum("bg...e,ged->b...d", u, self.out)
+
+    def read_group(self, u: torch.Tensor, g: int) -> torch.Tensor:
+        """Stream vectors [..., W] already weighted for group g alone → [..., D]."""
+        if self.value is not None:
+            u = u @ self.value[g]
+        return u @ self.out[g]
+
+    def directions(self, d: torch.Tensor) -> torch.Tensor:
+        """What each group reads of K directions [K, D], as stream vectors → [G, W, K]."""
+        read = self.out @ d.T
+        return read if self.value is None else self.value @ read
 
     def pool(self, terms: torch.Tensor) -> torch.Tensor:
         """A term at every read token [B, T_r, W] → its contribution [B, D]."""
