@@ -355,7 +355,9 @@ class Tokenizer:
 def text_features(model: nn.Module, tokens: Any) -> torch.Tensor:
     """The text embeddings [M, D] of a Hugging Face CLIP/SigLIP model (a tensor in 4.x, an
     output object in 5.x), unnormalised."""
-    out = model.get_text_features(**tokens)
+    # CLIP and SigLIP text towers take ids and (CLIP) a mask, not token type ids, which
+    # generic tokenizers add and 4.x refuses.
+    out = model.get_text_features(**{k: v for k, v in tokens.items() if k != "token_type_ids"})
     return out if isinstance(out, torch.Tensor) else out.pooler_output
 
 
