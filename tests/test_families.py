@@ -416,7 +416,7 @@ def test_full_size_models_of_every_family_decompose_exactly(name):
     torch.manual_seed(0)
     logging.disable(logging.WARNING)
     try:
-        model = open_clip.create_model(name, pretrained=None).eval()
+        model = perturbed(open_clip.create_model(name, pretrained=None))
     finally:
         logging.disable(logging.NOTSET)
     with Decomposer(model) as decomposer:
@@ -484,3 +484,33 @@ def test_models_check_builds_and_checks_the_identity(capsys):
     assert lines["ViT-B-16-SigLIP"][1:4] == ["timm", "VisionTransformer", "attention"]
     assert float(lines["EVA02-B-16"][5]) < 1e-4
     assert main(["models", "--check", "no-such-model"]) == 2
+
+
+# Loading offline ----------------------------------------------------------------------------
+
+
+def test_what_the_hub_would_supply_is_one_clear_error_offline(tmp_path):
+    """A SigLIP tokenizer (open_clip fetches it from the hub) and a Hugging Face model that is
+    neither cached nor a folder: one line each, naming what is missing and how to supply it."""
+    import subprocess
+    import sys
+
+    names = ["ViT-B-16-SigLIP", "hf:someone/no-such-clip", f"hf:{tmp_path}"]
+    code = (
+        "import textspan\n"
+        f"for name in {names!r}:\n"
+        "    try:\n"
+        "        textspan.load(name, device='cpu')\n"
+        "    except textspan.MissingFileError as e:\n"
+        "        print('MISSING', e)\n"
+    )
+    env = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "PATH": ""}
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300
+    )
+    lines = [line for line in out.stdout.splitlines() if line.startswith("MISSING")]
+    assert len(lines) == 3, out.stdout + out.stderr
+    assert "tokenizer of ViT-B-16-SigLIP" in lines[0] and "timm/ViT-B-16-SigLIP" in lines[0]
+    assert "HF_HOME" in lines[0]
+    assert "hf:someone/no-such-clip" in lines[1] and "save_pretrained" in lines[1]
+    assert "config.json" in lines[2]
