@@ -20,6 +20,7 @@ from open_clip.timm_model import TimmModel
 from open_clip.transformer import VisionTransformer
 
 from textspan import Decomposer, UnsupportedModelError
+from textspan.models.tower import token_count
 
 SMALL = {"depth": 2, "embed_dim": 64, "num_heads": 4, "img_size": 32, "patch_size": 8}
 HF_VISION = {
@@ -202,7 +203,7 @@ def test_token_terms_sum_to_the_head_terms(key):
         parts = decomposer.decompose(x, spatial=True)
         tower = decomposer.tower
     spatial = parts.spatial  # [B, L, T, H, D]
-    tokens = tower.grid_size[0] * tower.grid_size[1] + tower.prefix_tokens
+    tokens = token_count(tower)
     assert spatial.shape[2] == tokens
     torch.testing.assert_close(parts.heads, plain.heads)
     torch.testing.assert_close(spatial.sum(2), parts.heads)
@@ -227,7 +228,7 @@ def test_spatial_decompositions_are_chunked_alike(monkeypatch):
         x = images_for(decomposer, 5, torch.float64)
         whole = decomposer.decompose(x, spatial=True)
         tower = decomposer.tower
-        tokens = tower.grid_size[0] * tower.grid_size[1] + tower.prefix_tokens
+        tokens = token_count(tower)
         monkeypatch.setattr(decompose, "_ATTENTION_FLOATS", 2 * tower.heads * tokens**2)
         chunked = decomposer.decompose(x, spatial=True)
     d = torch.randn(3, whole.heads.shape[-1], dtype=torch.float64)

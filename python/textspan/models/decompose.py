@@ -49,7 +49,17 @@ from torch import nn
 from ..core.checks import check_convention
 from ..errors import InputError, InputTypeError, UnsupportedModelError
 from .families import tower_of
-from .tower import Capture, LayerCapture, LayerMaps, Pooling, Tower, exact, take, term_names
+from .tower import (
+    Capture,
+    LayerCapture,
+    LayerMaps,
+    Pooling,
+    Tower,
+    exact,
+    take,
+    term_names,
+    token_count,
+)
 
 __all__ = ["Decomposer", "Decomposition"]
 
@@ -421,7 +431,7 @@ class Decomposer:
             cap, representation = self._forward(images, None)
             return self._assemble(cap, representation, convention, None)
         t = self.tower
-        tokens = (t.grid_size[0] * t.grid_size[1]) + t.prefix_tokens
+        tokens = token_count(t)
         chunk = max(1, _ATTENTION_FLOATS // (t.heads * tokens * tokens))
         return Decomposition.concat(
             [
@@ -502,7 +512,7 @@ class Decomposer:
         maps = self._layer_maps(representation.device)
         p = pooling.weights  # [B, G, T_r]
         n = representation.shape[0]
-        tokens = t.grid_size[0] * t.grid_size[1] + t.prefix_tokens
+        tokens = token_count(t)
         heads, biases, class_token = [], [], []
         for layer, m in zip(cap.layers, maps, strict=True):
             scaled = p if layer.o_scale is None else p * layer.o_scale[:, None]

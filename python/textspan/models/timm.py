@@ -28,6 +28,7 @@ from .tower import (
     inverse_sigma,
     norm_parts,
     take,
+    token_count,
     work_dtype,
 )
 
@@ -366,8 +367,7 @@ class TimmTower:
         if self.pooling_type == "token":
             return torch.ones(1, 1, 1)
         if self.pooling_type == "average" and not _is_norm(self.trunk.norm):
-            t = self.grid_size[0] * self.grid_size[1] + self.prefix_tokens
-            t -= self.read_tokens.start
+            t = token_count(self) - self.read_tokens.start
             return torch.full((1, 1, t), 1.0 / t)
         return None
 

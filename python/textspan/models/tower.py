@@ -32,6 +32,7 @@ __all__ = [
     "norm_parts",
     "take",
     "term_names",
+    "token_count",
     "work_dtype",
 ]
 
@@ -162,6 +163,11 @@ class Capture:
     embedding: torch.Tensor | None = None  # [B, T_r, W]
     final: torch.Tensor | None = None  # [B, T_r, W]
     pool: dict[str, Any] = field(default_factory=dict)
+
+
+def token_count(tower: Tower) -> int:
+    """T: the prefix tokens (class token, registers) and the patches."""
+    return tower.grid_size[0] * tower.grid_size[1] + tower.prefix_tokens
 
 
 def term_names(tower: Tower) -> tuple[str, ...]:
