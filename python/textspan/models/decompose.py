@@ -330,12 +330,12 @@ class Decomposer:
 
     def _on_embedding(self, module, args) -> None:
         if self._capture is not None:
-            self._capture.embedding = take(self.tower.tokens(args[0]), self.tower.read_tokens)
+            self._capture.embedding = take(args[0], self.tower.read_tokens)
 
     def _on_final(self, module, args, output) -> None:
         if self._capture is not None:
             out = output[0] if isinstance(output, tuple) else output
-            self._capture.final = take(self.tower.tokens(out), self.tower.read_tokens)
+            self._capture.final = take(out, self.tower.read_tokens)
 
     def _layer_done(self, i: int):
         """Reduces the layer's attention rows once every hook of the block has fired: what

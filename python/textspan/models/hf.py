@@ -14,7 +14,6 @@ MLP is its own term.
 
 from __future__ import annotations
 
-import contextlib
 import json
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ from torch import nn
 from ..errors import UnsupportedModelError
 from .openclip import mha_parts
 from .tower import (
+    Adapter,
     Capture,
     LayerMaps,
     Pooling,
@@ -33,7 +33,6 @@ from .tower import (
     inverse_sigma,
     norm_parts,
     take,
-    work_dtype,
 )
 
 __all__ = [
@@ -65,7 +64,7 @@ def _tower_of(model: nn.Module) -> nn.Module | None:
     return None
 
 
-class HfTower:
+class HfTower(Adapter):
     """A Hugging Face CLIP (class token) or SigLIP (attention pooler) image tower."""
 
     def __init__(self, model: nn.Module) -> None:
@@ -121,10 +120,6 @@ class HfTower:
     # shapes ---------------------------------------------------------------------------------
 
     @property
-    def layers(self) -> int:
-        return len(self.blocks)
-
-    @property
     def heads(self) -> int:
         return int(self.config.num_attention_heads)
 
@@ -141,19 +136,6 @@ class HfTower:
     @property
     def grid_size(self) -> tuple[int, int]:
         return (int(self.config.image_size) // int(self.config.patch_size),) * 2
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return work_dtype(self.module)
-
-    def block(self, layer: int) -> nn.Module:
-        return self.blocks[layer]
-
-    def tokens(self, x: torch.Tensor) -> torch.Tensor:
-        return x
-
-    def forward_context(self) -> Any:
-        return contextlib.nullcontext()
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """`get_image_features` (a tensor in 4.x, an output object in 5.x), or the vision

@@ -9,7 +9,6 @@ reads. The maths is in `decompose.py`, shared by every family.
 
 from __future__ import annotations
 
-import contextlib
 from typing import Any
 
 import torch
@@ -17,6 +16,7 @@ from torch import nn
 
 from ..errors import UnsupportedModelError
 from .tower import (
+    Adapter,
     Capture,
     LayerMaps,
     Pooling,
@@ -25,7 +25,6 @@ from .tower import (
     inverse_sigma,
     norm_parts,
     take,
-    work_dtype,
 )
 
 __all__ = ["OpenClipTower", "mha_parts"]
@@ -64,7 +63,7 @@ def mha_parts(attn: nn.MultiheadAttention) -> tuple[torch.Tensor, torch.Tensor]:
     return weights, biases
 
 
-class OpenClipTower:
+class OpenClipTower(Adapter):
     """An open_clip `VisionTransformer` with standard residual attention blocks (a packed
     `nn.MultiheadAttention`, optional LayerScale) and class-token, average or attentional
     pooling."""
@@ -122,10 +121,6 @@ class OpenClipTower:
     # shapes ---------------------------------------------------------------------------------
 
     @property
-    def layers(self) -> int:
-        return len(self.blocks)
-
-    @property
     def heads(self) -> int:
         return self.blocks[0].attn.num_heads
 
@@ -141,19 +136,6 @@ class OpenClipTower:
     @property
     def image_size(self) -> tuple[int, int]:
         return tuple(int(v) for v in self.module.image_size)
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return work_dtype(self.module)
-
-    def block(self, layer: int) -> nn.Module:
-        return self.blocks[layer]
-
-    def tokens(self, x: torch.Tensor) -> torch.Tensor:
-        return x
-
-    def forward_context(self) -> Any:
-        return contextlib.nullcontext()
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """The representation the parts add up to (before normalisation)."""

@@ -20,6 +20,7 @@ from torch import nn
 
 from ..errors import UnsupportedModelError
 from .tower import (
+    Adapter,
     Capture,
     LayerMaps,
     Pooling,
@@ -29,7 +30,6 @@ from .tower import (
     norm_parts,
     take,
     token_count,
-    work_dtype,
 )
 
 __all__ = ["TimmTower", "is_timm_tower"]
@@ -62,7 +62,7 @@ def _linear(m: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | None:
     raise TypeError(type(m).__name__)
 
 
-class TimmTower:
+class TimmTower(Adapter):
     """A timm `VisionTransformer` or `Eva` trunk (inside open_clip's `TimmModel` or alone)."""
 
     def __init__(self, model: nn.Module) -> None:
@@ -162,10 +162,6 @@ class TimmTower:
     # shapes ---------------------------------------------------------------------------------
 
     @property
-    def layers(self) -> int:
-        return len(self.blocks)
-
-    @property
     def heads(self) -> int:
         return self.blocks[0].attn.num_heads
 
@@ -181,16 +177,6 @@ class TimmTower:
     @property
     def image_size(self) -> tuple[int, int]:
         return tuple(int(v) for v in self.trunk.patch_embed.img_size)
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return work_dtype(self.module)
-
-    def block(self, layer: int) -> nn.Module:
-        return self.blocks[layer]
-
-    def tokens(self, x: torch.Tensor) -> torch.Tensor:
-        return x
 
     @contextlib.contextmanager
     def forward_context(self) -> Iterator[None]:

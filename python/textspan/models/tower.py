@@ -14,6 +14,7 @@ term)`, where j runs over the tokens the pooling reads and g over the pooler's h
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -21,6 +22,7 @@ import torch
 from torch import nn
 
 __all__ = [
+    "Adapter",
     "Capture",
     "LayerCapture",
     "LayerMaps",
@@ -175,6 +177,28 @@ def term_names(tower: Tower) -> tuple[str, ...]:
     term past the layers (an attention pooler's MLP)."""
     layers = (f"layer {i} MLP" for i in range(tower.layers))
     return ("embedding", *layers, *tower.extra_terms)
+
+
+class Adapter:
+    """What every family's adapter shares: its blocks in order, the working precision, and
+    a forward that needs nothing around it (timm's overrides `forward_context`)."""
+
+    blocks: list[nn.Module]
+    module: nn.Module
+
+    @property
+    def layers(self) -> int:
+        return len(self.blocks)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return work_dtype(self.module)
+
+    def block(self, layer: int) -> nn.Module:
+        return self.blocks[layer]
+
+    def forward_context(self) -> Any:
+        return contextlib.nullcontext()
 
 
 class Tower(Protocol):
