@@ -55,7 +55,7 @@ def _definitions(convention: str) -> dict[str, str]:
     mlps = (
         "every layer's MLP and the embedding term, as the paper's code does"
         if convention == "paper"
-        else "every layer's MLP; the embedding term is kept"
+        else "every layer's MLP (and an attention pooler's); the embedding term is kept"
     )
     return {
         "baseline": "nothing",

@@ -143,20 +143,32 @@ def _checked_open_clip_name(name: str | os.PathLike) -> str:
 
 
 def _tokenizer(model_name: str) -> Callable[..., torch.Tensor]:
-    """open_clip's tokenizer; some (SigLIP's, hf-hub models') come from the Hugging Face hub,
-    so offline that is one clear error, not the hub's traceback."""
+    """open_clip's tokenizer; some come over the network (SigLIP's and hf-hub models' from
+    the Hugging Face hub, a SigLIP-named model's without one from a sentencepiece URL), so
+    offline that is one clear error, not the fetcher's traceback."""
     import open_clip
 
     try:
         return open_clip.get_tokenizer(model_name)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, ImportError) as e:
         config = open_clip.get_model_config(model_name) or {}
-        hub = config.get("text_cfg", {}).get("hf_tokenizer_name", model_name)
+        hub = config.get("text_cfg", {}).get("hf_tokenizer_name")
         first = str(e).strip().splitlines()[0]
+        if hub:
+            where = f"the Hugging Face hub ({hub})"
+            supply = (
+                "Run once with a network so that it is cached (under HF_HOME), or point "
+                "HF_HOME at a cache that holds it"
+            )
+        else:
+            where = "a URL (open_clip's SigLIP sentencepiece vocabulary, for a name with 'siglip')"
+            supply = (
+                "Run with a network (fsspec then needs requests and aiohttp), or set the "
+                "config's text_cfg.hf_tokenizer_name to a local tokenizer folder"
+            )
         raise MissingFileError(
-            f"tokenizer of {model_name}: open_clip reads it from the Hugging Face hub ({hub}), "
-            f"which could not be reached ({first}). Run once with a network so that it is "
-            "cached (under HF_HOME), or point HF_HOME at a cache that holds it"
+            f"tokenizer of {model_name}: open_clip reads it from {where}, which could not be "
+            f"reached ({first}). {supply}"
         ) from None
 
 
