@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..errors import UnsupportedModelError
+from ..errors import InputError, UnsupportedModelError
 from .hf import HfTower, is_hf_model
 from .openclip import OpenClipTower
 from .timm import TimmTower, is_timm_tower
@@ -69,11 +69,16 @@ def _vision_tower(name: str, device: str) -> nn.Module:
     """Only the image tower of an open_clip architecture (no text tower, so no tokenizer or
     text library is needed), random weights."""
     import open_clip
+
+    # open_clip's own builder of the image tower (private): create_model would build the
+    # text tower too, and cannot build on the meta device (it moves the model with .to()).
     from open_clip.model import _build_vision_tower
 
     cfg = open_clip.get_model_config(name)
     if cfg is None:
-        raise UnsupportedModelError(f"{name}: not an open_clip model name")
+        raise InputError(
+            f"model: expected an open_clip model name, got {name!r} (`textspan models` lists them)"
+        )
     with torch.device(device):
         return _build_vision_tower(
             cfg["embed_dim"], cfg["vision_cfg"], quick_gelu=cfg.get("quick_gelu", False)
