@@ -28,10 +28,9 @@ from .tower import (
     Capture,
     LayerMaps,
     Pooling,
-    centred,
+    attention_pooling,
     exact,
-    inverse_sigma,
-    norm_parts,
+    norm_pooling,
     take,
 )
 
@@ -246,45 +245,37 @@ class HfTower(Adapter):
 
     def pooling(self, cap: Capture, centre: bool) -> Pooling:
         y = cap.final
-        b, _, w = y.shape
-        device = y.device
+        w = y.shape[-1]
         norm = self.module.post_layernorm
-        gamma, beta = norm_parts(norm, w, device, self.dtype)
-        if self.head is None:
-            proj = (
-                torch.eye(w, device=device, dtype=self.dtype)
-                if self.projection_layer is None
-                else exact(self.projection_layer.weight.detach()).T
-            )
-            read = gamma[:, None] * proj
-            if centre:
-                read = centred(read)
-            constant = beta @ proj
-            if self.projection_layer is not None and self.projection_layer.bias is not None:
-                constant = constant + exact(self.projection_layer.bias.detach())
-            weights = inverse_sigma(y[:, 0], norm)[:, None, None]
-            return Pooling(weights, None, read[None], constant.expand(b, -1))
+        if self.head is None:  # CLIP: the class token, then the projection
+            layer = self.projection_layer
+            proj = torch.eye(w, device=y.device, dtype=y.dtype)
+            bias = torch.zeros(w, device=y.device, dtype=y.dtype)
+            if layer is not None:
+                proj = exact(layer.weight.detach()).T
+                bias = torch.zeros(proj.shape[1], device=y.device, dtype=y.dtype)
+                if layer.bias is not None:
+                    bias = exact(layer.bias.detach())
+            return norm_pooling(y, norm, "token", proj, bias, centre)
         if "tokens" not in cap.pool or "mlp" not in cap.pool:
             raise RuntimeError("the attention-pooling head's hooks never fired")
         attn: nn.MultiheadAttention = self.head.attention
         (wq, wk, wv), bias = mha_parts(attn)
-        g, e = wq.shape[:2]
+        e = wq.shape[1]
         probe = exact(self.head.probe.detach())[0, 0]
         q = torch.einsum("w,gew->ge", probe, wq) + bias[0]
         keys = torch.einsum("btw,gew->bgte", cap.pool["tokens"], wk) + bias[1][:, None]
         p = torch.softmax(torch.einsum("ge,bgte->bgt", q, keys) * e**-0.5, dim=-1)
-        value = centred(gamma[:, None, None] * wv.permute(2, 0, 1)).permute(1, 0, 2)
-        out_weight = exact(attn.out_proj.weight.detach())  # [W, G·E]
-        out = out_weight.T.reshape(g, e, -1)
-        values_const = torch.einsum("w,gew->ge", beta, wv) + bias[2]
-        constant = values_const.reshape(-1) @ out_weight.T
-        if attn.out_proj.bias is not None:
-            constant = constant + exact(attn.out_proj.bias.detach())
-        return Pooling(
-            weights=p * inverse_sigma(y, norm)[:, None],
-            value=value,
-            out=out,
-            constant=constant.expand(b, -1),
+        out_bias = attn.out_proj.bias
+        return attention_pooling(
+            p,
+            y,
+            norm,
+            wv,
+            bias[2],
+            exact(attn.out_proj.weight.detach()),
+            None if out_bias is None else exact(out_bias.detach()),
+            read=torch.eye(w, device=y.device, dtype=y.dtype),  # the head's output is r
             extra=cap.pool["mlp"],
         )
 

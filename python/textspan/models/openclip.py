@@ -20,10 +20,12 @@ from .tower import (
     Capture,
     LayerMaps,
     Pooling,
+    attention_pooling,
     centred,
     exact,
     inverse_sigma,
     norm_parts,
+    norm_pooling,
     take,
 )
 
@@ -247,58 +249,41 @@ class OpenClipTower(Adapter):
 
     def pooling(self, cap: Capture, centre: bool) -> Pooling:
         y = cap.final  # [B, T_r, W]
-        norm = self.module.ln_post
-        device = y.device
-        proj = self._projection(device)
-        gamma, beta = norm_parts(norm, proj.shape[0], device, self.dtype)
-        read = gamma[:, None] * proj
-        if centre:
-            read = centred(read)
-        constant = (beta @ proj).expand(y.shape[0], -1)
+        proj = self._projection(y.device)
+        if self.pooling_type == "attention":
+            return self._attention_pooling(cap, proj)
         if self.pooling_type == "token":
-            weights = inverse_sigma(y[:, 0], norm)[:, None, None]
-        elif self.pooling_type == "average":
-            t = y.shape[1]
-            pooled_sigma = inverse_sigma(y.mean(1), norm)[:, None] if self.after_pool else None
-            weights = (pooled_sigma if self.after_pool else inverse_sigma(y, norm)) / t
-            weights = weights.expand(-1, t)[:, None]
+            reads = "token"
         else:
-            return self._attention_pooling(cap, read, constant)
-        return Pooling(weights=weights, value=None, out=read[None], constant=constant)
+            reads = "mean-then-norm" if self.after_pool else "norm-then-mean"
+        no_bias = torch.zeros(proj.shape[1], device=y.device, dtype=y.dtype)
+        return norm_pooling(y, self.module.ln_post, reads, proj, no_bias, centre)
 
-    def _attention_pooling(self, cap: Capture, read: torch.Tensor, constant) -> Pooling:
+    def _attention_pooling(self, cap: Capture, proj: torch.Tensor) -> Pooling:
         """CoCa: `ln_k` per token, query 0 of the pooler, its output map, `ln_post` on that
         query's output (the representation reads query 0 only)."""
         pool = self.attn_pool
         if "keys" not in cap.pool or "post" not in cap.pool:
             raise RuntimeError("the attentional pooler's hooks never fired")
         attn: nn.MultiheadAttention = pool.attn
-        weights, bias = mha_parts(attn)
-        wq, wk, wv = weights
-        g, e = wq.shape[:2]
-        keys = cap.pool["keys"]  # [B, T, W] ln_k's output
+        (wq, wk, wv), bias = mha_parts(attn)
+        e = wq.shape[1]
         query = exact(pool.ln_q(pool.query[:1]))[0]  # [W_q]
         q = torch.einsum("w,gew->ge", query, wq) + bias[0]
-        k = torch.einsum("btw,gew->bgte", keys, wk) + bias[1][:, None]
+        k = torch.einsum("btw,gew->bgte", cap.pool["keys"], wk) + bias[1][:, None]
         p = torch.softmax(torch.einsum("ge,bgte->bgt", q, k) * e**-0.5, dim=-1)
-        y = cap.final
-        sigma_k = inverse_sigma(y, pool.ln_k)  # [B, T]
-        post = inverse_sigma(cap.pool["post"], self.module.ln_post)  # [B]
-        gamma_k, beta_k = norm_parts(pool.ln_k, y.shape[-1], y.device, self.dtype)
-        value = centred(gamma_k[:, None, None] * wv.permute(2, 0, 1))  # [W, G, E]
-        out_weight = exact(attn.out_proj.weight.detach())  # [W_q, G·E]
-        # `read` centres and scales by ln_post what the pooler's output map writes.
-        out = (out_weight.T @ read).view(g, e, -1)
-        # The pooler's constants: ln_k's β through the values (each row sums to one), the
-        # value and output biases, then read out by ln_post (so scaled by its 1/σ).
-        values_const = (torch.einsum("w,gew->ge", beta_k, wv) + bias[2]).reshape(-1)
+        post = self.module.ln_post
+        gamma, beta = norm_parts(post, proj.shape[0], proj.device, self.dtype)
         out_bias = attn.out_proj.bias
-        pooled_const = values_const @ out_weight.T
-        if out_bias is not None:
-            pooled_const = pooled_const + exact(out_bias.detach())
-        return Pooling(
-            weights=p * sigma_k[:, None] * post[:, None, None],
-            value=value.permute(1, 0, 2),
-            out=out,
-            constant=constant + post[:, None] * (pooled_const @ read),
+        return attention_pooling(
+            p,
+            cap.final,
+            pool.ln_k,
+            wv,
+            bias[2],
+            exact(attn.out_proj.weight.detach()),
+            None if out_bias is None else exact(out_bias.detach()),
+            read=centred(gamma[:, None] * proj),  # ln_post on the pooler's output, then proj
+            after=beta @ proj,
+            image_scale=inverse_sigma(cap.pool["post"], post),
         )

@@ -24,10 +24,12 @@ from .tower import (
     Capture,
     LayerMaps,
     Pooling,
+    attention_pooling,
     centred,
     exact,
     inverse_sigma,
     norm_parts,
+    norm_pooling,
     take,
     token_count,
 )
@@ -358,28 +360,17 @@ class TimmTower(Adapter):
         return None
 
     def pooling(self, cap: Capture, centre: bool) -> Pooling:
-        y = cap.final  # [B, T_r, W]
-        b, t, w = y.shape
-        device = y.device
         if self.pooling_type == "attention":
             return self._attention_pooling(cap)
-        head, head_bias = self._pooled_map(w, device)
-        norm = self.trunk.norm if _is_norm(self.trunk.norm) else self.trunk.fc_norm
-        if not _is_norm(norm):
-            weights = torch.full((b, 1, t), 1.0 / t, device=device, dtype=self.dtype)
-            return Pooling(weights, None, head[None], head_bias.expand(b, -1))
-        gamma, beta = norm_parts(norm, w, device, self.dtype)
-        read = gamma[:, None] * head
-        if centre:
-            read = centred(read)
-        constant = (beta @ head + head_bias).expand(b, -1)
+        y = cap.final  # [B, T_r, W]
+        head, head_bias = self._pooled_map(y.shape[-1], y.device)
+        trunk = self.trunk
+        norm = next((n for n in (trunk.norm, trunk.fc_norm) if _is_norm(n)), None)
         if self.pooling_type == "token":
-            weights = inverse_sigma(y[:, 0], norm)[:, None, None]
-        elif norm is self.trunk.fc_norm:  # the norm after the average
-            weights = (inverse_sigma(y.mean(1), norm)[:, None] / t).expand(-1, t)[:, None]
-        else:  # a norm per token, then the average
-            weights = (inverse_sigma(y, norm) / t)[:, None]
-        return Pooling(weights=weights, value=None, out=read[None], constant=constant)
+            reads = "token"
+        else:
+            reads = "mean-then-norm" if norm is trunk.fc_norm else "norm-then-mean"
+        return norm_pooling(y, norm, reads, head, head_bias, centre)
 
     def _attention_pooling(self, cap: Capture) -> Pooling:
         """`AttentionPoolLatent`: the trunk's norm per token, the latent query's attention,
@@ -388,14 +379,12 @@ class TimmTower(Adapter):
         if "tokens" not in cap.pool:
             raise RuntimeError("the attention pooler's hooks never fired")
         tokens = cap.pool["tokens"]  # [B, T_r, W]: the normed tokens the pooler reads
-        y = cap.final
-        b, t, w = y.shape
-        device = y.device
+        b, t, w = tokens.shape
         g, e = pool.num_heads, pool.head_dim
         kv = exact(pool.kv.weight.detach())  # [2·G·E, W]
         kv_bias = pool.kv.bias
         kv_bias = (
-            torch.zeros(kv.shape[0], device=device, dtype=self.dtype)
+            torch.zeros(kv.shape[0], device=kv.device, dtype=self.dtype)
             if kv_bias is None
             else exact(kv_bias.detach())
         )
@@ -404,33 +393,22 @@ class TimmTower(Adapter):
         keys = (tokens @ kv[: g * e].T + kv_bias[: g * e]).view(b, t, g, e)
         keys = pool.k_norm(keys.transpose(1, 2))  # [B, G, T, E]
         p = torch.softmax(torch.einsum("ge,bgte->bgt", query, keys) * pool.scale, dim=-1)
-        norm = self.trunk.norm
-        if _is_norm(norm):
-            gamma, beta = norm_parts(norm, w, device, self.dtype)
-            p_scaled = p * inverse_sigma(y, norm)[:, None]
-        else:
-            gamma, beta = (
-                torch.ones(w, device=device, dtype=self.dtype),
-                torch.zeros(w, device=device, dtype=self.dtype),
-            )
-            p_scaled = p
-        wv = kv[g * e :].view(g, e, w)
-        value = gamma[None, :, None] * wv.permute(0, 2, 1)  # [G, W, E]
-        if _is_norm(norm):
-            value = value - value.mean(1, keepdim=True)
-        head, head_bias = self._pooled_map(pool.proj.weight.shape[0], device)
-        proj = exact(pool.proj.weight.detach())  # [W_out, G·E]
-        out = (proj.T @ head).view(g, e, -1)
-        # Constants: the norm's β through the values (each row sums to one), the value bias,
-        # the output map's bias, the head's bias.
-        values_const = torch.einsum("w,gew->ge", beta, wv) + kv_bias[g * e :].view(g, e)
-        pooled_const = values_const.reshape(-1) @ proj.T
-        if pool.proj.bias is not None:
-            pooled_const = pooled_const + exact(pool.proj.bias.detach())
-        constant = (pooled_const @ head + head_bias).expand(b, -1)
+        head, head_bias = self._pooled_map(pool.proj.weight.shape[0], kv.device)
         extra = None
         if pool.mlp is not None:
             if "mlp" not in cap.pool:
                 raise RuntimeError("the attention pooler's MLP hook never fired")
             extra = cap.pool["mlp"] @ head
-        return Pooling(weights=p_scaled, value=value, out=out, constant=constant, extra=extra)
+        out_bias = pool.proj.bias
+        return attention_pooling(
+            p,
+            cap.final,
+            self.trunk.norm if _is_norm(self.trunk.norm) else None,
+            kv[g * e :].view(g, e, w),
+            kv_bias[g * e :].view(g, e),
+            exact(pool.proj.weight.detach()),
+            None if out_bias is None else exact(out_bias.detach()),
+            read=head,
+            after=head_bias,
+            extra=extra,
+        )

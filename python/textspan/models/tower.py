@@ -28,10 +28,12 @@ __all__ = [
     "LayerMaps",
     "Pooling",
     "Tower",
+    "attention_pooling",
     "centred",
     "exact",
     "inverse_sigma",
     "norm_parts",
+    "norm_pooling",
     "take",
     "term_names",
     "token_count",
@@ -154,6 +156,83 @@ class Pooling:
     def pool(self, terms: torch.Tensor) -> torch.Tensor:
         """A term at every read token [B, T_r, W] → its contribution [B, D]."""
         return self.read(torch.einsum("bgj,bjw->bgw", self.weights, terms))
+
+
+def norm_pooling(
+    y: torch.Tensor,
+    norm: nn.Module | None,
+    reads: str,
+    head: torch.Tensor,
+    head_bias: torch.Tensor,
+    centre: bool,
+) -> Pooling:
+    """The pooling of a class token or an average of the read tokens y [B, T_r, W] through a
+    LayerNorm (or none) and a linear head [W, D] with its bias [D].
+
+    reads: "token" (the first read token, normed), "norm-then-mean" (each token normed, then
+    averaged) or "mean-then-norm" (the average normed); without a norm, the average.
+    `centre`: the norm's mean subtracted from each term (textspan), or left to be shared
+    (the paper's convention)."""
+    b, t, w = y.shape
+    if norm is None:
+        weights = torch.full((b, 1, t), 1.0 / t, device=y.device, dtype=y.dtype)
+        return Pooling(weights, None, head[None], head_bias.expand(b, -1))
+    gamma, beta = norm_parts(norm, w, y.device, y.dtype)
+    read = gamma[:, None] * head
+    if centre:
+        read = centred(read)
+    if reads == "token":
+        weights = inverse_sigma(y[:, 0], norm)[:, None, None]
+    elif reads == "mean-then-norm":
+        weights = (inverse_sigma(y.mean(1), norm)[:, None] / t).expand(-1, t)[:, None]
+    else:
+        weights = (inverse_sigma(y, norm) / t)[:, None]
+    constant = (beta @ head + head_bias).expand(b, -1)
+    return Pooling(weights=weights, value=None, out=read[None], constant=constant)
+
+
+def attention_pooling(
+    p: torch.Tensor,
+    y: torch.Tensor,
+    norm: nn.Module | None,
+    value_weight: torch.Tensor,
+    value_bias: torch.Tensor,
+    out_weight: torch.Tensor,
+    out_bias: torch.Tensor | None,
+    read: torch.Tensor,
+    after: torch.Tensor | None = None,
+    image_scale: torch.Tensor | None = None,
+    extra: torch.Tensor | None = None,
+) -> Pooling:
+    """An attention pooler's query reading the read tokens y [B, T_r, W]: each token through
+    a LayerNorm (or none), the pooler's attention p [B, G, T_r], its values (value_weight
+    [G, E, W], value_bias [G, E]) and output map (out_weight [W_out, G·E], out_bias), then
+    `read` [W_out, D], a linear map already holding any norm after the pooler, whose 1/σ is
+    `image_scale` [B]. `after` [D]: the constant past `read` (a norm's β, a head's bias);
+    `extra` [B, D]: the pooler's MLP term."""
+    g, e, w = value_weight.shape
+    b = y.shape[0]
+    weights = p
+    value = value_weight.transpose(1, 2)  # [G, W, E]
+    beta = torch.zeros(w, device=y.device, dtype=y.dtype)
+    if norm is not None:
+        gamma, beta = norm_parts(norm, w, y.device, y.dtype)
+        weights = p * inverse_sigma(y, norm)[:, None]
+        value = centred(gamma[:, None, None] * value.transpose(0, 1)).transpose(0, 1)
+    # The constants: the norm's β through the values (each row of p sums to one), the value
+    # bias and the output bias, read out like the rest.
+    pooled = (torch.einsum("w,gew->ge", beta, value_weight) + value_bias).reshape(-1)
+    pooled = pooled @ out_weight.T
+    if out_bias is not None:
+        pooled = pooled + out_bias
+    constant = (pooled @ read).expand(b, -1)
+    if image_scale is not None:
+        weights = weights * image_scale[:, None, None]
+        constant = constant * image_scale[:, None]
+    if after is not None:
+        constant = constant + after
+    out = (out_weight.T @ read).view(g, e, -1)
+    return Pooling(weights=weights, value=value, out=out, constant=constant, extra=extra)
 
 
 @dataclass
