@@ -169,8 +169,8 @@ class TimmTower(Adapter):
 
     @property
     def dim(self) -> int:
-        m, _ = self._head(torch.device("cpu"))
-        return int(self.trunk.embed_dim if m is None else m.shape[1])
+        linear = [m for m in self._heads if isinstance(m, nn.Linear)]
+        return int(linear[-1].out_features if linear else self.trunk.embed_dim)
 
     @property
     def grid_size(self) -> tuple[int, int]:
