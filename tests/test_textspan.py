@@ -40,6 +40,72 @@ def test_matches_the_published_algorithm(seed):
     assert_same(text_span(x, t, n_texts=n_texts, rank=rank), indices, variances)
 
 
+@pytest.mark.parametrize("seed", range(40))
+def test_float32_outputs_match_the_published_algorithm(seed):
+    # Float32 outputs take float32 products, each head certified or run again from exact
+    # statistics; the cases are of full rank (noise in every direction) and of any spectrum.
+    x, t, n_texts, rank = random_case(seed)
+    x = x.astype(np.float32)
+    indices, variances, _ = published_text_span(x, t, n_texts, rank)
+    assert_same(text_span(x, t, n_texts=n_texts, rank=rank), indices, variances)
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_float16_rounded_outputs_match_the_published_algorithm_at_their_rank(seed):
+    # float16 rounding is noise in every direction; directions at its level are left out,
+    # and the picks are the published algorithm's on the rounded outputs at the rank kept.
+    x, t, n_texts, rank = random_case(200 + seed)
+    x = (x * 4).astype(np.float16)
+    result = text_span(x, t, n_texts=min(n_texts, 5), rank=rank)
+    indices, variances, _ = published_text_span(x, t, len(result.indices), result.rank)
+    assert_same(result, indices, variances)
+
+
+def test_float32_products_fall_back_to_exact_statistics_only_where_needed(monkeypatch):
+    calls = []
+    exact = HeadStats.from_outputs
+    monkeypatch.setattr(
+        HeadStats, "from_outputs", classmethod(lambda cls, x: calls.append(1) or exact(x))
+    )
+    rng = np.random.default_rng(4)
+    t = rng.standard_normal((300, 64)).astype(np.float32)
+    # Full rank, the first 20 directions far above the products' error: certified.
+    full = low_rank_outputs(rng, 3000, 64, 40, decay=0.02).astype(np.float32)
+    certified = text_span(full, t, n_texts=10, rank=20)
+    assert calls == []
+    reference = text_span_from_stats(exact(full), t, n_texts=10, rank=20)
+    np.testing.assert_array_equal(certified.indices, reference.indices)
+    np.testing.assert_allclose(certified.variance, reference.variance, rtol=1e-5)
+    # Exactly 12 directions (and the mean) but 20 asked for: whether the 14th is above the
+    # tolerance only exact products can tell, so the head runs again from them.
+    basis, _ = np.linalg.qr(rng.standard_normal((64, 12)))
+    low = ((rng.standard_normal((3000, 12)) @ basis.T) + 1.0).astype(np.float32)
+    fallback = text_span(low, t, n_texts=10, rank=20)
+    assert calls == [1] and fallback.rank == 13
+    exact_run = text_span_from_stats(exact(low), t, n_texts=10, rank=20)
+    np.testing.assert_array_equal(fallback.indices, exact_run.indices)
+    np.testing.assert_array_equal(fallback.variance, exact_run.variance)
+    # Many heads at once fall back one by one; float64 outputs never take float32 products.
+    calls.clear()
+    text_span_heads(np.stack([full, low], 1), t, n_texts=10, rank=20, progress=False)
+    assert calls == [1]
+    calls.clear()
+    text_span(full.astype(np.float64), t, n_texts=10, rank=20)
+    assert calls == [1]
+
+
+def test_float32_statistics_are_within_their_error_bound():
+    from textspan.core.stats import float32_stats
+
+    rng = np.random.default_rng(6)
+    x = (low_rank_outputs(rng, 2500, 48, 30) + 100.0).astype(np.float32)  # a large mean
+    fast, bound = float32_stats(x[:, None])
+    exact = HeadStats.from_outputs(x[:, None])
+    np.testing.assert_array_equal(fast.mean, exact.mean)
+    error = np.linalg.norm(fast.covariance[0] - exact.covariance[0], 2)
+    assert 0 < error <= bound[0] < 1e-4 * np.trace(exact.covariance[0])
+
+
 @pytest.mark.parametrize("seed", range(12))
 def test_statistics_accumulated_in_batches_match(seed):
     x, t, n_texts, rank = random_case(100 + seed)

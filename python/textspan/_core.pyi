@@ -40,10 +40,14 @@ def text_span_heads(
     n_texts: int,
     rank: int,
     exact_rank: bool = False,
-) -> list[tuple[list[int], npt.NDArray[np.float64], float, npt.NDArray[np.float64], int, int]]: ...
+    covariance_errors: npt.NDArray[np.float64] | None = None,
+) -> list[
+    tuple[list[int], npt.NDArray[np.float64], float, npt.NDArray[np.float64], int, int, bool]
+]: ...
 def batch_moments(
     x: npt.NDArray[np.float32] | npt.NDArray[np.float64],
-) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]: ...
+    float32_products: bool = False,
+) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64], npt.NDArray[np.float64]]: ...
 def class_heatmaps(
     scores: npt.NDArray[np.float32], classes: npt.NDArray[np.int64]
 ) -> npt.NDArray[np.float64]: ...

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from itertools import product
 from typing import Any
@@ -22,7 +22,7 @@ import textspan._core as _core
 
 from ..errors import InputError, InputTypeError
 from .checks import as_float_array, check_convention, check_ndim
-from .stats import HeadStats
+from .stats import HeadStats, float32_stats, unit_roundoff
 
 __all__ = [
     "SpanResult",
@@ -156,26 +156,6 @@ def rank_tolerance_for(stats: HeadStats, rank_tolerance: float | None) -> float:
     return float(np.clip(noise / top, _core.RANK_TOLERANCE, 0.5))
 
 
-def _check_covariance(s: HeadStats, head: int) -> None:
-    """What the core cannot tell from its numbers: a covariance that is not symmetric, or
-    has a negative variance, was not computed from outputs."""
-    c = s.covariance
-    scale = max(float(np.abs(c).max()), np.finfo(np.float64).tiny)
-    asymmetry = float(np.abs(c - c.T).max())
-    if asymmetry > 1e-8 * scale:
-        raise InputError(
-            f"head {head}: covariance: expected a symmetric matrix, got one whose entries "
-            f"differ from their transposes by up to {asymmetry:.3g} (of {scale:.3g})"
-        )
-    diagonal = np.diagonal(c)
-    if diagonal.min() < -1e-12 * scale:
-        i = int(diagonal.argmin())
-        raise InputError(
-            f"head {head}: covariance: expected a positive semi-definite matrix, got the "
-            f"negative variance {diagonal[i]:.3g} at index {i}"
-        )
-
-
 # Unit roundoff of float32, the precision outputs are computed in: the least rounding any
 # head's statistics carry.
 FLOAT32_ROUNDOFF = 2.0**-24
@@ -212,8 +192,10 @@ def _spans(
     tolerances: list[float],
     start: int,
     exact: bool,
+    errors: list[float] | None = None,
 ) -> list[Any]:
-    """The core's TextSpan for a group of heads (the first is head `start`)."""
+    """The core's TextSpan for a group of heads (the first is head `start`), whose
+    covariances are exact or (`errors`) within the given bounds."""
     try:
         return _core.text_span_heads(
             pool,
@@ -224,9 +206,55 @@ def _spans(
             int(n_texts),
             rank,
             exact,
+            None if errors is None else np.asarray(errors, dtype=np.float64),
         )
     except InputError as e:  # the core checks each head; it numbers them within the group
         raise InputError(_renumber(str(e), start)) from None
+
+
+@dataclass(frozen=True)
+class _Inexact:
+    """Statistics from float32 products (`float32_stats`): a bound on each head's
+    covariance error, and the head's exact statistics for when that bound is too loose."""
+
+    errors: list[float]
+    exact: Callable[[int], HeadStats]
+
+
+def _stats_of_outputs(outputs: Any, convention: str) -> tuple[HeadStats, np.ndarray | None]:
+    """The statistics of head outputs [N, ..., D], and a bound [...] on each head's
+    covariance error when they come from float32 products (else None).
+
+    Float32 outputs get float32 products (`float32_stats`: half the time of the exact ones,
+    which are most of the time of TextSpan on one head); `_run` falls back per head to the
+    exact statistics when the error bound could change the directions kept. The rest gets
+    exact statistics: float64 outputs, which ask for that precision; outputs stored coarser,
+    whose heads mostly have fewer directions above their rounding noise than `rank`, where
+    the bound would rarely suffice; and the paper's convention, which keeps null-space
+    directions that the products' error would decide.
+    """
+    x = as_float_array(outputs, "outputs")
+    if check_convention(convention) == "paper" or x.dtype != np.float32 or unit_roundoff(outputs):
+        return HeadStats.from_outputs(outputs), None  # keeps the storage precision's roundoff
+    return float32_stats(x)
+
+
+def _heads_of_outputs(items: list[Any], convention: str) -> tuple[list[HeadStats], _Inexact | None]:
+    """The statistics of each head's outputs ([N, D] arrays) or the `HeadStats` given."""
+    stats: list[HeadStats] = []
+    errors: list[float] = []
+    for item in items:
+        if isinstance(item, HeadStats):
+            stats.append(item)
+            errors.append(0.0)
+            continue
+        check_ndim(as_float_array(item, "outputs"), "outputs", 2, "[N, D] per head")
+        s, e = _stats_of_outputs(item, convention)
+        stats.append(s)
+        errors.append(0.0 if e is None else float(e))
+    if not any(errors):
+        return stats, None
+    return stats, _Inexact(errors, lambda i: HeadStats.from_outputs(items[i]))
 
 
 def _run(
@@ -239,7 +267,11 @@ def _run(
     rank_tolerance: float | None = None,
     convention: str = "textspan",
     stability: bool = False,
+    inexact: _Inexact | None = None,
 ) -> list[SpanResult]:
+    """TextSpan for each head of `stats`. With `inexact`, the statistics carry the error
+    bounds it holds, and a head whose kept directions those errors could change is run again
+    from its exact statistics."""
     if not isinstance(n_texts, int | np.integer) or not isinstance(rank, int | np.integer):
         raise InputTypeError(f"n_texts and rank: expected integers, got {n_texts!r} and {rank!r}")
     if rank < 1:
@@ -250,9 +282,6 @@ def _run(
         )
     paper = check_convention(convention) == "paper"
     rank = min(int(rank), pool.dim)  # a span has at most D directions
-    for i, s in enumerate(stats):
-        if s.dim == pool.dim and np.isfinite(s.covariance).all():
-            _check_covariance(s, i)
     # Heads go to the core in groups: the group's bases are found in parallel, and the bar
     # moves between groups (Ctrl-C is honoured there too).
     group = max(8, 2 * _core.get_num_threads())
@@ -262,7 +291,16 @@ def _run(
     for start in range(0, len(stats), group):
         chunk = stats[start : start + group]
         tolerances = [rank_tolerance_for(s, rank_tolerance) for s in chunk]
-        spans = _spans(chunk, pool, n_texts, rank, tolerances, start, paper)
+        errors = None if inexact is None else inexact.errors[start : start + group]
+        spans = _spans(chunk, pool, n_texts, rank, tolerances, start, paper, errors)
+        for i, span in enumerate(spans):
+            if not span[6]:
+                assert inexact is not None  # exact statistics are always certified
+                chunk[i] = inexact.exact(start + i)
+                tolerances[i] = rank_tolerance_for(chunk[i], rank_tolerance)
+                spans[i] = _spans(
+                    [chunk[i]], pool, n_texts, rank, [tolerances[i]], start + i, paper
+                )[0]
         numerical_ranks += [int(s[5]) for s in spans]
         # What rounding decides: the picks again from rounded statistics, and (paper) with
         # the null-space directions dropped.
@@ -273,7 +311,7 @@ def _run(
             others.append(_spans(rounded, pool, n_texts, rank, tolerances, start, paper))
         if paper and stability:
             others.append(_spans(chunk, pool, n_texts, rank, tolerances, start, False))
-        for i, (s, (indices, variance, total, directions, used_rank, _)) in enumerate(
+        for i, (s, (indices, variance, total, directions, used_rank, _, _)) in enumerate(
             zip(chunk, spans, strict=True)
         ):
             idx = np.asarray(indices, dtype=np.int64)
@@ -428,10 +466,13 @@ def text_span(
             non-float dtype.
     """
     check_ndim(np.asarray(as_float_array(outputs, "outputs")), "outputs", 2, "[N, D]")
-    stats = HeadStats.from_outputs(outputs)  # keeps the outputs' storage precision
-    return text_span_from_stats(
-        stats, text_embeddings, n_texts, rank, texts, rank_tolerance, convention, stability
+    stats, inexact = _heads_of_outputs([outputs], convention)
+    pool = _text_pool(text_embeddings)
+    names = _check_texts(texts, pool)
+    found = _run(
+        stats, pool, n_texts, rank, names, False, rank_tolerance, convention, stability, inexact
     )
+    return found[0]
 
 
 def text_span_heads(
@@ -460,12 +501,22 @@ def text_span_heads(
     pool = _text_pool(text_embeddings)
     names = _check_texts(texts, pool)
     if isinstance(outputs_or_stats, list | tuple):
-        stats = [s if isinstance(s, HeadStats) else _one_head(s) for s in outputs_or_stats]
-        if not stats:
+        if not outputs_or_stats:
             raise InputError("outputs_or_stats: expected at least one head, got an empty list")
+        stats, inexact = _heads_of_outputs(list(outputs_or_stats), convention)
         return _run(
-            stats, pool, n_texts, rank, names, progress, rank_tolerance, convention, stability
+            stats,
+            pool,
+            n_texts,
+            rank,
+            names,
+            progress,
+            rank_tolerance,
+            convention,
+            stability,
+            inexact,
         )
+    inexact = None
     if isinstance(outputs_or_stats, HeadStats):
         all_stats = outputs_or_stats
     else:
@@ -474,18 +525,27 @@ def text_span_heads(
             raise InputError(
                 f"outputs: expected shape [N, L, H, D] (or [N, ..., D]), got {list(x.shape)}"
             )
-        all_stats = HeadStats.from_outputs(outputs_or_stats)
+        all_stats, errors = _stats_of_outputs(outputs_or_stats, convention)
+        if errors is not None:
+            heads = x.reshape(x.shape[0], -1, x.shape[-1])
+            inexact = _Inexact(
+                errors.ravel().tolist(), lambda i: HeadStats.from_outputs(heads[:, i])
+            )
     shape = all_stats.shape
     flat = [all_stats[idx] for idx in product(*(range(s) for s in shape))]
     results = _run(
-        flat, pool, n_texts, rank, names, progress, rank_tolerance, convention, stability
+        flat,
+        pool,
+        n_texts,
+        rank,
+        names,
+        progress,
+        rank_tolerance,
+        convention,
+        stability,
+        inexact,
     )
     return _nest(results, shape)
-
-
-def _one_head(outputs: Any) -> HeadStats:
-    check_ndim(np.asarray(as_float_array(outputs, "outputs")), "outputs", 2, "[N, D] per head")
-    return HeadStats.from_outputs(outputs)
 
 
 def _nest(flat: list[Any], shape: tuple[int, ...]) -> Any:

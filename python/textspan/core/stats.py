@@ -13,7 +13,7 @@ import textspan._core as _core
 from ..errors import InputError, InputTypeError
 from .checks import as_float_array
 
-__all__ = ["HeadStats", "batch_stats", "unit_roundoff"]
+__all__ = ["HeadStats", "batch_stats", "float32_stats", "unit_roundoff"]
 
 
 class HeadStats:
@@ -147,6 +147,24 @@ def batch_stats(
     expect_shape: tuple[int, ...] | None = None,
     expect_dim: int | None = None,
 ) -> HeadStats:
+    """The exact statistics of `outputs` [N, ..., D] (float64 products)."""
+    return _moments(outputs, expect_shape, expect_dim, float32_products=False)[0]
+
+
+def float32_stats(outputs: Any) -> tuple[HeadStats, np.ndarray]:
+    """The statistics of `outputs` [N, ..., D] from float32 products summed in float64 (about
+    twice as fast as `batch_stats`), and a bound [...] on the spectral norm of each head's
+    covariance error. For TextSpan on outputs held in memory, which checks per head that the
+    error cannot change the directions kept and otherwise falls back to `batch_stats`."""
+    return _moments(outputs, None, None, float32_products=True)
+
+
+def _moments(
+    outputs: Any,
+    expect_shape: tuple[int, ...] | None,
+    expect_dim: int | None,
+    float32_products: bool,
+) -> tuple[HeadStats, np.ndarray]:
     roundoff = unit_roundoff(outputs)
     x = as_float_array(outputs, "outputs")
     if x.ndim < 2:
@@ -163,12 +181,14 @@ def batch_stats(
         )
     n = x.shape[0]
     if n == 0:
-        return HeadStats.zeros(dim, heads)
+        return HeadStats.zeros(dim, heads), np.zeros(heads)
     k = int(np.prod(heads, dtype=np.int64))
-    means, scatters = _core.batch_moments(np.ascontiguousarray(x.reshape(n, k, dim)))
-    return HeadStats(
-        n, means.reshape(*heads, dim), scatters.reshape(*heads, dim, dim) / n, roundoff
+    means, scatters, errors = _core.batch_moments(
+        np.ascontiguousarray(x.reshape(n, k, dim)), float32_products
     )
+    scatters /= n  # in place: a covariance per head can be large
+    stats = HeadStats(n, means.reshape(*heads, dim), scatters.reshape(*heads, dim, dim), roundoff)
+    return stats, errors.reshape(heads) / n
 
 
 # Unit roundoffs of the storage precisions coarser than float32.

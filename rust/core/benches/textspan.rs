@@ -1,7 +1,8 @@
 //! Criterion benches of the pure Rust API, the cases of `benches/bench_textspan.py`: one head
-//! (low rank, and full rank: noise in every direction), many heads over M = 3,498 and over
-//! 200,000 texts, the head statistics, and the segmentation metrics. Synthetic heads write
-//! into 96 directions of D = 768; 16×16 heatmaps are scored at 224×224.
+//! (low rank, and full rank: noise in every direction), one head from its raw outputs as
+//! `textspan.text_span` runs it (float32 products, certified), 64 heads over M = 3,498 and
+//! over 200,000 texts, the head statistics, and the segmentation metrics. Synthetic heads
+//! write into 96 directions of D = 768; 16×16 heatmaps are scored at 224×224.
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use ndarray::{Array1, Array2, Array3};
@@ -9,7 +10,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use rand_distr::StandardNormal;
 use textspan_core::metrics::segmentation_scores;
-use textspan_core::moments::batch_moments;
+use textspan_core::moments::{batch_moments, Products};
 use textspan_core::patchmap::Arithmetic;
 use textspan_core::textspan::{text_span, text_span_heads, HeadMoments, SpanParams, TextPool};
 
@@ -56,10 +57,40 @@ fn benches(c: &mut Criterion) {
     group.bench_function("one head from statistics, full rank (M 3498, D 768)", |b| {
         b.iter(|| text_span(&full_rank, &pool, params).unwrap())
     });
+    let many: Vec<_> = (0..64).map(|i| moments[i % moments.len()]).collect();
+    group.bench_function("64 heads from statistics (M 3498, D 768, 20 texts)", |b| {
+        b.iter(|| text_span_heads(&many, &pool, params).unwrap())
+    });
+    // Raw outputs of full rank: 96 decaying directions, a mean and noise in every direction.
+    let (basis, scales) = (
+        gaussian(&mut rng, (D, SIGNAL)) / (D as f64).sqrt(),
+        Array1::from_shape_fn(SIGNAL, |i| (-0.03 * i as f64).exp()),
+    );
+    let signal = (gaussian(&mut rng, (10_000, SIGNAL)) * &scales).dot(&basis.t());
+    let offset = Array1::from_shape_simple_fn(D, || 0.5 * rng.sample::<f64, _>(StandardNormal));
+    let noise = gaussian(&mut rng, (10_000, D)) * 1e-3;
+    let outputs = (signal + noise + offset)
+        .mapv(|x| x as f32)
+        .insert_axis(ndarray::Axis(1));
+    group.bench_function(
+        "one head from raw outputs, full rank (N 10,000, D 768, float32 products)",
+        |b| {
+            b.iter(|| {
+                let m = batch_moments(outputs.view(), Products::Float32).unwrap().remove(0);
+                let cov = Array2::from_shape_fn((D, D), |(i, j)| m.scatter[(i, j)] / 10_000.0);
+                let head = HeadMoments {
+                    covariance_error: m.scatter_error / 10_000.0,
+                    ..HeadMoments::new(10_000.0, ndarray::ArrayView1::from(&m.mean), cov.view())
+                };
+                let span = text_span(&head, &pool, params).unwrap();
+                assert!(span.certified);
+                span
+            })
+        },
+    );
     let big = gaussian(&mut rng, (200_000, D)).mapv(|x| x as f32);
     let big_pool = TextPool::from_view(big.view()).unwrap();
     drop(big); // the pool holds its own copy
-    let many: Vec<_> = (0..64).map(|i| moments[i % moments.len()]).collect();
     group.bench_function(
         "64 heads from statistics (M 200,000, D 768, 20 texts)",
         |b| b.iter(|| text_span_heads(&many, &big_pool, params).unwrap()),
@@ -67,8 +98,12 @@ fn benches(c: &mut Criterion) {
     let outputs =
         Array3::from_shape_simple_fn((10_000, 1, D), || rng.sample::<f32, _>(StandardNormal));
     group.bench_function("head statistics of 10,000 outputs (D 768)", |b| {
-        b.iter(|| batch_moments(outputs.view()).unwrap())
+        b.iter(|| batch_moments(outputs.view(), Products::Float64).unwrap())
     });
+    group.bench_function(
+        "head statistics of 10,000 outputs (D 768, float32 products)",
+        |b| b.iter(|| batch_moments(outputs.view(), Products::Float32).unwrap()),
+    );
     group.finish();
 
     let mut group = c.benchmark_group("segmentation");

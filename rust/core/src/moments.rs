@@ -1,12 +1,17 @@
-//! Exact per-head statistics of head outputs: count, mean and centred scatter
+//! Per-head statistics of head outputs: count, mean and centred scatter
 //! `Σ (x − μ)(x − μ)ᵀ`, accumulated in float64.
 //!
 //! Rows are centred on their mean before they are multiplied, which keeps the products well
 //! conditioned however large the mean. Merging the moments of different batches (Chan's
 //! pairwise formula) is the Python `HeadStats.merge`.
+//!
+//! The products are float64 (exact up to float64 rounding: what stores keep), or float32
+//! summed into float64 across blocks of rows (`Products::Float32`: twice the speed, with a
+//! bound on the error that lets TextSpan tell when the result cannot differ from the exact
+//! one, and fall back when it could).
 
 use faer::linalg::matmul::triangular::{matmul as triangular_matmul, BlockStructure};
-use faer::{Accum, Mat, MatRef, Par};
+use faer::{Accum, Mat, MatMut, MatRef, Par};
 use ndarray::{s, Array2, Array3, ArrayView2, ArrayView3, Axis};
 use rayon::prelude::*;
 
@@ -16,8 +21,18 @@ use crate::scalar::Real;
 
 /// Rows centred and multiplied at a time: bounds the float64 copy of the rows.
 pub const ROW_BLOCK: usize = 1024;
-/// Columns centred together by one task.
-const COLUMN_GROUP: usize = 16;
+/// Rows centred together by one task.
+const ROWS_PER_TASK: usize = 64;
+
+/// The precision of the scatter's products.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Products {
+    /// Float64 products: exact up to float64 rounding.
+    Float64,
+    /// The centred rows rounded to float32 and multiplied in float32, one block of
+    /// `ROW_BLOCK` rows at a time; the blocks are summed in float64.
+    Float32,
+}
 
 /// Count, mean and centred scatter of one set of rows.
 #[derive(Debug, Clone)]
@@ -26,6 +41,26 @@ pub struct Moments {
     pub mean: Vec<f64>,
     /// `Σ (x − μ)(x − μ)ᵀ`, a dense symmetric D×D matrix.
     pub scatter: Mat<f64>,
+    /// A bound on the spectral norm of the difference between `scatter` and the exact
+    /// scatter of the rows, from the precision of the products (0 for float64 products,
+    /// whose rounding is far below anything TextSpan resolves).
+    pub scatter_error: f64,
+}
+
+/// The float32 products' error bound as a multiple of the scatter's trace. Each entry
+/// `Σ_i x_ij x_ik` of a block's product is a sum of at most `ROW_BLOCK` float32 products of
+/// rounded values, so its error is at most `(γ_b + 2u + u²)(1 + …) Σ_i |x_ij| |x_ik|`
+/// (Higham, Accuracy and Stability of Numerical Algorithms, §3.1; u = 2⁻²⁴,
+/// γ_b = b·u / (1 − b·u)); summing the blocks in float64 adds nothing of that order. The
+/// spectral norm of the error is at most its Frobenius norm, hence at most the factor times
+/// the Frobenius norm of |X|ᵀ|X|, which is at most that matrix's trace, `Σ_i ‖x_i‖²`: the
+/// exact scatter's trace. The computed diagonal is within the same factor of the exact one,
+/// hence the division by `1 − factor`; the last 1% covers the float64 sums.
+fn float32_error_factor(block: usize) -> f64 {
+    let u = f64::from(f32::EPSILON) / 2.0;
+    let gamma = block as f64 * u / (1.0 - block as f64 * u);
+    let entry = (1.0 + gamma) * (1.0 + 2.0 * u + u * u) - 1.0;
+    1.01 * entry / (1.0 - entry)
 }
 
 /// Moments of one head's rows [n, D]; `head` only names the head in errors.
@@ -34,7 +69,12 @@ pub struct Moments {
 /// centred rows, one symmetric product per block of `ROW_BLOCK` rows. `par` splits each
 /// product's output among threads; every entry is still summed in the same order, so the
 /// result does not depend on the number of threads.
-fn head_moments<T: Real>(rows: ArrayView2<T>, head: usize, par: Par) -> Result<Moments> {
+fn head_moments<T: Real>(
+    rows: ArrayView2<T>,
+    head: usize,
+    par: Par,
+    products: Products,
+) -> Result<Moments> {
     let (n, d) = rows.dim();
     // Rows as slices; a view whose rows are not contiguous is copied once.
     let owned;
@@ -44,14 +84,48 @@ fn head_moments<T: Real>(rows: ArrayView2<T>, head: usize, par: Par) -> Result<M
         owned = rows.as_standard_layout().into_owned();
         owned.view()
     };
+    let mean = column_means(rows, head)?;
+    let mut scatter = Mat::<f64>::zeros(d, d);
+    let mut scatter_error = 0.0;
+    match products {
+        Products::Float64 => {
+            for_each_centred_block::<T, f64>(rows, &mean, |centred, first| {
+                lower_gram(scatter.as_mut(), centred, first, par)
+            });
+        }
+        Products::Float32 => {
+            let mut part = Mat::<f32>::zeros(d, d);
+            for_each_centred_block::<T, f32>(rows, &mean, |centred, _| {
+                lower_gram(part.as_mut(), centred, true, par);
+                add_lower(scatter.as_mut(), part.as_ref());
+            });
+            let trace: f64 = (0..d).map(|i| scatter[(i, i)]).sum();
+            scatter_error = float32_error_factor(ROW_BLOCK.min(n)) * trace;
+        }
+    }
+    for j in 0..d {
+        for i in 0..j {
+            scatter[(i, j)] = scatter[(j, i)];
+        }
+    }
+    Ok(Moments {
+        count: n,
+        mean,
+        scatter,
+        scatter_error,
+    })
+}
+
+/// The mean of each column, row blocks summed in a fixed order; a non-finite entry is an
+/// error naming its index [row, head, column].
+fn column_means<T: Real>(rows: ArrayView2<T>, head: usize) -> Result<Vec<f64>> {
+    let (n, d) = rows.dim();
     let row = |i: usize| rows.row(i).to_slice().expect("rows with unit stride");
-    let blocks = n.div_ceil(ROW_BLOCK);
-    let block_range = |b: usize| b * ROW_BLOCK..((b + 1) * ROW_BLOCK).min(n);
-    let sums: Vec<Vec<f64>> = (0..blocks)
+    let sums: Vec<Vec<f64>> = (0..n.div_ceil(ROW_BLOCK))
         .into_par_iter()
         .map(|b| {
             let mut sum = vec![0.0f64; d];
-            for i in block_range(b) {
+            for i in b * ROW_BLOCK..((b + 1) * ROW_BLOCK).min(n) {
                 for (acc, &x) in sum.iter_mut().zip(row(i)) {
                     *acc += x.to_f64();
                 }
@@ -77,55 +151,66 @@ fn head_moments<T: Real>(rows: ArrayView2<T>, head: usize, par: Par) -> Result<M
         }
     }
     mean.iter_mut().for_each(|m| *m /= n as f64);
+    Ok(mean)
+}
 
-    let mut scatter = Mat::<f64>::zeros(d, d);
-    let mut centred = vec![0.0f64; ROW_BLOCK.min(n) * d];
-    for b in 0..blocks {
-        let range = block_range(b);
-        let len = range.len();
-        // Column-major centred rows (faer multiplies this layout fastest), written in groups
-        // of columns so that each row's cache line is read once per group.
+/// Calls `f` on each block of at most `ROW_BLOCK` rows centred on `mean` (computed in
+/// float64, then rounded to `P`), and whether it is the first block.
+fn for_each_centred_block<T: Real, P: Real>(
+    rows: ArrayView2<T>,
+    mean: &[f64],
+    mut f: impl FnMut(MatRef<P>, bool),
+) {
+    let (n, d) = rows.dim();
+    let row = |i: usize| rows.row(i).to_slice().expect("rows with unit stride");
+    let mut centred = vec![P::from_f64(0.0); ROW_BLOCK.min(n) * d];
+    for (b, start) in (0..n).step_by(ROW_BLOCK).enumerate() {
+        let len = ROW_BLOCK.min(n - start);
         centred[..len * d]
-            .par_chunks_mut(len * COLUMN_GROUP)
+            .par_chunks_mut(d * ROWS_PER_TASK)
             .enumerate()
-            .for_each(|(g, dst)| {
-                let j0 = g * COLUMN_GROUP;
-                let width = dst.len() / len;
-                for (i, r) in range.clone().enumerate() {
-                    let src = &row(r)[j0..j0 + width];
-                    for (c, (&x, m)) in src.iter().zip(&mean[j0..j0 + width]).enumerate() {
-                        dst[c * len + i] = x.to_f64() - m;
+            .for_each(|(t, dst)| {
+                for (i, dst) in dst.chunks_mut(d).enumerate() {
+                    let src = row(start + t * ROWS_PER_TASK + i);
+                    for ((y, &x), m) in dst.iter_mut().zip(src).zip(mean) {
+                        *y = P::from_f64(x.to_f64() - m);
                     }
                 }
             });
-        let centred = MatRef::from_column_major_slice(&centred[..len * d], len, d);
-        triangular_matmul(
-            scatter.as_mut(),
-            BlockStructure::TriangularLower,
-            if b == 0 { Accum::Replace } else { Accum::Add },
-            centred.transpose(),
-            BlockStructure::Rectangular,
-            centred,
-            BlockStructure::Rectangular,
-            1.0,
-            par,
+        f(
+            MatRef::from_row_major_slice(&centred[..len * d], len, d),
+            b == 0,
         );
     }
-    for j in 0..d {
-        for i in 0..j {
-            scatter[(i, j)] = scatter[(j, i)];
+}
+
+/// The lower triangle of `centredᵀ centred`, written (`replace`) or added into `dst`.
+fn lower_gram<P: Real>(dst: MatMut<P>, centred: MatRef<P>, replace: bool, par: Par) {
+    triangular_matmul(
+        dst,
+        BlockStructure::TriangularLower,
+        if replace { Accum::Replace } else { Accum::Add },
+        centred.transpose(),
+        BlockStructure::Rectangular,
+        centred,
+        BlockStructure::Rectangular,
+        P::from_f64(1.0),
+        par,
+    );
+}
+
+/// Adds the lower triangle of `part` into `dst`.
+fn add_lower(mut dst: MatMut<f64>, part: MatRef<f32>) {
+    for j in 0..part.ncols() {
+        for i in j..part.nrows() {
+            dst[(i, j)] += f64::from(part[(i, j)]);
         }
     }
-    Ok(Moments {
-        count: n,
-        mean,
-        scatter,
-    })
 }
 
 /// Moments of every head of `x` [n, K, D]. Many heads run in parallel, one thread each;
 /// fewer heads than threads run one after another, each product split among the threads.
-pub fn batch_moments<T: Real>(x: ArrayView3<T>) -> Result<Vec<Moments>> {
+pub fn batch_moments<T: Real>(x: ArrayView3<T>, products: Products) -> Result<Vec<Moments>> {
     let (n, k, d) = x.dim();
     if n == 0 || d == 0 {
         return Err(Error::shape(
@@ -140,19 +225,22 @@ pub fn batch_moments<T: Real>(x: ArrayView3<T>) -> Result<Vec<Moments>> {
         if k >= 2 * threads {
             (0..k)
                 .into_par_iter()
-                .map(|h| head_moments(head(h), h, Par::Seq))
+                .map(|h| head_moments(head(h), h, Par::Seq, products))
                 .collect()
         } else {
             (0..k)
-                .map(|h| head_moments(head(h), h, Par::rayon(threads)))
+                .map(|h| head_moments(head(h), h, Par::rayon(threads), products))
                 .collect()
         }
     })
 }
 
-/// The same as `batch_moments`, packed as arrays: means [K, D] and scatters [K, D, D].
-pub fn batch_moments_arrays<T: Real>(x: ArrayView3<T>) -> Result<(Array2<f64>, Array3<f64>)> {
-    let moments = batch_moments(x)?;
+/// Means [K, D], scatters [K, D, D] and the scatters' error bounds [K].
+pub type MomentArrays = (Array2<f64>, Array3<f64>, Vec<f64>);
+
+/// The same as `batch_moments`, packed as arrays.
+pub fn batch_moments_arrays<T: Real>(x: ArrayView3<T>, products: Products) -> Result<MomentArrays> {
+    let moments = batch_moments(x, products)?;
     let (_, k, d) = x.dim();
     let mut means = Array2::<f64>::zeros((k, d));
     let mut scatters = Array3::<f64>::zeros((k, d, d));
@@ -163,11 +251,12 @@ pub fn batch_moments_arrays<T: Real>(x: ArrayView3<T>) -> Result<(Array2<f64>, A
         let mut s = scatters.index_axis_mut(Axis(0), h);
         for i in 0..d {
             for j in 0..d {
-                s[[i, j]] = m.scatter[(i, j)];
+                s[[i, j]] = m.scatter[(j, i)]; // symmetric: reads faer's columns in order
             }
         }
     }
-    Ok((means, scatters))
+    let errors = moments.iter().map(|m| m.scatter_error).collect();
+    Ok((means, scatters, errors))
 }
 
 #[cfg(test)]
@@ -202,7 +291,7 @@ mod tests {
         let x = Array3::from_shape_fn((n, k, d), |(i, h, j)| {
             ((i * 7 + h * 13 + j * 3) % 17) as f64 * 0.1 + 3.0 + (i % 5) as f64 * j as f64 * 0.01
         });
-        let got = batch_moments(x.view()).unwrap();
+        let got = batch_moments(x.view(), Products::Float64).unwrap();
         for (h, m) in got.iter().enumerate() {
             let (mean, scatter) = direct(&x, h);
             assert_eq!(m.count, n);
@@ -223,10 +312,38 @@ mod tests {
     }
 
     #[test]
+    fn float32_products_stay_within_their_error_bound() {
+        // Two blocks, a mean far larger than the spread (centring happens in float64), and
+        // values that float32 cannot hold exactly.
+        let (n, d) = (ROW_BLOCK + 300, 40);
+        let x = Array3::from_shape_fn((n, 1, d), |(i, _, j)| {
+            1e3 + ((i * 37 + j * 11) % 101) as f64 / 7.0 + (j as f64 * 0.3).sin() * i as f64 / 1e3
+        });
+        let exact = &batch_moments(x.view(), Products::Float64).unwrap()[0];
+        let fast = &batch_moments(x.view(), Products::Float32).unwrap()[0];
+        assert_eq!(exact.scatter_error, 0.0);
+        assert_eq!(fast.mean, exact.mean);
+        let difference = (0..d)
+            .flat_map(|i| (0..d).map(move |j| (i, j)))
+            .map(|(i, j)| (fast.scatter[(i, j)] - exact.scatter[(i, j)]).powi(2))
+            .sum::<f64>()
+            .sqrt();
+        // The Frobenius norm bounds the spectral norm the bound is about.
+        assert!(difference > 0.0, "float32 products were not used");
+        assert!(
+            difference <= fast.scatter_error,
+            "{difference} > {}",
+            fast.scatter_error
+        );
+        let trace: f64 = (0..d).map(|i| exact.scatter[(i, i)]).sum();
+        assert!(fast.scatter_error < 1e-4 * trace);
+    }
+
+    #[test]
     fn non_finite_rows_are_reported_with_their_index() {
         let mut x = Array3::<f32>::zeros((3, 2, 4));
         x[[2, 1, 3]] = f32::NAN;
-        let err = batch_moments(x.view()).unwrap_err();
+        let err = batch_moments(x.view(), Products::Float64).unwrap_err();
         assert_eq!(
             err,
             Error::NonFinite {

@@ -24,6 +24,10 @@
 //! `SpanParams::exact_rank` keeps `rank` directions whatever their eigenvalues, as the
 //! published algorithm does (those beyond the outputs' rank are then rounding noise); the
 //! tolerance then only counts the outputs' numerical rank (`Span::numerical_rank`).
+//!
+//! Statistics whose covariance carries a known error (`HeadMoments::covariance_error`, from
+//! float32 products) are used only as far as that error cannot change which directions are
+//! kept: `Span::certified` says whether it could, and the caller then recomputes them exactly.
 
 use faer::linalg::matmul::matmul;
 use faer::{Accum, Mat, MatMut, MatRef, Par, Side};
@@ -83,6 +87,9 @@ pub struct HeadMoments<'a> {
     pub mean: ArrayView1<'a, f64>,
     pub covariance: ArrayView2<'a, f64>,
     pub rank_tolerance: f64,
+    /// A bound on the spectral norm of the covariance's error (0 when it is exact up to
+    /// float64 rounding; see `moments::Products::Float32`).
+    pub covariance_error: f64,
 }
 
 impl<'a> HeadMoments<'a> {
@@ -93,6 +100,7 @@ impl<'a> HeadMoments<'a> {
             mean,
             covariance,
             rank_tolerance: RANK_TOLERANCE,
+            covariance_error: 0.0,
         }
     }
 }
@@ -115,6 +123,11 @@ pub struct Span {
     /// How many directions of the second moment are above the rank tolerance (the
     /// outputs' numerical rank, not capped at `rank`).
     pub numerical_rank: usize,
+    /// Whether the directions kept are certainly those exact statistics would keep: always
+    /// for a covariance without error; for one with an error, when every kept eigenvalue
+    /// clears the rank tolerance by more than that error. Otherwise the caller should run
+    /// the head again from exact statistics.
+    pub certified: bool,
 }
 
 /// A text pool: rows scaled to unit norm, held once and shared by every head.
@@ -145,19 +158,28 @@ impl<T: Real> TextPool<T> {
         }
         parallel::install(|| {
             rows.par_chunks_mut(d).enumerate().try_for_each(|(i, row)| {
-                let mut sq = 0.0f64;
-                for (j, x) in row.iter().enumerate() {
-                    let x = x.to_f64();
-                    if !x.is_finite() {
+                // Eight partial sums, which the compiler can keep in one vector register.
+                let mut lanes = [0.0f64; 8];
+                for chunk in row.chunks(8) {
+                    for (lane, x) in lanes.iter_mut().zip(chunk) {
+                        *lane += x.to_f64() * x.to_f64();
+                    }
+                }
+                let mut norm = lanes.iter().sum::<f64>().sqrt();
+                if !norm.is_finite() {
+                    // A NaN or an infinity, or float64 values whose squares overflow.
+                    if let Some(j) = row.iter().position(|x| !x.to_f64().is_finite()) {
                         return Err(Error::NonFinite {
                             what: "text embeddings".into(),
                             index: vec![i, j],
                         });
                     }
-                    sq += x * x;
+                    let scale = row.iter().map(|x| x.to_f64().abs()).fold(0.0, f64::max);
+                    let scaled: f64 = row.iter().map(|x| (x.to_f64() / scale).powi(2)).sum();
+                    norm = scale * scaled.sqrt();
                 }
-                if sq > 0.0 {
-                    let inv = 1.0 / sq.sqrt();
+                if norm > 0.0 {
+                    let inv = 1.0 / norm;
                     for x in row.iter_mut() {
                         *x = T::from_f64(x.to_f64() * inv);
                     }
@@ -201,6 +223,7 @@ struct HeadBasis {
     lambda: Vec<f64>,
     total_variance: f64,
     numerical_rank: usize,
+    certified: bool,
 }
 
 fn check_params(params: SpanParams, m: usize) -> Result<()> {
@@ -264,7 +287,52 @@ fn check_head(h: usize, head: &HeadMoments, d: usize) -> Result<()> {
             index: vec![i, j],
         });
     }
+    // What the numbers cannot show otherwise: a covariance that is not symmetric, or has a
+    // negative variance, was not computed from outputs.
+    let c = head.covariance;
+    let scale = c.iter().fold(f64::MIN_POSITIVE, |m, x| m.max(x.abs()));
+    let asymmetry = largest_asymmetry(c);
+    if asymmetry > 1e-8 * scale {
+        return Err(Error::value(
+            what("covariance"),
+            "a symmetric matrix",
+            format!(
+                "one whose entries differ from their transposes by up to {asymmetry:.3e} \
+                 (of {scale:.3e})"
+            ),
+        ));
+    }
+    if let Some((i, v)) = c
+        .diag()
+        .iter()
+        .enumerate()
+        .find(|(_, v)| **v < -1e-12 * scale)
+    {
+        return Err(Error::value(
+            what("covariance"),
+            "a positive semi-definite matrix",
+            format!("the negative variance {v} at index {i}"),
+        ));
+    }
     Ok(())
+}
+
+/// The largest `|c[i, j] − c[j, i]|`, read in tiles so that the transposed reads stay in
+/// cache.
+fn largest_asymmetry(c: ArrayView2<f64>) -> f64 {
+    const TILE: usize = 64;
+    let d = c.nrows();
+    let mut largest = 0.0f64;
+    for i0 in (0..d).step_by(TILE) {
+        for j0 in (i0..d).step_by(TILE) {
+            for i in i0..(i0 + TILE).min(d) {
+                for j in j0.max(i + 1)..(j0 + TILE).min(d) {
+                    largest = largest.max((c[[i, j]] - c[[j, i]]).abs());
+                }
+            }
+        }
+    }
+    largest
 }
 
 /// A pivoted Cholesky factor L [D, k] with `G ≈ L Lᵀ`, or None when the numerical rank
@@ -384,26 +452,47 @@ fn subspace_iteration(g: MatRef<f64>, rank: usize) -> Option<(Mat<f64>, Vec<f64>
     None
 }
 
-/// Eigenpairs (descending) of the symmetric PSD matrix `g`, those above `tolerance` times
-/// the largest only, at most `rank` of them; with `exact_rank`, exactly `rank` of them
-/// (the published algorithm's basis, null-space directions included). Also how many are
-/// above the tolerance.
+/// The top eigenvectors of a second moment (`dominant_eigenvectors`).
+struct TopSpace {
+    /// [D, r], orthonormal, by descending eigenvalue.
+    vectors: Mat<f64>,
+    /// How many eigenvalues are above the tolerance.
+    numerical_rank: usize,
+    /// Whether an error of the matrix (up to the bound given) could not change which
+    /// directions are kept.
+    certified: bool,
+}
+
+/// The eigenvectors (by descending eigenvalue) of the symmetric PSD matrix `g` whose
+/// eigenvalues are above `tolerance` times the largest, at most `rank` of them; with
+/// `exact_rank`, exactly `rank` of them (the published algorithm's basis, null-space
+/// directions included). `error` bounds the spectral norm of `g`'s error.
 fn dominant_eigenvectors(
     g: MatRef<f64>,
     rank: usize,
     tolerance: f64,
     exact_rank: bool,
-) -> Result<(Mat<f64>, Vec<f64>, usize)> {
+    error: f64,
+) -> Result<TopSpace> {
     let d = g.nrows();
+    let nothing = || TopSpace {
+        vectors: Mat::zeros(d, 0),
+        numerical_rank: 0,
+        certified: error == 0.0,
+    };
     let max_diag = (0..d).map(|i| g[(i, i)]).fold(0.0f64, f64::max);
     if max_diag <= 0.0 && !exact_rank {
-        return Ok((Mat::zeros(d, 0), Vec::new(), 0));
+        return Ok(nothing());
     }
     let not_converged = || Error::value("eigendecomposition", "convergence", "no convergence");
     // Low rank (real heads write into a subspace of about the head width): factor first,
     // then decompose the small factor. Otherwise one dense eigendecomposition.
     let factor = if exact_rank {
         None // the null space is wanted too: only a full decomposition has it
+    } else if error > 0.0 {
+        // An inexact matrix is of full rank at the level of its error, far above the
+        // factor's stopping point: the factor would only fail.
+        None
     } else {
         // Past the subspace iteration's block, that is the cheaper way to the top space.
         pivoted_cholesky(
@@ -419,7 +508,7 @@ fn dominant_eigenvectors(
             let values = (0..l.ncols()).map(|i| s[i] * s[i]).collect();
             (svd.U().to_owned(), values)
         }
-        Some(_) => return Ok((Mat::zeros(d, 0), Vec::new(), 0)),
+        Some(_) => return Ok(nothing()),
         None => match (!exact_rank).then(|| subspace_iteration(g, rank)).flatten() {
             Some(found) => found,
             None => {
@@ -443,8 +532,21 @@ fn dominant_eigenvectors(
         .filter(|&i| exact_rank || values[i] > tolerance * largest)
         .take(rank)
         .collect();
-    let v = Mat::from_fn(d, keep.len(), |i, c| vectors[(i, keep[c])]);
-    Ok((v, keep.iter().map(|&i| values[i]).collect(), numerical))
+    // The exact matrix's eigenvalues are within `error` of `g`'s (Weyl), and those found
+    // within their Ritz residuals of `g`'s: a kept direction whose eigenvalue clears the
+    // tolerance by more than both is kept from the exact matrix too.
+    let slack = error + RITZ_TOLERANCE * largest;
+    let certified = error == 0.0
+        || (!exact_rank
+            && keep.len() == rank.min(d)
+            && keep
+                .last()
+                .is_some_and(|&i| values[i] - slack > tolerance * (largest + slack)));
+    Ok(TopSpace {
+        vectors: Mat::from_fn(d, keep.len(), |i, c| vectors[(i, keep[c])]),
+        numerical_rank: numerical,
+        certified,
+    })
 }
 
 fn head_basis(head: &HeadMoments, rank: usize, exact_rank: bool) -> Result<HeadBasis> {
@@ -454,8 +556,14 @@ fn head_basis(head: &HeadMoments, rank: usize, exact_rank: bool) -> Result<HeadB
         None => Mat::from_fn(d, d, |i, j| head.covariance[[i, j]]),
     };
     let second = Mat::from_fn(d, d, |i, j| cov[(i, j)] + head.mean[i] * head.mean[j]);
-    let (v, _, numerical_rank) =
-        dominant_eigenvectors(second.as_ref(), rank, head.rank_tolerance, exact_rank)?;
+    let top = dominant_eigenvectors(
+        second.as_ref(),
+        rank,
+        head.rank_tolerance,
+        exact_rank,
+        head.covariance_error,
+    )?;
+    let v = top.vectors;
     let r = v.ncols();
     // Rotate the basis so that the covariance restricted to the span is diagonal.
     let cv = &cov * &v;
@@ -473,7 +581,8 @@ fn head_basis(head: &HeadMoments, rank: usize, exact_rank: bool) -> Result<HeadB
         v: &v * &w,
         lambda,
         total_variance: (0..d).map(|i| cov[(i, i)]).sum(),
-        numerical_rank,
+        numerical_rank: top.numerical_rank,
+        certified: top.certified,
     })
 }
 
@@ -586,6 +695,7 @@ fn greedy<T: Real>(basis: &HeadBasis, pool: &TextPool<T>, n_texts: usize) -> Spa
         directions: Array2::zeros((0, d)),
         rank,
         numerical_rank: basis.numerical_rank,
+        certified: basis.certified,
     };
     if r == 0 {
         return empty(0);
@@ -682,10 +792,15 @@ pub fn text_span_heads<T: Real>(
     params: SpanParams,
 ) -> Result<Vec<Span>> {
     check_params(params, pool.len())?;
-    for (h, head) in heads.iter().enumerate() {
-        check_head(h, head, pool.dim())?;
-    }
     parallel::install(|| {
+        // In parallel, reporting the first bad head.
+        if let Some(e) = heads
+            .par_iter()
+            .enumerate()
+            .find_map_first(|(h, head)| check_head(h, head, pool.dim()).err())
+        {
+            return Err(e);
+        }
         let bases = heads
             .par_iter()
             .map(|head| head_basis(head, params.rank, params.exact_rank))
@@ -730,6 +845,14 @@ mod tests {
         v * v.transpose()
     }
 
+    /// `vᵀ g v` for each column v: the eigenvalues of eigenvectors.
+    fn rayleigh_quotients(g: &Mat<f64>, v: &Mat<f64>) -> Vec<f64> {
+        let gv = g * v;
+        (0..v.ncols())
+            .map(|c| (0..v.nrows()).map(|i| v[(i, c)] * gv[(i, c)]).sum())
+            .collect()
+    }
+
     #[test]
     fn low_rank_factor_and_dense_eigendecomposition_agree() {
         let mut rng = StdRng::seed_from_u64(1);
@@ -744,7 +867,9 @@ mod tests {
         )
         .expect("rank 10 < 16");
         assert_eq!(l.ncols(), k);
-        let (v, values, _) = dominant_eigenvectors(g.as_ref(), 6, RANK_TOLERANCE, false).unwrap();
+        let top = dominant_eigenvectors(g.as_ref(), 6, RANK_TOLERANCE, false, 0.0).unwrap();
+        let values = rayleigh_quotients(&g, &top.vectors);
+        let v = top.vectors;
         let evd = g.self_adjoint_eigen(Side::Lower).unwrap();
         let dense = Mat::from_fn(d, 6, |i, c| evd.U()[(i, d - 1 - c)]);
         let diff = projector(&v) - projector(&dense);
@@ -769,8 +894,9 @@ mod tests {
             pivoted_cholesky(g.as_ref(), CHOLESKY_FRACTION * RANK_TOLERANCE * max_diag, 8)
                 .is_none()
         );
-        let (v, values, _) = dominant_eigenvectors(g.as_ref(), 40, RANK_TOLERANCE, false).unwrap();
-        assert_eq!(v.ncols(), 32, "rank is capped at D");
+        let top = dominant_eigenvectors(g.as_ref(), 40, RANK_TOLERANCE, false, 0.0).unwrap();
+        assert_eq!(top.vectors.ncols(), 32, "rank is capped at D");
+        let values = rayleigh_quotients(&g, &top.vectors);
         assert!(values.windows(2).all(|w| w[0] >= w[1]));
     }
 
@@ -812,22 +938,55 @@ mod tests {
             }
         });
         let kept = |tolerance| {
-            dominant_eigenvectors(g.as_ref(), 6, tolerance, false)
+            dominant_eigenvectors(g.as_ref(), 6, tolerance, false, 0.0)
                 .unwrap()
-                .1
+                .vectors
+                .ncols()
         };
-        assert_eq!(kept(RANK_TOLERANCE).len(), 4);
-        assert_eq!(kept(1e-5).len(), 2);
+        assert_eq!(kept(RANK_TOLERANCE), 4);
+        assert_eq!(kept(1e-5), 2);
         // Exactly the rank asked for, null space included, as published; the tolerance
         // still counts the numerical rank.
-        let (v, _, numerical) = dominant_eigenvectors(g.as_ref(), 6, 1e-5, true).unwrap();
-        assert_eq!((v.ncols(), numerical), (6, 2));
+        let top = dominant_eigenvectors(g.as_ref(), 6, 1e-5, true, 0.0).unwrap();
+        assert_eq!((top.vectors.ncols(), top.numerical_rank), (6, 2));
         let (mean, cov) = (Array1::<f64>::zeros(8), Array2::<f64>::eye(8));
         let bad = HeadMoments {
             rank_tolerance: 0.0,
             ..HeadMoments::new(10.0, mean.view(), cov.view())
         };
         assert!(check_head(0, &bad, 8).is_err());
+    }
+
+    #[test]
+    fn rows_whose_squares_overflow_are_scaled_to_unit_norm() {
+        let pool = TextPool::<f64>::from_rows(vec![3e200, 4e200, 0.0, 0.0], 2, 2).unwrap();
+        let rows = pool.chunk(0, 2);
+        assert!((rows[(0, 0)] - 0.6).abs() < 1e-15 && (rows[(0, 1)] - 0.8).abs() < 1e-15);
+        assert_eq!((rows[(1, 0)], rows[(1, 1)]), (0.0, 0.0));
+    }
+
+    #[test]
+    fn an_inexact_matrix_is_certified_only_when_its_error_cannot_change_the_kept_space() {
+        // Eigenvalues 1, 0.9, …: 12 clear directions over 1e-6 in every other one (D = 64).
+        let d = 64;
+        let g = Mat::from_fn(d, d, |i, j| match (i == j, i < 12) {
+            (true, true) => 0.9f64.powi(i as i32),
+            (true, false) => 1e-6,
+            _ => 0.0,
+        });
+        let top = |rank, error| dominant_eigenvectors(g.as_ref(), rank, 1e-10, false, error);
+        let exact = top(8, 0.0).unwrap();
+        assert!(exact.certified);
+        // An error far below the 8th eigenvalue (0.48): the same space, certified.
+        let close = top(8, 1e-3).unwrap();
+        assert!(close.certified);
+        let gap = (projector(&close.vectors) - projector(&exact.vectors)).norm_max();
+        assert!(gap < 1e-9, "{gap}");
+        // An error above it, or more directions asked for than clear the error: not.
+        assert!(!top(8, 0.6).unwrap().certified);
+        assert!(!top(20, 1e-3).unwrap().certified);
+        // Exact statistics are never in doubt, even when they are of low rank.
+        assert!(top(20, 0.0).unwrap().certified);
     }
 
     fn run(threads: usize, cov: &Array2<f64>, mean: &Array1<f64>, pool: &TextPool<f32>) -> Span {

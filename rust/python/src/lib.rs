@@ -95,6 +95,7 @@ type SpanTuple<'py> = (
     Bound<'py, PyArray2<f64>>,
     usize,
     usize,
+    bool,
 );
 
 fn span_tuple(py: Python<'_>, s: Span) -> SpanTuple<'_> {
@@ -105,16 +106,20 @@ fn span_tuple(py: Python<'_>, s: Span) -> SpanTuple<'_> {
         s.directions.into_pyarray(py),
         s.rank,
         s.numerical_rank,
+        s.certified,
     )
 }
 
 /// TextSpan for K heads given by their statistics: counts [K], means [K, D], population
 /// covariances [K, D, D] and rank tolerances [K] (directions of a head's second moment below
 /// its tolerance times the largest eigenvalue count as absent, unless `exact_rank`: then
-/// exactly `rank` directions, as published). Returns one tuple per head: (indices, variance,
-/// total_variance, directions, rank, numerical_rank).
+/// exactly `rank` directions, as published), and optionally bounds [K] on the spectral norm
+/// of each covariance's error (from `batch_moments(..., float32_products=True)`). Returns
+/// one tuple per head: (indices, variance, total_variance, directions, rank,
+/// numerical_rank, certified); `certified` is false where a covariance's error could have
+/// changed the directions kept.
 #[pyfunction]
-#[pyo3(signature = (pool, counts, means, covariances, rank_tolerances, n_texts, rank, exact_rank=false))]
+#[pyo3(signature = (pool, counts, means, covariances, rank_tolerances, n_texts, rank, exact_rank=false, covariance_errors=None))]
 #[allow(clippy::too_many_arguments)]
 fn text_span_heads<'py>(
     py: Python<'py>,
@@ -126,25 +131,38 @@ fn text_span_heads<'py>(
     n_texts: usize,
     rank: usize,
     exact_rank: bool,
+    covariance_errors: Option<PyReadonlyArray1<'py, f64>>,
 ) -> PyResult<Vec<SpanTuple<'py>>> {
     let counts = counts.as_array().to_owned();
     let means = means.as_array().to_owned();
     let covs = covariances.as_array().to_owned();
     let tolerances = rank_tolerances.as_array().to_owned();
     let k = counts.len();
-    if means.shape()[0] != k || covs.shape()[0] != k || tolerances.len() != k {
+    let errors = match covariance_errors {
+        Some(e) => e.as_array().to_owned(),
+        None => Array1::zeros(k),
+    };
+    if means.shape()[0] != k || covs.shape()[0] != k || tolerances.len() != k || errors.len() != k {
         return Err(py_err(Error::shape(
             "head statistics",
             format!(
-                "counts [K], means [K, D], covariances [K, D, D], rank tolerances [K] with one \
-                 K (K = {k})"
+                "counts [K], means [K, D], covariances [K, D, D], rank tolerances [K] and \
+                 covariance errors [K] with one K (K = {k})"
             ),
             format!(
-                "means {:?}, covariances {:?}, rank tolerances {:?}",
+                "means {:?}, covariances {:?}, rank tolerances {:?}, covariance errors {:?}",
                 means.shape(),
                 covs.shape(),
-                tolerances.shape()
+                tolerances.shape(),
+                errors.shape()
             ),
+        )));
+    }
+    if let Some(e) = errors.iter().find(|e| !(e.is_finite() && **e >= 0.0)) {
+        return Err(py_err(Error::value(
+            "covariance errors",
+            "finite bounds >= 0",
+            e.to_string(),
         )));
     }
     let params = if exact_rank {
@@ -160,6 +178,7 @@ fn text_span_heads<'py>(
                     mean: means.row(h),
                     covariance: covs.index_axis(Axis(0), h),
                     rank_tolerance: tolerances[h],
+                    covariance_error: errors[h],
                 })
                 .collect();
             match &pool.pool {
@@ -171,28 +190,49 @@ fn text_span_heads<'py>(
     Ok(spans.into_iter().map(|s| span_tuple(py, s)).collect())
 }
 
-/// Means [K, D] and scatters [K, D, D].
-type MomentArrays<'py> = (Bound<'py, PyArray2<f64>>, Bound<'py, PyArray3<f64>>);
+/// Means [K, D], scatters [K, D, D] and the scatters' error bounds [K].
+type MomentArrays<'py> = (
+    Bound<'py, PyArray2<f64>>,
+    Bound<'py, PyArray3<f64>>,
+    Bound<'py, PyArray1<f64>>,
+);
 
 fn moments_of<'py, T: scalar::Real + numpy::Element>(
     py: Python<'py>,
     x: PyReadonlyArray3<'py, T>,
+    products: moments::Products,
 ) -> PyResult<MomentArrays<'py>> {
     let x = x.as_array().to_owned();
-    let (means, scatters) = py
-        .detach(|| moments::batch_moments_arrays(x.view()))
+    let (means, scatters, errors) = py
+        .detach(|| moments::batch_moments_arrays(x.view(), products))
         .map_err(py_err)?;
-    Ok((means.into_pyarray(py), scatters.into_pyarray(py)))
+    Ok((
+        means.into_pyarray(py),
+        scatters.into_pyarray(py),
+        Array1::from(errors).into_pyarray(py),
+    ))
 }
 
 /// Mean [K, D] and centred scatter Σ(x − μ)(x − μ)ᵀ [K, D, D] of each head of x [n, K, D],
-/// accumulated in float64.
+/// accumulated in float64, and a bound [K] on the spectral norm of each scatter's error:
+/// 0 with float64 products; with `float32_products` (twice as fast), the bound of the
+/// float32 products' rounding.
 #[pyfunction]
-fn batch_moments<'py>(py: Python<'py>, x: &Bound<'py, PyAny>) -> PyResult<MomentArrays<'py>> {
+#[pyo3(signature = (x, float32_products=false))]
+fn batch_moments<'py>(
+    py: Python<'py>,
+    x: &Bound<'py, PyAny>,
+    float32_products: bool,
+) -> PyResult<MomentArrays<'py>> {
+    let products = if float32_products {
+        moments::Products::Float32
+    } else {
+        moments::Products::Float64
+    };
     if let Ok(a) = x.extract::<PyReadonlyArray3<f32>>() {
-        moments_of(py, a)
+        moments_of(py, a, products)
     } else if let Ok(a) = x.extract::<PyReadonlyArray3<f64>>() {
-        moments_of(py, a)
+        moments_of(py, a, products)
     } else {
         Err(InputError::new_err(
             "head outputs: expected a 3-D float32 or float64 NumPy array [n, heads, D]",
