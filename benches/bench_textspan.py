@@ -10,7 +10,7 @@ every step. Head outputs are synthetic and low rank like real ones (96 direction
 decaying spectrum in D = 768), in float32; "full rank" adds noise in every direction.
 Prints figures and ratios; asserts nothing about time.
 
-    python benches/bench_textspan.py           # everything (about 5 minutes here)
+    python benches/bench_textspan.py           # everything (about 2 minutes here)
     python benches/bench_textspan.py --quick   # skips the 50,000-image published run
 """
 

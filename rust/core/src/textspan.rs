@@ -141,14 +141,7 @@ pub struct TextPool<T> {
 impl<T: Real> TextPool<T> {
     /// Takes row-major embeddings [M, D]. Rows are scaled to unit norm; a row of zero norm
     /// stays zero and is never chosen.
-    pub fn from_rows(mut rows: Vec<T>, m: usize, d: usize) -> Result<Self> {
-        if m == 0 || d == 0 {
-            return Err(Error::shape(
-                "text embeddings",
-                "[M >= 1, D >= 1]",
-                format!("[{m}, {d}]"),
-            ));
-        }
+    pub fn from_rows(rows: Vec<T>, m: usize, d: usize) -> Result<Self> {
         if rows.len() != m * d {
             return Err(Error::shape(
                 "text embeddings",
@@ -156,43 +149,60 @@ impl<T: Real> TextPool<T> {
                 format!("{}", rows.len()),
             ));
         }
-        parallel::install(|| {
-            rows.par_chunks_mut(d).enumerate().try_for_each(|(i, row)| {
-                // Eight partial sums, which the compiler can keep in one vector register.
-                let mut lanes = [0.0f64; 8];
-                for chunk in row.chunks(8) {
-                    for (lane, x) in lanes.iter_mut().zip(chunk) {
-                        *lane += x.to_f64() * x.to_f64();
-                    }
-                }
-                let mut norm = lanes.iter().sum::<f64>().sqrt();
-                if !norm.is_finite() {
-                    // A NaN or an infinity, or float64 values whose squares overflow.
-                    if let Some(j) = row.iter().position(|x| !x.to_f64().is_finite()) {
-                        return Err(Error::NonFinite {
-                            what: "text embeddings".into(),
-                            index: vec![i, j],
-                        });
-                    }
-                    let scale = row.iter().map(|x| x.to_f64().abs()).fold(0.0, f64::max);
-                    let scaled: f64 = row.iter().map(|x| (x.to_f64() / scale).powi(2)).sum();
-                    norm = scale * scaled.sqrt();
-                }
-                if norm > 0.0 {
-                    let inv = 1.0 / norm;
-                    for x in row.iter_mut() {
-                        *x = T::from_f64(x.to_f64() * inv);
-                    }
-                }
-                Ok(())
-            })
-        })?;
-        Ok(TextPool { rows, m, d })
+        Self::from_view(ArrayView2::from_shape((m, d), &rows).expect("checked length"))
     }
 
+    /// Copies and scales the rows in one parallel pass (a large pool is read once).
     pub fn from_view(view: ArrayView2<T>) -> Result<Self> {
         let (m, d) = view.dim();
-        TextPool::from_rows(view.iter().copied().collect(), m, d)
+        if m == 0 || d == 0 {
+            return Err(Error::shape(
+                "text embeddings",
+                "[M >= 1, D >= 1]",
+                format!("[{m}, {d}]"),
+            ));
+        }
+        let mut rows = vec![T::from_f64(0.0); m * d];
+        parallel::install(|| {
+            rows.par_chunks_mut(d)
+                .enumerate()
+                .try_for_each(|(i, dst)| {
+                    let src = view.row(i);
+                    match src.as_slice() {
+                        Some(src) => dst.copy_from_slice(src),
+                        None => dst.iter_mut().zip(src).for_each(|(y, &x)| *y = x),
+                    }
+                    // Eight partial sums, which the compiler can keep in one vector register;
+                    // the row is still in cache.
+                    let mut lanes = [0.0f64; 8];
+                    for chunk in dst.chunks(8) {
+                        for (lane, x) in lanes.iter_mut().zip(chunk) {
+                            *lane += x.to_f64() * x.to_f64();
+                        }
+                    }
+                    let mut norm = lanes.iter().sum::<f64>().sqrt();
+                    if !norm.is_finite() {
+                        // A NaN or an infinity, or float64 values whose squares overflow.
+                        if let Some(j) = dst.iter().position(|x| !x.to_f64().is_finite()) {
+                            return Err(Error::NonFinite {
+                                what: "text embeddings".into(),
+                                index: vec![i, j],
+                            });
+                        }
+                        let scale = dst.iter().map(|x| x.to_f64().abs()).fold(0.0, f64::max);
+                        let scaled: f64 = dst.iter().map(|x| (x.to_f64() / scale).powi(2)).sum();
+                        norm = scale * scaled.sqrt();
+                    }
+                    if norm > 0.0 {
+                        let inv = 1.0 / norm;
+                        for x in dst.iter_mut() {
+                            *x = T::from_f64(x.to_f64() * inv);
+                        }
+                    }
+                    Ok(())
+                })
+        })?;
+        Ok(TextPool { rows, m, d })
     }
 
     pub fn len(&self) -> usize {

@@ -1,6 +1,7 @@
 //! The extension module `textspan._core`: thin PyO3 bindings over `textspan-core`. Each
 //! function copies its Python inputs into Rust values, releases the GIL around the work and
-//! hands back NumPy arrays. Errors become Python exceptions here and nowhere else.
+//! hands back NumPy arrays (a text pool is the exception: it is copied and scaled in one pass
+//! with the GIL held). Errors become Python exceptions here and nowhere else.
 
 use ndarray::{Array1, Axis};
 use numpy::{
@@ -32,28 +33,16 @@ pub struct PyTextPool {
     pool: Pool,
 }
 
-fn copy_rows<T: numpy::Element + Copy>(a: &PyReadonlyArray2<T>) -> (Vec<T>, usize, usize) {
-    let v = a.as_array();
-    let (m, d) = v.dim();
-    (v.iter().copied().collect(), m, d)
-}
-
 #[pymethods]
 impl PyTextPool {
     #[new]
-    fn new(py: Python<'_>, embeddings: &Bound<'_, PyAny>) -> PyResult<Self> {
+    fn new(embeddings: &Bound<'_, PyAny>) -> PyResult<Self> {
+        // Copied and scaled in one parallel pass that keeps the GIL: no Python thread can
+        // write into the array meanwhile, and a large pool is read only once.
         let pool = if let Ok(a) = embeddings.extract::<PyReadonlyArray2<f32>>() {
-            let (rows, m, d) = copy_rows(&a);
-            Pool::F32(
-                py.detach(|| TextPool::from_rows(rows, m, d))
-                    .map_err(py_err)?,
-            )
+            Pool::F32(TextPool::from_view(a.as_array()).map_err(py_err)?)
         } else if let Ok(a) = embeddings.extract::<PyReadonlyArray2<f64>>() {
-            let (rows, m, d) = copy_rows(&a);
-            Pool::F64(
-                py.detach(|| TextPool::from_rows(rows, m, d))
-                    .map_err(py_err)?,
-            )
+            Pool::F64(TextPool::from_view(a.as_array()).map_err(py_err)?)
         } else {
             return Err(InputError::new_err(
                 "text embeddings: expected a 2-D float32 or float64 NumPy array [M, D]",
