@@ -500,25 +500,15 @@ def text_span_heads(
     """
     pool = _text_pool(text_embeddings)
     names = _check_texts(texts, pool)
+    inexact = None
+    shape: tuple[int, ...] | None = None  # the heads' shape, for nesting the results
     if isinstance(outputs_or_stats, list | tuple):
         if not outputs_or_stats:
             raise InputError("outputs_or_stats: expected at least one head, got an empty list")
-        stats, inexact = _heads_of_outputs(list(outputs_or_stats), convention)
-        return _run(
-            stats,
-            pool,
-            n_texts,
-            rank,
-            names,
-            progress,
-            rank_tolerance,
-            convention,
-            stability,
-            inexact,
-        )
-    inexact = None
-    if isinstance(outputs_or_stats, HeadStats):
-        all_stats = outputs_or_stats
+        flat, inexact = _heads_of_outputs(list(outputs_or_stats), convention)
+    elif isinstance(outputs_or_stats, HeadStats):
+        shape = outputs_or_stats.shape
+        flat = [outputs_or_stats[idx] for idx in product(*(range(s) for s in shape))]
     else:
         x = as_float_array(outputs_or_stats, "outputs")
         if x.ndim < 3:
@@ -531,8 +521,8 @@ def text_span_heads(
             inexact = _Inexact(
                 errors.ravel().tolist(), lambda i: HeadStats.from_outputs(heads[:, i])
             )
-    shape = all_stats.shape
-    flat = [all_stats[idx] for idx in product(*(range(s) for s in shape))]
+        shape = all_stats.shape
+        flat = [all_stats[idx] for idx in product(*(range(s) for s in shape))]
     results = _run(
         flat,
         pool,
@@ -545,7 +535,7 @@ def text_span_heads(
         stability,
         inexact,
     )
-    return _nest(results, shape)
+    return results if shape is None else _nest(results, shape)
 
 
 def _nest(flat: list[Any], shape: tuple[int, ...]) -> Any:

@@ -76,7 +76,9 @@ fn benches(c: &mut Criterion) {
         "one head from raw outputs, full rank (N 10,000, D 768, float32 products)",
         |b| {
             b.iter(|| {
-                let m = batch_moments(outputs.view(), Products::Float32).unwrap().remove(0);
+                let m = batch_moments(outputs.view(), Products::Float32)
+                    .unwrap()
+                    .remove(0);
                 let cov = Array2::from_shape_fn((D, D), |(i, j)| m.scatter[(i, j)] / 10_000.0);
                 let head = HeadMoments {
                     covariance_error: m.scatter_error / 10_000.0,

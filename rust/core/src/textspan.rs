@@ -164,43 +164,41 @@ impl<T: Real> TextPool<T> {
         }
         let mut rows = vec![T::from_f64(0.0); m * d];
         parallel::install(|| {
-            rows.par_chunks_mut(d)
-                .enumerate()
-                .try_for_each(|(i, dst)| {
-                    let src = view.row(i);
-                    match src.as_slice() {
-                        Some(src) => dst.copy_from_slice(src),
-                        None => dst.iter_mut().zip(src).for_each(|(y, &x)| *y = x),
+            rows.par_chunks_mut(d).enumerate().try_for_each(|(i, dst)| {
+                let src = view.row(i);
+                match src.as_slice() {
+                    Some(src) => dst.copy_from_slice(src),
+                    None => dst.iter_mut().zip(src).for_each(|(y, &x)| *y = x),
+                }
+                // Eight partial sums, which the compiler can keep in one vector register;
+                // the row is still in cache.
+                let mut lanes = [0.0f64; 8];
+                for chunk in dst.chunks(8) {
+                    for (lane, x) in lanes.iter_mut().zip(chunk) {
+                        *lane += x.to_f64() * x.to_f64();
                     }
-                    // Eight partial sums, which the compiler can keep in one vector register;
-                    // the row is still in cache.
-                    let mut lanes = [0.0f64; 8];
-                    for chunk in dst.chunks(8) {
-                        for (lane, x) in lanes.iter_mut().zip(chunk) {
-                            *lane += x.to_f64() * x.to_f64();
-                        }
+                }
+                let mut norm = lanes.iter().sum::<f64>().sqrt();
+                if !norm.is_finite() {
+                    // A NaN or an infinity, or float64 values whose squares overflow.
+                    if let Some(j) = dst.iter().position(|x| !x.to_f64().is_finite()) {
+                        return Err(Error::NonFinite {
+                            what: "text embeddings".into(),
+                            index: vec![i, j],
+                        });
                     }
-                    let mut norm = lanes.iter().sum::<f64>().sqrt();
-                    if !norm.is_finite() {
-                        // A NaN or an infinity, or float64 values whose squares overflow.
-                        if let Some(j) = dst.iter().position(|x| !x.to_f64().is_finite()) {
-                            return Err(Error::NonFinite {
-                                what: "text embeddings".into(),
-                                index: vec![i, j],
-                            });
-                        }
-                        let scale = dst.iter().map(|x| x.to_f64().abs()).fold(0.0, f64::max);
-                        let scaled: f64 = dst.iter().map(|x| (x.to_f64() / scale).powi(2)).sum();
-                        norm = scale * scaled.sqrt();
+                    let scale = dst.iter().map(|x| x.to_f64().abs()).fold(0.0, f64::max);
+                    let scaled: f64 = dst.iter().map(|x| (x.to_f64() / scale).powi(2)).sum();
+                    norm = scale * scaled.sqrt();
+                }
+                if norm > 0.0 {
+                    let inv = 1.0 / norm;
+                    for x in dst.iter_mut() {
+                        *x = T::from_f64(x.to_f64() * inv);
                     }
-                    if norm > 0.0 {
-                        let inv = 1.0 / norm;
-                        for x in dst.iter_mut() {
-                            *x = T::from_f64(x.to_f64() * inv);
-                        }
-                    }
-                    Ok(())
-                })
+                }
+                Ok(())
+            })
         })?;
         Ok(TextPool { rows, m, d })
     }
