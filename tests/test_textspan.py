@@ -342,3 +342,23 @@ def test_head_stats_shapes_and_persistence(tmp_path):
     np.testing.assert_array_equal(loaded.covariance, stats.covariance)
     with pytest.raises(ValueError, match=r"expected shape \[n, 2, 3, 8\], got \[5, 2, 8\]"):
         stats.update(np.ones((5, 2, 8)))
+
+
+def test_bad_statistics_are_reported_before_any_head_runs(monkeypatch):
+    import textspan._core as core
+
+    rng = np.random.default_rng(8)
+    t = rng.standard_normal((50, 16))
+    heads = [HeadStats.from_outputs(low_rank_outputs(rng, 200, 16, 8)) for _ in range(20)]
+    skewed = heads[17].covariance.copy()
+    skewed[0, 1] += 1.0
+    heads[17] = HeadStats(heads[17].count, heads[17].mean, skewed)
+    ran = []
+    span = core.text_span_heads
+    monkeypatch.setattr(core, "text_span_heads", lambda *a, **k: ran.append(1) or span(*a, **k))
+    with pytest.raises(textspan.InputError, match="head 17: covariance: expected a symmetric"):
+        text_span_heads(heads, t, n_texts=3, rank=8, progress=False)
+    assert ran == []  # no group of heads ran, though head 17 is past the first group
+    heads[17] = HeadStats(heads[17].count, heads[17].mean, heads[16].covariance)
+    assert len(text_span_heads(heads, t, n_texts=3, rank=8, progress=False)) == 20
+    assert ran  # the same call runs once the statistics are sound

@@ -10,6 +10,7 @@ __all__ = [
     "RANK_TOLERANCE",
     "TextPool",
     "batch_moments",
+    "check_heads",
     "class_heatmaps",
     "get_num_threads",
     "normalised_heatmaps",
@@ -44,6 +45,12 @@ def text_span_heads(
 ) -> list[
     tuple[list[int], npt.NDArray[np.float64], float, npt.NDArray[np.float64], int, int, bool]
 ]: ...
+def check_heads(
+    counts: list[float],
+    means: list[npt.NDArray[np.float64]],
+    covariances: list[npt.NDArray[np.float64]],
+    dim: int,
+) -> None: ...
 def batch_moments(
     x: npt.NDArray[np.float32] | npt.NDArray[np.float64],
     float32_products: bool = False,

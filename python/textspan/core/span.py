@@ -282,6 +282,13 @@ def _run(
         )
     paper = check_convention(convention) == "paper"
     rank = min(int(rank), pool.dim)  # a span has at most D directions
+    # Every head's statistics before the long work (the core checks each group again).
+    _core.check_heads(
+        [float(s.count) for s in stats],
+        [s.mean for s in stats],
+        [s.covariance for s in stats],
+        pool.dim,
+    )
     # Heads go to the core in groups: the group's bases are found in parallel, and the bar
     # moves between groups (Ctrl-C is honoured there too).
     group = max(8, 2 * _core.get_num_threads())

@@ -252,6 +252,23 @@ fn check_params(params: SpanParams, m: usize) -> Result<()> {
     Ok(())
 }
 
+/// Checks every head's statistics for width `d` (the texts' D), in parallel; the error names
+/// the first bad head by its index in `heads`. `text_span_heads` runs it too: callers that
+/// feed heads in groups run it first over all of them, so that bad input is reported before
+/// the long work.
+pub fn check_heads(heads: &[HeadMoments], d: usize) -> Result<()> {
+    parallel::install(|| {
+        match heads
+            .par_iter()
+            .enumerate()
+            .find_map_first(|(h, head)| check_head(h, head, d).err())
+        {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    })
+}
+
 fn check_head(h: usize, head: &HeadMoments, d: usize) -> Result<()> {
     let what = |s: &str| format!("head {h}: {s}");
     if head.count.is_nan() || head.count < 2.0 {
@@ -801,14 +818,7 @@ pub fn text_span_heads<T: Real>(
 ) -> Result<Vec<Span>> {
     check_params(params, pool.len())?;
     parallel::install(|| {
-        // In parallel, reporting the first bad head.
-        if let Some(e) = heads
-            .par_iter()
-            .enumerate()
-            .find_map_first(|(h, head)| check_head(h, head, pool.dim()).err())
-        {
-            return Err(e);
-        }
+        check_heads(heads, pool.dim())?;
         let bases = heads
             .par_iter()
             .map(|head| head_basis(head, params.rank, params.exact_rank))

@@ -179,6 +179,39 @@ fn text_span_heads<'py>(
     Ok(spans.into_iter().map(|s| span_tuple(py, s)).collect())
 }
 
+/// Checks the statistics of K heads (counts, means [D], covariances [D, D]) for texts of
+/// width `dim`, as `text_span_heads` does, without copying them (the GIL is held): the error
+/// names the first bad head by its index in the lists.
+#[pyfunction]
+fn check_heads(
+    counts: Vec<f64>,
+    means: Vec<PyReadonlyArray1<'_, f64>>,
+    covariances: Vec<PyReadonlyArray2<'_, f64>>,
+    dim: usize,
+) -> PyResult<()> {
+    if means.len() != counts.len() || covariances.len() != counts.len() {
+        return Err(py_err(Error::shape(
+            "head statistics",
+            format!(
+                "one count, mean and covariance per head ({} counts)",
+                counts.len()
+            ),
+            format!(
+                "{} means and {} covariances",
+                means.len(),
+                covariances.len()
+            ),
+        )));
+    }
+    let heads: Vec<HeadMoments> = counts
+        .iter()
+        .zip(&means)
+        .zip(&covariances)
+        .map(|((&count, mean), cov)| HeadMoments::new(count, mean.as_array(), cov.as_array()))
+        .collect();
+    textspan::check_heads(&heads, dim).map_err(py_err)
+}
+
 /// Means [K, D], scatters [K, D, D] and the scatters' error bounds [K].
 type MomentArrays<'py> = (
     Bound<'py, PyArray2<f64>>,
@@ -308,6 +341,7 @@ fn get_num_threads() -> usize {
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyTextPool>()?;
     m.add_function(wrap_pyfunction!(text_span_heads, m)?)?;
+    m.add_function(wrap_pyfunction!(check_heads, m)?)?;
     m.add_function(wrap_pyfunction!(batch_moments, m)?)?;
     m.add_function(wrap_pyfunction!(class_heatmaps, m)?)?;
     m.add_function(wrap_pyfunction!(normalised_heatmaps, m)?)?;
