@@ -8,9 +8,11 @@ rank-`RANK` basis. The published algorithm runs as the paper's code runs it on a
 SVD of the head's outputs, then float32 PyTorch matrix products over all images and texts at
 every step. Head outputs are synthetic and low rank like real ones (96 directions with a
 decaying spectrum in D = 768), in float32; "full rank" adds noise in every direction.
-Prints figures and ratios; asserts nothing about time.
+Every time is the best of several runs (3 for one head, 2 for 64 heads), the floor's too, so
+that a slow moment of a shared machine does not decide a ratio. Prints figures and ratios;
+asserts nothing about time.
 
-    python benches/bench_textspan.py           # everything (about 2 minutes here)
+    python benches/bench_textspan.py           # everything (about 3 minutes here)
     python benches/bench_textspan.py --quick   # skips the 50,000-image published run
 """
 
@@ -92,7 +94,7 @@ def basis_floor(rng, texts: np.ndarray, heads: int) -> float:
         for start in range(0, len(texts), step):
             texts[start : start + step] @ bases
 
-    return timed(products)[0]
+    return timed(products, repeat=2)[0]
 
 
 def rss_kib(field: str) -> int:
@@ -117,7 +119,8 @@ def many_heads_from_stats(rng, m: int, texts: np.ndarray, published_per_head: fl
             f.write("5")  # resets the peak resident size to the current one
     before = rss_kib("VmRSS") if measure_memory else 0
     seconds, _ = timed(
-        lambda: text_span_heads(stacked, texts, n_texts=N_TEXTS, rank=RANK, progress=False)
+        lambda: text_span_heads(stacked, texts, n_texts=N_TEXTS, rank=RANK, progress=False),
+        repeat=2,
     )
     peak = (rss_kib("VmHWM") - before) / 1024 if measure_memory else None
     floor = basis_floor(rng, texts, 64)
