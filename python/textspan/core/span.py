@@ -221,9 +221,12 @@ class _Inexact:
     exact: Callable[[int], HeadStats]
 
 
-def _stats_of_outputs(outputs: Any, convention: str) -> tuple[HeadStats, np.ndarray | None]:
-    """The statistics of head outputs [N, ..., D], and a bound [...] on each head's
-    covariance error when they come from float32 products (else None).
+def _stats_of_outputs(
+    outputs: Any, x: np.ndarray, convention: str
+) -> tuple[HeadStats, np.ndarray | None]:
+    """The statistics of head outputs [N, ..., D] (`x`: them as a float array, which the
+    caller has checked), and a bound [...] on each head's covariance error when they come
+    from float32 products (else None).
 
     Float32 outputs get float32 products (`float32_stats`: half the time of the exact ones,
     which are most of the time of TextSpan on one head); `_run` falls back per head to the
@@ -233,28 +236,33 @@ def _stats_of_outputs(outputs: Any, convention: str) -> tuple[HeadStats, np.ndar
     the bound would rarely suffice; and the paper's convention, which keeps null-space
     directions that the products' error would decide.
     """
-    x = as_float_array(outputs, "outputs")
     if check_convention(convention) == "paper" or x.dtype != np.float32 or unit_roundoff(outputs):
         return HeadStats.from_outputs(outputs), None  # keeps the storage precision's roundoff
-    return float32_stats(x)
+    return float32_stats(x)  # x is a view of float32 outputs: nothing converted again
 
 
-def _heads_of_outputs(items: list[Any], convention: str) -> tuple[list[HeadStats], _Inexact | None]:
-    """The statistics of each head's outputs ([N, D] arrays) or the `HeadStats` given."""
+def _heads_of_outputs(
+    items: list[Any], convention: str, layout: str = "[N, D] per head"
+) -> tuple[list[HeadStats], _Inexact | None]:
+    """The statistics of each head's outputs (arrays of `layout`) or the `HeadStats` given."""
     stats: list[HeadStats] = []
     errors: list[float] = []
+    arrays: list[np.ndarray | None] = []  # the float32 outputs, for a head that falls back
     for item in items:
         if isinstance(item, HeadStats):
             stats.append(item)
             errors.append(0.0)
+            arrays.append(None)
             continue
-        check_ndim(as_float_array(item, "outputs"), "outputs", 2, "[N, D] per head")
-        s, e = _stats_of_outputs(item, convention)
+        x = as_float_array(item, "outputs")
+        check_ndim(x, "outputs", 2, layout)
+        s, e = _stats_of_outputs(item, x, convention)
         stats.append(s)
         errors.append(0.0 if e is None else float(e))
+        arrays.append(x)
     if not any(errors):
         return stats, None
-    return stats, _Inexact(errors, lambda i: HeadStats.from_outputs(items[i]))
+    return stats, _Inexact(errors, lambda i: HeadStats.from_outputs(arrays[i]))
 
 
 def _run(
@@ -474,8 +482,7 @@ def text_span(
             1..M, rank < 1, NaN or Inf in any input. InputTypeError (also a TypeError): a
             non-float dtype.
     """
-    check_ndim(np.asarray(as_float_array(outputs, "outputs")), "outputs", 2, "[N, D]")
-    stats, inexact = _heads_of_outputs([outputs], convention)
+    stats, inexact = _heads_of_outputs([outputs], convention, layout="[N, D]")
     pool = _text_pool(text_embeddings)
     names = _check_texts(texts, pool)
     found = _run(
@@ -524,7 +531,7 @@ def text_span_heads(
             raise InputError(
                 f"outputs: expected shape [N, L, H, D] (or [N, ..., D]), got {list(x.shape)}"
             )
-        all_stats, errors = _stats_of_outputs(outputs_or_stats, convention)
+        all_stats, errors = _stats_of_outputs(outputs_or_stats, x, convention)
         if errors is not None:
             heads = x.reshape(x.shape[0], -1, x.shape[-1])
             inexact = _Inexact(

@@ -19,7 +19,7 @@ use crate::error::{Error, Result};
 use crate::parallel;
 use crate::scalar::Real;
 
-/// Rows centred and multiplied at a time: bounds the float64 copy of the rows.
+/// Rows centred and multiplied at a time: bounds the copy of the centred rows.
 pub const ROW_BLOCK: usize = 1024;
 /// Rows centred together by one task.
 const ROWS_PER_TASK: usize = 64;
