@@ -76,19 +76,31 @@ def test_float32_products_fall_back_to_exact_statistics_only_where_needed(monkey
     reference = text_span_from_stats(exact(full), t, n_texts=10, rank=20)
     np.testing.assert_array_equal(certified.indices, reference.indices)
     np.testing.assert_allclose(certified.variance, reference.variance, rtol=1e-5)
-    # Exactly 12 directions (and the mean) but 20 asked for: whether the 14th is above the
-    # tolerance only exact products can tell, so the head runs again from them.
+    # Exactly 12 directions (and the mean) but 20 asked for: whether a 14th is above the
+    # tolerance the products cannot tell, but the outputs can (their residual outside the 13
+    # directions bounds every other eigenvalue): certified without exact statistics.
     basis, _ = np.linalg.qr(rng.standard_normal((64, 12)))
     low = ((rng.standard_normal((3000, 12)) @ basis.T) + 1.0).astype(np.float32)
-    fallback = text_span(low, t, n_texts=10, rank=20)
-    assert calls == [1] and fallback.rank == 13
+    narrow = text_span(low, t, n_texts=10, rank=20)
+    assert calls == [] and narrow.rank == 13
     exact_run = text_span_from_stats(exact(low), t, n_texts=10, rank=20)
+    np.testing.assert_array_equal(narrow.indices, exact_run.indices)
+    np.testing.assert_allclose(narrow.variance, exact_run.variance, rtol=1e-5)
+    # Noise in every direction, above the tolerance but below the products' error: exact
+    # statistics keep 20 directions that only they resolve, so the head runs again from them.
+    noisy = (low + 1e-3 * rng.standard_normal(low.shape)).astype(np.float32)
+    fallback = text_span(noisy, t, n_texts=10, rank=20)
+    assert calls == [1] and fallback.rank == 20
+    exact_run = text_span_from_stats(exact(noisy), t, n_texts=10, rank=20)
     np.testing.assert_array_equal(fallback.indices, exact_run.indices)
     np.testing.assert_array_equal(fallback.variance, exact_run.variance)
-    # Many heads at once fall back one by one; float64 outputs never take float32 products.
-    calls.clear()
-    text_span_heads(np.stack([full, low], 1), t, n_texts=10, rank=20, progress=False)
-    assert calls == [1]
+    # Many heads at once, as one array or as a list, fall back one by one; float64 outputs
+    # never take float32 products.
+    for heads in (np.stack([full, low, noisy], 1), [full, low, noisy]):
+        calls.clear()
+        found = text_span_heads(heads, t, n_texts=10, rank=20, progress=False)
+        assert calls == [1]
+        np.testing.assert_array_equal(found[1].indices, narrow.indices)
     calls.clear()
     text_span(full.astype(np.float64), t, n_texts=10, rank=20)
     assert calls == [1]
@@ -362,3 +374,58 @@ def test_bad_statistics_are_reported_before_any_head_runs(monkeypatch):
     heads[17] = HeadStats(heads[17].count, heads[17].mean, heads[16].covariance)
     assert len(text_span_heads(heads, t, n_texts=3, rank=8, progress=False)) == 20
     assert ran  # the same call runs once the statistics are sound
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_heads_narrower_than_rank_match_the_published_algorithm_without_exact_statistics(
+    seed, monkeypatch
+):
+    # Real heads write into fewer dimensions than the default rank (64 of 80): certified
+    # from float32 products and the outputs, and the published algorithm's picks at the
+    # rank the outputs have.
+    calls = []
+    exact = HeadStats.from_outputs
+    monkeypatch.setattr(
+        HeadStats, "from_outputs", classmethod(lambda cls, x: calls.append(1) or exact(x))
+    )
+    rng = np.random.default_rng(300 + seed)
+    width = int(rng.integers(8, 40))
+    x = low_rank_outputs(rng, 2000, 192, width, noise=0.0, decay=0.03, dtype=np.float32)
+    t = rng.standard_normal((500, 192))
+    result = text_span(x, t, n_texts=8, rank=width + 16)
+    assert calls == [] and result.rank == width + 1  # the signal and the mean
+    indices, variances, _ = published_text_span(x, t, 8, result.rank)
+    assert_same(result, indices, variances)
+
+
+def test_outputs_on_an_accelerator_get_their_statistics_there(monkeypatch):
+    torch = pytest.importorskip("torch")
+    from textspan.core import span as span_module
+    from textspan.core.stats import device_stats
+
+    rng = np.random.default_rng(9)
+    x = low_rank_outputs(rng, 700, 48, 12, dtype=np.float32).reshape(700, 1, 1, 48) * 3 + 2
+    stats = device_stats(torch.from_numpy(x))
+    exact = HeadStats.from_outputs(x)
+    np.testing.assert_allclose(stats.mean, exact.mean, rtol=1e-13)
+    np.testing.assert_allclose(stats.covariance, exact.covariance, rtol=1e-9, atol=1e-14)
+    assert stats.shape == (1, 1) and stats.roundoff == 0.0
+    assert device_stats(torch.from_numpy(x).half()).roundoff == 2.0**-11
+    # A tensor on a GPU (a CPU tensor standing in for one here) never crosses whole to NumPy.
+    monkeypatch.setattr(span_module, "on_accelerator", lambda a: isinstance(a, torch.Tensor))
+    real = span_module.as_float_array
+
+    def host_copy(a, name):
+        if isinstance(a, torch.Tensor):
+            pytest.fail("outputs copied to the host")
+        return real(a, name)
+
+    monkeypatch.setattr(span_module, "as_float_array", host_copy)
+    t = rng.standard_normal((60, 48))
+    one = text_span(torch.from_numpy(x[:, 0, 0]), t, n_texts=5, rank=20)
+    many = text_span_heads(torch.from_numpy(x), t, n_texts=5, rank=20, progress=False)
+    reference = text_span_from_stats(exact[0, 0], t, n_texts=5, rank=20)
+    np.testing.assert_array_equal(one.indices, reference.indices)
+    np.testing.assert_array_equal(many[0][0].indices, reference.indices)
+    with pytest.raises(textspan.InputError, match=r"expected shape \[N, D\]"):
+        text_span(torch.from_numpy(x), t, n_texts=5, rank=20)

@@ -42,6 +42,7 @@ def text_span_heads(
     rank: int,
     exact_rank: bool = False,
     covariance_errors: npt.NDArray[np.float64] | None = None,
+    outputs: npt.NDArray[np.float32] | None = None,
 ) -> list[
     tuple[list[int], npt.NDArray[np.float64], float, npt.NDArray[np.float64], int, int, bool]
 ]: ...

@@ -22,7 +22,7 @@ import textspan._core as _core
 
 from ..errors import InputError, InputTypeError
 from .checks import as_float_array, check_convention, check_ndim
-from .stats import HeadStats, float32_stats, unit_roundoff
+from .stats import HeadStats, device_stats, float32_stats, on_accelerator, unit_roundoff
 
 __all__ = [
     "SpanResult",
@@ -193,9 +193,11 @@ def _spans(
     start: int,
     exact: bool,
     errors: list[float] | None = None,
+    outputs: np.ndarray | None = None,
 ) -> list[Any]:
     """The core's TextSpan for a group of heads (the first is head `start`), whose
-    covariances are exact or (`errors`) within the given bounds."""
+    covariances are exact or (`errors`) within the given bounds, and computed from the
+    float32 `outputs` [N, heads, D] when given (they certify heads narrower than `rank`)."""
     try:
         return _core.text_span_heads(
             pool,
@@ -207,6 +209,7 @@ def _spans(
             rank,
             exact,
             None if errors is None else np.asarray(errors, dtype=np.float64),
+            outputs,
         )
     except InputError as e:  # the core checks each head; it numbers them within the group
         raise InputError(_renumber(str(e), start)) from None
@@ -215,10 +218,25 @@ def _spans(
 @dataclass(frozen=True)
 class _Inexact:
     """Statistics from float32 products (`float32_stats`): a bound on each head's
-    covariance error, and the head's exact statistics for when that bound is too loose."""
+    covariance error; the float32 outputs of heads `start..stop` as a view [N, heads, D]
+    (None where the heads do not share one array), from which the core certifies a head
+    narrower than `rank`; and each head's exact statistics, for a head neither certifies."""
 
     errors: list[float]
+    outputs: Callable[[int, int], np.ndarray | None]
     exact: Callable[[int], HeadStats]
+
+    def spans(self, chunk: list[HeadStats], start: int, run: Callable[..., list[Any]]):
+        """`run(heads, start, errors, outputs)` over the group, one call where its heads
+        share an array of outputs, else one per head."""
+        stop = start + len(chunk)
+        rows = self.outputs(start, stop)
+        if rows is not None:
+            return run(chunk, start, self.errors[start:stop], rows)
+        return [
+            run([s], start + i, [self.errors[start + i]], self.outputs(start + i, start + i + 1))[0]
+            for i, s in enumerate(chunk)
+        ]
 
 
 def _stats_of_outputs(
@@ -229,12 +247,13 @@ def _stats_of_outputs(
     from float32 products (else None).
 
     Float32 outputs get float32 products (`float32_stats`: half the time of the exact ones,
-    which are most of the time of TextSpan on one head); `_run` falls back per head to the
-    exact statistics when the error bound could change the directions kept. The rest gets
-    exact statistics: float64 outputs, which ask for that precision; outputs stored coarser,
-    whose heads mostly have fewer directions above their rounding noise than `rank`, where
-    the bound would rarely suffice; and the paper's convention, which keeps null-space
-    directions that the products' error would decide.
+    which are most of the time of TextSpan on one head); the core certifies from them, and
+    from the outputs for a head narrower than `rank`, that exact statistics would keep the
+    same directions, and `_run` falls back per head to the exact statistics where it cannot.
+    The rest gets exact statistics: float64 outputs, which ask for that precision; outputs
+    stored coarser, whose rounding noise in every direction only exact products resolve at
+    its cut-off; and the paper's convention, which keeps null-space directions that the
+    products' error would decide.
     """
     if check_convention(convention) == "paper" or x.dtype != np.float32 or unit_roundoff(outputs):
         return HeadStats.from_outputs(outputs), None  # keeps the storage precision's roundoff
@@ -247,9 +266,12 @@ def _heads_of_outputs(
     """The statistics of each head's outputs (arrays of `layout`) or the `HeadStats` given."""
     stats: list[HeadStats] = []
     errors: list[float] = []
-    arrays: list[np.ndarray | None] = []  # the float32 outputs, for a head that falls back
+    arrays: list[np.ndarray | None] = []  # the float32 outputs of a head with float32 products
     for item in items:
-        if isinstance(item, HeadStats):
+        if isinstance(item, HeadStats) or on_accelerator(item):
+            if not isinstance(item, HeadStats):
+                check_ndim(item, "outputs", 2, layout)
+                item = device_stats(item)
             stats.append(item)
             errors.append(0.0)
             arrays.append(None)
@@ -259,10 +281,15 @@ def _heads_of_outputs(
         s, e = _stats_of_outputs(item, x, convention)
         stats.append(s)
         errors.append(0.0 if e is None else float(e))
-        arrays.append(x)
+        arrays.append(None if e is None else x)
     if not any(errors):
         return stats, None
-    return stats, _Inexact(errors, lambda i: HeadStats.from_outputs(arrays[i]))
+
+    def outputs(start: int, stop: int) -> np.ndarray | None:
+        rows = arrays[start]
+        return None if rows is None or stop != start + 1 else rows[:, None, :]
+
+    return stats, _Inexact(errors, outputs, lambda i: HeadStats.from_outputs(arrays[i]))
 
 
 def _run(
@@ -290,6 +317,14 @@ def _run(
         )
     paper = check_convention(convention) == "paper"
     rank = min(int(rank), pool.dim)  # a span has at most D directions
+    if stability and inexact is not None:
+        # The stability trials perturb the statistics at float32's rounding level, far below
+        # the float32 products' error: they are meaningful on exact statistics only.
+        stats = [
+            inexact.exact(i) if e else s
+            for i, (s, e) in enumerate(zip(stats, inexact.errors, strict=True))
+        ]
+        inexact = None
     # Every head's statistics before the long work (the core checks each group again).
     _core.check_heads(
         [float(s.count) for s in stats],
@@ -306,8 +341,16 @@ def _run(
     for start in range(0, len(stats), group):
         chunk = stats[start : start + group]
         tolerances = [rank_tolerance_for(s, rank_tolerance) for s in chunk]
-        errors = None if inexact is None else inexact.errors[start : start + group]
-        spans = _spans(chunk, pool, n_texts, rank, tolerances, start, paper, errors)
+        if inexact is None:
+            spans = _spans(chunk, pool, n_texts, rank, tolerances, start, paper)
+        else:
+
+            def run(heads, first, errors, rows, group=start, group_tolerances=tolerances):
+                offset = first - group
+                own = group_tolerances[offset : offset + len(heads)]
+                return _spans(heads, pool, n_texts, rank, own, first, paper, errors, rows)
+
+            spans = inexact.spans(chunk, start, run)
         for i, span in enumerate(spans):
             if not span[6]:
                 assert inexact is not None  # exact statistics are always certified
@@ -522,9 +565,17 @@ def text_span_heads(
         if not outputs_or_stats:
             raise InputError("outputs_or_stats: expected at least one head, got an empty list")
         flat, inexact = _heads_of_outputs(list(outputs_or_stats), convention)
-    elif isinstance(outputs_or_stats, HeadStats):
-        shape = outputs_or_stats.shape
-        flat = [outputs_or_stats[idx] for idx in product(*(range(s) for s in shape))]
+    elif isinstance(outputs_or_stats, HeadStats) or on_accelerator(outputs_or_stats):
+        all_stats = outputs_or_stats
+        if not isinstance(all_stats, HeadStats):
+            if all_stats.ndim < 3:
+                raise InputError(
+                    f"outputs: expected shape [N, L, H, D] (or [N, ..., D]), "
+                    f"got {list(all_stats.shape)}"
+                )
+            all_stats = device_stats(all_stats)
+        shape = all_stats.shape
+        flat = [all_stats[idx] for idx in product(*(range(s) for s in shape))]
     else:
         x = as_float_array(outputs_or_stats, "outputs")
         if x.ndim < 3:
@@ -535,7 +586,9 @@ def text_span_heads(
         if errors is not None:
             heads = x.reshape(x.shape[0], -1, x.shape[-1])
             inexact = _Inexact(
-                errors.ravel().tolist(), lambda i: HeadStats.from_outputs(heads[:, i])
+                errors.ravel().tolist(),
+                lambda start, stop: heads[:, start:stop],
+                lambda i: HeadStats.from_outputs(heads[:, i]),
             )
         shape = all_stats.shape
         flat = [all_stats[idx] for idx in product(*(range(s) for s in shape))]

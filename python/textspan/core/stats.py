@@ -13,7 +13,14 @@ import textspan._core as _core
 from ..errors import InputError, InputTypeError
 from .checks import as_float_array
 
-__all__ = ["HeadStats", "batch_stats", "float32_stats", "unit_roundoff"]
+__all__ = [
+    "HeadStats",
+    "batch_stats",
+    "device_stats",
+    "float32_stats",
+    "on_accelerator",
+    "unit_roundoff",
+]
 
 
 class HeadStats:
@@ -189,6 +196,57 @@ def _moments(
     scatters /= n  # in place: a covariance per head can be large
     stats = HeadStats(n, means.reshape(*heads, dim), scatters.reshape(*heads, dim, dim), roundoff)
     return stats, errors.reshape(heads) / n
+
+
+def on_accelerator(x: Any) -> bool:
+    """Whether `x` is a PyTorch tensor on a device other than the CPU (a GPU)."""
+    device = getattr(x, "device", None)
+    return hasattr(x, "detach") and getattr(device, "type", "cpu") != "cpu"
+
+
+# Elements of one chunk of outputs converted to float64 at a time on the device (256 MiB).
+_DEVICE_CHUNK = 2**25
+
+
+def device_stats(outputs: Any) -> HeadStats:
+    """The exact statistics of a PyTorch tensor of outputs [N, ..., D] (any float dtype),
+    computed where the tensor lives: the mean and the centred products in float64, a chunk
+    of rows at a time, so that only the [..., D, D] statistics cross to the host (for
+    outputs on a GPU, where copying them whole would cost more than the products).
+
+    The same statistics as `HeadStats.from_outputs`, up to the order of float64 sums.
+    """
+    x = outputs.detach()
+    if not x.is_floating_point() or x.is_complex():
+        raise InputTypeError(f"outputs: expected a float tensor, got dtype {x.dtype}")
+    if x.ndim < 2 or 0 in x.shape[1:]:
+        raise InputError(
+            f"outputs: expected shape [N, ..., D] with at least one head of width D >= 1, "
+            f"got {list(x.shape)}"
+        )
+    n, heads, dim = x.shape[0], tuple(x.shape[1:-1]), x.shape[-1]
+    if n == 0:
+        return HeadStats.zeros(dim, heads)
+    flat = x.reshape(n, -1, dim)
+    k = flat.shape[1]
+    step = max(1, _DEVICE_CHUNK // (k * dim))
+    total = flat.new_zeros((k, dim)).double()
+    for start in range(0, n, step):
+        total += flat[start : start + step].double().sum(0)
+    if not bool(total.isfinite().all()):
+        # Named by its index on the host, as for any other outputs.
+        batch_stats(np.asarray(as_float_array(outputs, "outputs")))
+    mean = total / n
+    scatter = flat.new_zeros((k, dim, dim)).double()
+    for start in range(0, n, step):
+        centred = flat[start : start + step].double() - mean
+        scatter += centred.permute(1, 2, 0) @ centred.permute(1, 0, 2)
+    return HeadStats(
+        n,
+        mean.reshape(*heads, dim).cpu().numpy(),
+        (scatter / n).reshape(*heads, dim, dim).cpu().numpy(),
+        unit_roundoff(outputs),
+    )
 
 
 # Unit roundoffs of the storage precisions coarser than float32.

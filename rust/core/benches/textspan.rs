@@ -69,7 +69,7 @@ fn benches(c: &mut Criterion) {
     let signal = (gaussian(&mut rng, (10_000, SIGNAL)) * &scales).dot(&basis.t());
     let offset = Array1::from_shape_simple_fn(D, || 0.5 * rng.sample::<f64, _>(StandardNormal));
     let noise = gaussian(&mut rng, (10_000, D)) * 1e-3;
-    let outputs = (signal + noise + offset)
+    let outputs = (signal + noise + &offset)
         .mapv(|x| x as f32)
         .insert_axis(ndarray::Axis(1));
     group.bench_function(
@@ -86,6 +86,34 @@ fn benches(c: &mut Criterion) {
                 };
                 let span = text_span(&head, &pool, params).unwrap();
                 assert!(span.certified);
+                span
+            })
+        },
+    );
+    // A head as wide as ViT-B/L/H heads (64 directions and a mean) at the default rank 80:
+    // the products cannot tell whether an 81st direction exists, the outputs certify that
+    // none does.
+    let narrow_basis = gaussian(&mut rng, (D, 64)) / (D as f64).sqrt();
+    let narrow_scales = Array1::from_shape_fn(64, |i| (-0.03 * i as f64).exp());
+    let narrow = ((gaussian(&mut rng, (10_000, 64)) * &narrow_scales).dot(&narrow_basis.t())
+        + &offset)
+        .mapv(|x| x as f32)
+        .insert_axis(ndarray::Axis(1));
+    group.bench_function(
+        "one head from raw outputs, 64 wide at rank 80 (N 10,000, D 768, certified by them)",
+        |b| {
+            b.iter(|| {
+                let m = batch_moments(narrow.view(), Products::Float32)
+                    .unwrap()
+                    .remove(0);
+                let cov = Array2::from_shape_fn((D, D), |(i, j)| m.scatter[(i, j)] / 10_000.0);
+                let head = HeadMoments {
+                    covariance_error: m.scatter_error / 10_000.0,
+                    outputs: Some(narrow.index_axis(ndarray::Axis(1), 0)),
+                    ..HeadMoments::new(10_000.0, ndarray::ArrayView1::from(&m.mean), cov.view())
+                };
+                let span = text_span(&head, &pool, params).unwrap();
+                assert!(span.certified && span.rank == 65);
                 span
             })
         },

@@ -4,6 +4,7 @@
 //! Every module takes and returns `ndarray` values and knows nothing of Python; the
 //! `textspan-python` crate beside this one holds the bindings.
 
+pub mod certify;
 pub mod error;
 pub mod metrics;
 pub mod moments;

@@ -34,6 +34,7 @@ use faer::{Accum, Mat, MatMut, MatRef, Par, Side};
 use ndarray::{Array2, ArrayView1, ArrayView2};
 use rayon::prelude::*;
 
+use crate::certify;
 use crate::error::{Error, Result};
 use crate::parallel;
 use crate::scalar::Real;
@@ -90,6 +91,10 @@ pub struct HeadMoments<'a> {
     /// A bound on the spectral norm of the covariance's error (0 when it is exact up to
     /// float64 rounding; see `moments::Products::Float32`).
     pub covariance_error: f64,
+    /// The float32 outputs [count, D] the statistics were computed from, when the caller has
+    /// them: with a covariance error, they certify a head narrower than `rank`
+    /// (`certify::tail_bound`) without exact statistics.
+    pub outputs: Option<ArrayView2<'a, f32>>,
 }
 
 impl<'a> HeadMoments<'a> {
@@ -101,6 +106,7 @@ impl<'a> HeadMoments<'a> {
             covariance,
             rank_tolerance: RANK_TOLERANCE,
             covariance_error: 0.0,
+            outputs: None,
         }
     }
 }
@@ -300,6 +306,15 @@ fn check_head(h: usize, head: &HeadMoments, d: usize) -> Result<()> {
             format!("[{a}, {b}]"),
         ));
     }
+    if let Some(rows) = head.outputs {
+        if rows.ncols() != d || rows.nrows() as f64 != head.count {
+            return Err(Error::shape(
+                what("outputs"),
+                format!("[{}, {d}] (count, D)", head.count),
+                format!("[{}, {}]", rows.nrows(), rows.ncols()),
+            ));
+        }
+    }
     if let Some(j) = head.mean.iter().position(|x| !x.is_finite()) {
         return Err(Error::NonFinite {
             what: what("mean"),
@@ -421,12 +436,19 @@ fn subspace_block(rank: usize, d: usize) -> usize {
 }
 
 /// The top eigenpairs of a symmetric PSD matrix of high numerical rank, by block subspace
-/// iteration with Rayleigh–Ritz (the oversampled block makes the top `rank` converge at the
-/// rate λ_{k+1}/λ_rank per iteration), or None when they have not converged to
-/// `RITZ_TOLERANCE` within `MAX_SUBSPACE_ITERATIONS` (or the block would be most of the
-/// matrix): the caller then decomposes the whole matrix. The start block is a fixed
-/// pseudo-random one, so the result does not vary between runs.
-fn subspace_iteration(g: MatRef<f64>, rank: usize) -> Option<(Mat<f64>, Vec<f64>)> {
+/// iteration with Rayleigh–Ritz (the oversampled block of `rank` makes the top pairs converge
+/// at the rate λ_{block+1}/λ_i per iteration): every Ritz pair of the block, by descending
+/// value, once the top `needed(values)` (at most the block) have converged to
+/// `RITZ_TOLERANCE`; None when they have not within `MAX_SUBSPACE_ITERATIONS` (or the block
+/// would be most of the matrix): the caller then decomposes the whole matrix. Asking only for
+/// the pairs that will be kept lets a head narrower than `rank` converge at once, where the
+/// pairs past its width sit in a cluster of noise that never converges. The start block is a
+/// fixed pseudo-random one, so the result does not vary between runs.
+fn subspace_iteration(
+    g: MatRef<f64>,
+    rank: usize,
+    needed: impl Fn(&[f64]) -> usize,
+) -> Option<(Mat<f64>, Vec<f64>)> {
     let d = g.nrows();
     let k = subspace_block(rank, d);
     if 2 * k > d {
@@ -462,7 +484,7 @@ fn subspace_iteration(g: MatRef<f64>, rank: usize) -> Option<(Mat<f64>, Vec<f64>
             let v = &q * &w;
             let gv = &y * &w;
             let top = theta[0].max(0.0);
-            let converged = (0..rank.min(k)).all(|c| {
+            let converged = (0..needed(&theta).min(k)).all(|c| {
                 let r2: f64 = (0..d)
                     .map(|i| (gv[(i, c)] - theta[c] * v[(i, c)]).powi(2))
                     .sum();
@@ -486,12 +508,23 @@ struct TopSpace {
     /// Whether an error of the matrix (up to the bound given) could not change which
     /// directions are kept.
     certified: bool,
+    /// For an inexact matrix of which fewer than `rank` directions certainly clear the
+    /// tolerance (a head narrower than `rank`): the space is certified once no other
+    /// eigenvalue of the exact matrix can exceed this, which the outputs can show
+    /// (`certify::tail_bound`).
+    tail_cutoff: Option<f64>,
 }
 
 /// The eigenvectors (by descending eigenvalue) of the symmetric PSD matrix `g` whose
 /// eigenvalues are above `tolerance` times the largest, at most `rank` of them; with
 /// `exact_rank`, exactly `rank` of them (the published algorithm's basis, null-space
 /// directions included). `error` bounds the spectral norm of `g`'s error.
+///
+/// The ways, cheapest first: a pivoted Cholesky factor (exact `g` of low rank); block
+/// subspace iteration converging only the directions that certainly clear the tolerance,
+/// then, when they are fewer than `rank`, a certificate that nothing else does
+/// (`certify::complement_below` for an exact `g`; for an inexact one the caller's outputs,
+/// `TopSpace::tail_cutoff`); else the dense eigendecomposition.
 fn dominant_eigenvectors(
     g: MatRef<f64>,
     rank: usize,
@@ -500,51 +533,139 @@ fn dominant_eigenvectors(
     error: f64,
 ) -> Result<TopSpace> {
     let d = g.nrows();
-    let nothing = || TopSpace {
-        vectors: Mat::zeros(d, 0),
-        numerical_rank: 0,
-        certified: error == 0.0,
+    let space = |vectors: Mat<f64>, numerical_rank, certified, tail_cutoff| TopSpace {
+        vectors,
+        numerical_rank,
+        certified,
+        tail_cutoff,
     };
     let max_diag = (0..d).map(|i| g[(i, i)]).fold(0.0f64, f64::max);
     if max_diag <= 0.0 && !exact_rank {
-        return Ok(nothing());
+        return Ok(space(Mat::zeros(d, 0), 0, error == 0.0, None));
     }
-    let not_converged = || Error::value("eigendecomposition", "convergence", "no convergence");
+    if exact_rank {
+        // The null space is wanted too: only a full decomposition has it.
+        let (vectors, values) = dense_eigen(g)?;
+        return Ok(select(vectors, values, rank, tolerance, true, error));
+    }
     // Low rank (real heads write into a subspace of about the head width): factor first,
-    // then decompose the small factor. Otherwise one dense eigendecomposition.
-    let factor = if exact_rank {
-        None // the null space is wanted too: only a full decomposition has it
-    } else if error > 0.0 {
-        // An inexact matrix is of full rank at the level of its error, far above the
-        // factor's stopping point: the factor would only fail.
-        None
+    // then decompose the small factor; past the subspace iteration's block, that is the
+    // cheaper way to the top space. The factor stops once what it leaves is below the
+    // tolerance's level, or for an inexact matrix (of full rank at the level of its
+    // error) a thousandth of the error, which then counts in the error.
+    let exact_level = CHOLESKY_FRACTION * tolerance * max_diag;
+    let left = if error > 0.0 {
+        exact_level.max(1e-3 * error)
     } else {
-        // Past the subspace iteration's block, that is the cheaper way to the top space.
-        pivoted_cholesky(
-            g,
-            CHOLESKY_FRACTION * tolerance * max_diag,
-            (d / LOW_RANK_FRACTION).min(subspace_block(rank, d)),
-        )
+        exact_level
     };
-    let (vectors, values): (Mat<f64>, Vec<f64>) = match factor {
-        Some(l) if l.ncols() > 0 => {
-            let svd = l.thin_svd().map_err(|_| not_converged())?;
-            let s = svd.S().column_vector();
-            let values = (0..l.ncols()).map(|i| s[i] * s[i]).collect();
-            (svd.U().to_owned(), values)
+    let max_rank = (d / LOW_RANK_FRACTION).min(subspace_block(rank, d));
+    if let Some(l) = pivoted_cholesky(g, left, max_rank) {
+        if l.ncols() == 0 {
+            return Ok(space(Mat::zeros(d, 0), 0, error == 0.0, None));
         }
-        Some(_) => return Ok(nothing()),
-        None => match (!exact_rank).then(|| subspace_iteration(g, rank)).flatten() {
-            Some(found) => found,
-            None => {
-                let evd = g
-                    .self_adjoint_eigen(Side::Lower)
-                    .map_err(|_| not_converged())?;
-                let s = evd.S().column_vector();
-                ((evd.U().to_owned()), (0..d).map(|i| s[i]).collect())
-            }
-        },
-    };
+        let svd = l.thin_svd().map_err(|_| not_converged())?;
+        let s = svd.S().column_vector();
+        let values: Vec<f64> = (0..l.ncols()).map(|i| s[i] * s[i]).collect();
+        let error = if error > 0.0 { error + left } else { 0.0 };
+        return Ok(decide(svd.U().to_owned(), values, rank, tolerance, error));
+    }
+    // The Ritz values that clear the tolerance by more than the matrix's error and the
+    // Ritz residuals: directions the exact matrix certainly has above it (Weyl).
+    let clear = |theta: &[f64]| clear_count(theta, rank, tolerance, error);
+    if let Some((v, theta)) = subspace_iteration(g, rank, clear) {
+        let k = clear(&theta);
+        let top = theta[0].max(0.0);
+        let kept = || v.subcols(0, k).to_owned();
+        if k == rank.min(d) {
+            let numerical = theta.iter().filter(|&&t| t > tolerance * top).count();
+            return Ok(space(kept(), numerical, true, None));
+        }
+        if error > 0.0 {
+            // λ₁ of the exact matrix is at least θ₁ − error.
+            let cutoff = tolerance * (top - error);
+            return Ok(space(kept(), k, false, Some(cutoff)));
+        }
+        // θ₁ ≤ λ₁: below τ·θ₁ is below the tolerance.
+        if certify::complement_below(g, v.subcols(0, k), tolerance * top) {
+            return Ok(space(kept(), k, true, None));
+        }
+    }
+    let (vectors, values) = dense_eigen(g)?;
+    Ok(decide(vectors, values, rank, tolerance, error))
+}
+
+/// `select` for a matrix within `error` of the exact one, and where that leaves the space
+/// uncertain only because fewer than `rank` directions clear the error, those that do,
+/// with the cut-off the rest must be shown to be below (`TopSpace::tail_cutoff`).
+fn decide(
+    vectors: Mat<f64>,
+    values: Vec<f64>,
+    rank: usize,
+    tolerance: f64,
+    error: f64,
+) -> TopSpace {
+    let top = select(
+        vectors.clone(),
+        values.clone(),
+        rank,
+        tolerance,
+        false,
+        error,
+    );
+    if top.certified {
+        return top;
+    }
+    let mut order: Vec<usize> = (0..values.len()).collect();
+    order.sort_by(|&a, &b| values[b].total_cmp(&values[a]));
+    let sorted: Vec<f64> = order.iter().map(|&i| values[i]).collect();
+    let k = clear_count(&sorted, rank, tolerance, error);
+    TopSpace {
+        vectors: Mat::from_fn(vectors.nrows(), k, |i, c| vectors[(i, order[c])]),
+        numerical_rank: k,
+        certified: false,
+        tail_cutoff: Some(tolerance * (sorted[0] - error)),
+    }
+}
+
+/// How many of the eigenvalues `values` (descending) of a matrix within `error` of the exact
+/// one certainly clear the tolerance for the exact matrix too (Weyl, with the Ritz
+/// residuals' slack), at most `rank`.
+fn clear_count(values: &[f64], rank: usize, tolerance: f64, error: f64) -> usize {
+    let top = values[0].max(0.0);
+    let slack = error + RITZ_TOLERANCE * top;
+    let above = values
+        .iter()
+        .take_while(|&&t| t - slack > tolerance * (top + slack))
+        .count();
+    above.min(rank)
+}
+
+fn not_converged() -> Error {
+    Error::value("eigendecomposition", "convergence", "no convergence")
+}
+
+/// Every eigenpair of a symmetric matrix: vectors [D, D] and values.
+fn dense_eigen(g: MatRef<f64>) -> Result<(Mat<f64>, Vec<f64>)> {
+    let evd = g
+        .self_adjoint_eigen(Side::Lower)
+        .map_err(|_| not_converged())?;
+    let s = evd.S().column_vector();
+    Ok((evd.U().to_owned(), (0..g.nrows()).map(|i| s[i]).collect()))
+}
+
+/// The top space from eigenpairs found by a direct method: those above the tolerance (or
+/// exactly `rank` with `exact_rank`), at most `rank`, certified when `error` cannot change
+/// which they are.
+fn select(
+    vectors: Mat<f64>,
+    values: Vec<f64>,
+    rank: usize,
+    tolerance: f64,
+    exact_rank: bool,
+    error: f64,
+) -> TopSpace {
+    let d = vectors.nrows();
     let mut order: Vec<usize> = (0..values.len()).collect();
     order.sort_by(|&a, &b| values[b].total_cmp(&values[a]));
     let largest = values[order[0]];
@@ -567,11 +688,12 @@ fn dominant_eigenvectors(
             && keep
                 .last()
                 .is_some_and(|&i| values[i] - slack > tolerance * (largest + slack)));
-    Ok(TopSpace {
+    TopSpace {
         vectors: Mat::from_fn(d, keep.len(), |i, c| vectors[(i, keep[c])]),
         numerical_rank: numerical,
         certified,
-    })
+        tail_cutoff: None,
+    }
 }
 
 fn head_basis(head: &HeadMoments, rank: usize, exact_rank: bool) -> Result<HeadBasis> {
@@ -581,13 +703,16 @@ fn head_basis(head: &HeadMoments, rank: usize, exact_rank: bool) -> Result<HeadB
         None => Mat::from_fn(d, d, |i, j| head.covariance[[i, j]]),
     };
     let second = Mat::from_fn(d, d, |i, j| cov[(i, j)] + head.mean[i] * head.mean[j]);
-    let top = dominant_eigenvectors(
+    let mut top = dominant_eigenvectors(
         second.as_ref(),
         rank,
         head.rank_tolerance,
         exact_rank,
         head.covariance_error,
     )?;
+    if let (Some(cutoff), Some(rows)) = (top.tail_cutoff, head.outputs) {
+        top.certified = certify::tail_bound(rows, top.vectors.as_ref()) <= cutoff;
+    }
     let v = top.vectors;
     let r = v.ncols();
     // Rotate the basis so that the covariance restricted to the span is diagonal.
@@ -596,11 +721,7 @@ fn head_basis(head: &HeadMoments, rank: usize, exact_rank: bool) -> Result<HeadB
     let (w, lambda) = if r == 0 {
         (Mat::zeros(0, 0), Vec::new())
     } else {
-        let evd = b0
-            .self_adjoint_eigen(Side::Lower)
-            .map_err(|_| Error::value("eigendecomposition", "convergence", "no convergence"))?;
-        let s = evd.S().column_vector();
-        ((evd.U().to_owned()), (0..r).map(|i| s[i]).collect())
+        dense_eigen(b0.as_ref())?
     };
     Ok(HeadBasis {
         v: &v * &w,
@@ -710,8 +831,43 @@ fn orthogonalise(x: &mut [f64], basis: &[Vec<f64>]) {
     }
 }
 
-/// The greedy selection for one head, parallel over chunks of the pool.
-fn greedy<T: Real>(basis: &HeadBasis, pool: &TextPool<T>, n_texts: usize) -> Span {
+/// The greedy selection's buffers: the texts' coordinates in a head's basis and their
+/// scores, kept from one head to the next (a pool of 200,000 texts needs 64 MB of
+/// coordinates per head, and fresh pages cost a tenth of a head's time).
+struct Workspace<T> {
+    a: Vec<T>,
+    scores: Vec<f64>,
+}
+
+impl<T: Real> Workspace<T> {
+    fn new() -> Self {
+        Workspace {
+            a: Vec::new(),
+            scores: Vec::new(),
+        }
+    }
+
+    /// The buffers for `m` texts of `r` coordinates; what they held is overwritten.
+    fn take(&mut self, r: usize, m: usize) -> (&mut [T], &mut [f64]) {
+        if self.a.len() < r * m {
+            self.a.resize(r * m, T::from_f64(0.0));
+        }
+        if self.scores.len() < m {
+            self.scores.resize(m, 0.0);
+        }
+        (&mut self.a[..r * m], &mut self.scores[..m])
+    }
+}
+
+/// The greedy selection for one head, parallel over chunks of the pool. Each step is one
+/// pass over the texts' coordinates that updates their scores and finds the next best; the
+/// last pick needs no update.
+fn greedy<T: Real>(
+    basis: &HeadBasis,
+    pool: &TextPool<T>,
+    n_texts: usize,
+    work: &mut Workspace<T>,
+) -> Span {
     let (m, d, r) = (pool.m, pool.d, basis.v.ncols());
     let empty = |rank| Span {
         indices: Vec::new(),
@@ -728,12 +884,12 @@ fn greedy<T: Real>(basis: &HeadBasis, pool: &TextPool<T>, n_texts: usize) -> Spa
     // a_j = Vᵀ t_j, stored text-major (column j of an r×M column-major matrix), computed in
     // the pool's precision.
     let vt: Mat<T> = Mat::from_fn(r, d, |i, j| T::from_f64(basis.v[(j, i)]));
-    let mut a = vec![T::from_f64(0.0); r * m];
-    let mut scores = vec![0.0f64; m];
-    a.par_chunks_mut(r * TEXT_CHUNK)
+    let (a, scores) = work.take(r, m);
+    let mut best = a
+        .par_chunks_mut(r * TEXT_CHUNK)
         .zip(scores.par_chunks_mut(TEXT_CHUNK))
         .enumerate()
-        .for_each(|(c, (a_chunk, s_chunk))| {
+        .map(|(c, (a_chunk, s_chunk))| {
             let len = s_chunk.len();
             let dst = MatMut::from_column_major_slice_mut(a_chunk, r, len);
             let texts = pool.chunk(c * TEXT_CHUNK, len);
@@ -753,17 +909,15 @@ fn greedy<T: Real>(basis: &HeadBasis, pool: &TextPool<T>, n_texts: usize) -> Spa
                     .map(|(x, l)| x.to_f64() * x.to_f64() * l)
                     .sum();
             }
-        });
-    let first_best = scores.iter().cloned().fold(0.0f64, f64::max);
+            best_of(s_chunk, c * TEXT_CHUNK)
+        })
+        .reduce(|| None, better);
+    let first_best = best.map_or(0.0, |(score, _)| score.max(0.0));
+    let picks = n_texts.min(r);
     let mut chosen: Vec<Vec<f64>> = Vec::new();
     let mut indices = Vec::new();
     let mut variance = Vec::new();
-    for _ in 0..n_texts.min(r) {
-        let best = scores
-            .par_chunks(TEXT_CHUNK)
-            .enumerate()
-            .map(|(c, s)| best_of(s, c * TEXT_CHUNK))
-            .reduce(|| None, better);
+    while chosen.len() < picks {
         let Some((score, j)) = best else { break };
         if score <= first_best * 1e-12 {
             break; // every text left is (numerically) in the span already chosen
@@ -780,18 +934,25 @@ fn greedy<T: Real>(basis: &HeadBasis, pool: &TextPool<T>, n_texts: usize) -> Spa
         let gamma: f64 = u.iter().zip(&lu).map(|(x, y)| x * y).sum();
         let mut w = lu;
         orthogonalise(&mut w, &chosen);
-        let step = Step {
-            u: &u,
-            w: &w,
-            gamma,
-        };
-        scores
-            .par_chunks_mut(TEXT_CHUNK)
-            .zip(a.par_chunks(r * TEXT_CHUNK))
-            .for_each(|(s_chunk, a_chunk)| update_scores(s_chunk, a_chunk, r, &step));
         scores[j] = f64::NEG_INFINITY;
         indices.push(j);
         variance.push(gamma);
+        if indices.len() < picks {
+            let step = Step {
+                u: &u,
+                w: &w,
+                gamma,
+            };
+            best = scores
+                .par_chunks_mut(TEXT_CHUNK)
+                .zip(a.par_chunks(r * TEXT_CHUNK))
+                .enumerate()
+                .map(|(c, (s_chunk, a_chunk))| {
+                    update_scores(s_chunk, a_chunk, r, &step);
+                    best_of(s_chunk, c * TEXT_CHUNK)
+                })
+                .reduce(|| None, better);
+        }
         chosen.push(u);
     }
     let k = chosen.len();
@@ -823,9 +984,10 @@ pub fn text_span_heads<T: Real>(
             .par_iter()
             .map(|head| head_basis(head, params.rank, params.exact_rank))
             .collect::<Result<Vec<_>>>()?;
+        let mut work = Workspace::new();
         Ok(bases
             .iter()
-            .map(|b| greedy(b, pool, params.n_texts))
+            .map(|b| greedy(b, pool, params.n_texts, &mut work))
             .collect())
     })
 }
@@ -925,7 +1087,8 @@ mod tests {
         // Full rank: 30 strong directions over noise in every direction.
         let g = low_rank_covariance(&mut rng, d, 30, 1e-4);
         let g = Mat::from_fn(d, d, |i, j| g[[i, j]]);
-        let (v, values) = subspace_iteration(g.as_ref(), 20).expect("a clear gap converges");
+        let (v, values) =
+            subspace_iteration(g.as_ref(), 20, |_| 20).expect("a clear gap converges");
         let evd = g.self_adjoint_eigen(Side::Lower).unwrap();
         let s = evd.S().column_vector();
         let dense = Mat::from_fn(d, 20, |i, c| evd.U()[(i, d - 1 - c)]);
@@ -936,13 +1099,13 @@ mod tests {
         let gap = (projector(&top) - projector(&dense)).norm_max();
         assert!(gap < 1e-9, "top-20 subspaces differ by {gap}");
         // A block that would be most of the matrix, or no gap at all: the caller decomposes.
-        assert!(subspace_iteration(g.as_ref(), 90).is_none());
+        assert!(subspace_iteration(g.as_ref(), 90, |_| 90).is_none());
         let flat = Mat::from_fn(
             d,
             d,
             |i, j| if i == j { 1.0 - 1e-4 * i as f64 } else { 0.0 },
         );
-        assert!(subspace_iteration(flat.as_ref(), 20).is_none());
+        assert!(subspace_iteration(flat.as_ref(), 20, |_| 20).is_none());
     }
 
     #[test]
@@ -1005,6 +1168,77 @@ mod tests {
         assert!(!top(20, 1e-3).unwrap().certified);
         // Exact statistics are never in doubt, even when they are of low rank.
         assert!(top(20, 0.0).unwrap().certified);
+    }
+
+    /// Float32 rows: `k` directions of decaying scale plus a mean, and `noise` in every
+    /// direction; their statistics from float32 products, as `text_span` computes them.
+    fn narrow_head(rng: &mut StdRng, n: usize, d: usize, k: usize, noise: f64) -> Array2<f32> {
+        let basis = gaussian(rng, d, k);
+        let scales = Array1::from_shape_fn(k, |i| (-0.05 * i as f64).exp());
+        let signal = (gaussian(rng, n, k) * &scales).dot(&basis.t()) / (d as f64).sqrt();
+        let offset = Array1::from_shape_fn(d, |_| rng.sample::<f64, _>(StandardNormal));
+        (signal + gaussian(rng, n, d) * noise + offset).mapv(|x| x as f32)
+    }
+
+    fn span_of_rows(rows: &Array2<f32>, rank: usize, with_outputs: bool) -> Span {
+        let n = rows.nrows();
+        let x = rows.view().insert_axis(ndarray::Axis(1));
+        let m = crate::moments::batch_moments(x, crate::moments::Products::Float32)
+            .unwrap()
+            .remove(0);
+        let d = rows.ncols();
+        let cov = Array2::from_shape_fn((d, d), |(i, j)| m.scatter[(i, j)] / n as f64);
+        let mean = Array1::from(m.mean.clone());
+        let texts = Array2::<f64>::eye(d);
+        let pool = TextPool::from_view(texts.view()).unwrap();
+        let head = HeadMoments {
+            covariance_error: m.scatter_error / n as f64,
+            outputs: with_outputs.then(|| rows.view()),
+            ..HeadMoments::new(n as f64, mean.view(), cov.view())
+        };
+        text_span(&head, &pool, SpanParams::new(5, rank)).unwrap()
+    }
+
+    #[test]
+    fn a_head_narrower_than_rank_is_certified_from_its_outputs_or_falls_back() {
+        let mut rng = StdRng::seed_from_u64(7);
+        let (n, d) = (3000, 256);
+        // 24 directions and a mean, 40 asked for: float32 products cannot tell whether a
+        // 26th direction is above the tolerance; the outputs show that none is.
+        let narrow = narrow_head(&mut rng, n, d, 24, 0.0);
+        let certified = span_of_rows(&narrow, 40, true);
+        assert!(certified.certified);
+        assert_eq!((certified.rank, certified.numerical_rank), (25, 25));
+        // Without the outputs the same statistics are not certified: exact ones are needed.
+        assert!(!span_of_rows(&narrow, 40, false).certified);
+        // Noise in every direction above the tolerance but below the products' error: no
+        // certificate can hold, the caller must run the head from exact statistics.
+        let noisy = narrow_head(&mut rng, n, d, 24, 1e-3);
+        assert!(!span_of_rows(&noisy, 40, true).certified);
+    }
+
+    #[test]
+    fn exact_statistics_of_a_narrow_head_skip_the_dense_decomposition_only_when_certain() {
+        // 20 clear directions over noise 1e-9 in every other one, 40 asked for, at a
+        // tolerance between them: the complement is certified below it. A 21st direction
+        // just above the tolerance is kept (the dense path decides it), one just below is not.
+        let d = 160;
+        let spectrum = |extra: f64| {
+            Mat::from_fn(d, d, |i, j| match (i == j, i) {
+                (true, i) if i < 20 => 0.8f64.powi(i as i32),
+                (true, 20) => extra,
+                (true, _) => 1e-9,
+                _ => 0.0,
+            })
+        };
+        let kept = |g: &Mat<f64>| {
+            let top = dominant_eigenvectors(g.as_ref(), 40, 1e-6, false, 0.0).unwrap();
+            assert!(top.certified);
+            (top.vectors.ncols(), top.numerical_rank)
+        };
+        assert_eq!(kept(&spectrum(1e-9)), (20, 20));
+        assert_eq!(kept(&spectrum(1.01e-6)), (21, 21));
+        assert_eq!(kept(&spectrum(0.99e-6)), (20, 20));
     }
 
     fn run(threads: usize, cov: &Array2<f64>, mean: &Array1<f64>, pool: &TextPool<f32>) -> Span {

@@ -3,7 +3,7 @@
 //! hands back NumPy arrays (a text pool is the exception: it is copied and scaled in one pass
 //! with the GIL held). Errors become Python exceptions here and nowhere else.
 
-use ndarray::{Array1, Axis};
+use ndarray::{Array1, ArrayView3, Axis};
 use numpy::{
     IntoPyArray, PyArray1, PyArray2, PyArray3, PyReadonlyArray1, PyReadonlyArray2, PyReadonlyArray3,
 };
@@ -103,12 +103,13 @@ fn span_tuple(py: Python<'_>, s: Span) -> SpanTuple<'_> {
 /// covariances [K, D, D] and rank tolerances [K] (directions of a head's second moment below
 /// its tolerance times the largest eigenvalue count as absent, unless `exact_rank`: then
 /// exactly `rank` directions, as published), and optionally bounds [K] on the spectral norm
-/// of each covariance's error (from `batch_moments(..., float32_products=True)`). Returns
-/// one tuple per head: (indices, variance, total_variance, directions, rank,
+/// of each covariance's error (from `batch_moments(..., float32_products=True)`) with the
+/// float32 outputs [N, K, D] they came from, which certify heads narrower than `rank`.
+/// Returns one tuple per head: (indices, variance, total_variance, directions, rank,
 /// numerical_rank, certified); `certified` is false where a covariance's error could have
 /// changed the directions kept.
 #[pyfunction]
-#[pyo3(signature = (pool, counts, means, covariances, rank_tolerances, n_texts, rank, exact_rank=false, covariance_errors=None))]
+#[pyo3(signature = (pool, counts, means, covariances, rank_tolerances, n_texts, rank, exact_rank=false, covariance_errors=None, outputs=None))]
 #[allow(clippy::too_many_arguments)]
 fn text_span_heads<'py>(
     py: Python<'py>,
@@ -121,6 +122,7 @@ fn text_span_heads<'py>(
     rank: usize,
     exact_rank: bool,
     covariance_errors: Option<PyReadonlyArray1<'py, f64>>,
+    outputs: Option<PyReadonlyArray3<'py, f32>>,
 ) -> PyResult<Vec<SpanTuple<'py>>> {
     let counts = counts.as_array().to_owned();
     let means = means.as_array().to_owned();
@@ -159,23 +161,39 @@ fn text_span_heads<'py>(
     } else {
         SpanParams::new(n_texts, rank)
     };
-    let spans = py
-        .detach(|| {
-            let heads: Vec<HeadMoments> = (0..k)
-                .map(|h| HeadMoments {
-                    count: counts[h],
-                    mean: means.row(h),
-                    covariance: covs.index_axis(Axis(0), h),
-                    rank_tolerance: tolerances[h],
-                    covariance_error: errors[h],
-                })
-                .collect();
-            match &pool.pool {
-                Pool::F32(p) => textspan::text_span_heads(&heads, p, params),
-                Pool::F64(p) => textspan::text_span_heads(&heads, p, params),
+    let run = |outputs: Option<ArrayView3<f32>>| {
+        let heads: Vec<HeadMoments> = (0..k)
+            .map(|h| HeadMoments {
+                count: counts[h],
+                mean: means.row(h),
+                covariance: covs.index_axis(Axis(0), h),
+                rank_tolerance: tolerances[h],
+                covariance_error: errors[h],
+                outputs: outputs.map(|x| x.index_axis_move(Axis(1), h)),
+            })
+            .collect();
+        match &pool.pool {
+            Pool::F32(p) => textspan::text_span_heads(&heads, p, params),
+            Pool::F64(p) => textspan::text_span_heads(&heads, p, params),
+        }
+    };
+    let spans = match &outputs {
+        // Outputs can be gigabytes: they are read in place, with the GIL held so that no
+        // Python thread writes into them meanwhile (as a text pool is read).
+        Some(x) => {
+            let x = x.as_array();
+            if x.shape()[1] != k {
+                return Err(py_err(Error::shape(
+                    "outputs",
+                    format!("[N, {k}, D] (one head per statistics)"),
+                    format!("{:?}", x.shape()),
+                )));
             }
-        })
-        .map_err(py_err)?;
+            run(Some(x))
+        }
+        None => py.detach(|| run(None)),
+    }
+    .map_err(py_err)?;
     Ok(spans.into_iter().map(|s| span_tuple(py, s)).collect())
 }
 
