@@ -199,11 +199,23 @@ fn lower_gram<P: Real>(dst: MatMut<P>, centred: MatRef<P>, replace: bool, par: P
     );
 }
 
-/// Adds the lower triangle of `part` into `dst`.
+/// Adds the lower triangle of `part` into `dst`, a column slice at a time (both are
+/// column-major).
 fn add_lower(mut dst: MatMut<f64>, part: MatRef<f32>) {
     for j in 0..part.ncols() {
-        for i in j..part.nrows() {
-            dst[(i, j)] += f64::from(part[(i, j)]);
+        let src = part
+            .col(j)
+            .try_as_col_major()
+            .expect("a column-major matrix");
+        let column = dst.as_mut().col_mut(j);
+        let column = column
+            .try_as_col_major_mut()
+            .expect("a column-major matrix");
+        for (y, &x) in column.as_slice_mut()[j..]
+            .iter_mut()
+            .zip(&src.as_slice()[j..])
+        {
+            *y += f64::from(x);
         }
     }
 }
@@ -250,9 +262,16 @@ pub fn batch_moments_arrays<T: Real>(x: ArrayView3<T>, products: Products) -> Re
         }
         let mut s = scatters.index_axis_mut(Axis(0), h);
         for i in 0..d {
-            for j in 0..d {
-                s[[i, j]] = m.scatter[(j, i)]; // symmetric: reads faer's columns in order
-            }
+            // Symmetric: row i is faer's column i, contiguous on both sides.
+            let column = m
+                .scatter
+                .col(i)
+                .try_as_col_major()
+                .expect("a column-major matrix");
+            let mut row = s.row_mut(i);
+            row.as_slice_mut()
+                .expect("a standard-layout array")
+                .copy_from_slice(column.as_slice());
         }
     }
     let errors = moments.iter().map(|m| m.scatter_error).collect();

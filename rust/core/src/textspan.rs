@@ -732,28 +732,83 @@ fn head_basis(head: &HeadMoments, rank: usize, exact_rank: bool) -> Result<HeadB
     })
 }
 
+/// Lanes of the greedy step's dot products: one AVX-512 register of float64, two of AVX2.
+/// Every instruction set runs the same sums in the same order, so the selections do not
+/// depend on the CPU.
+const LANES: usize = 8;
+
+/// `a · u` in `LANES` partial sums (lane l adds the products of the indices ≡ l mod
+/// `LANES`, a multiply then an add), added pairwise, then the remainder: the order every
+/// variant below keeps.
 #[inline(always)]
-fn dot2<T: Real>(a: &[T], u: &[f64], w: &[f64]) -> (f64, f64) {
-    let mut c = [0.0f64; 4];
-    let mut e = [0.0f64; 4];
-    let n4 = a.len() / 4 * 4;
-    let mut i = 0;
-    while i < n4 {
-        for l in 0..4 {
-            let x = a[i + l].to_f64();
-            c[l] += x * u[i + l];
-            e[l] += x * w[i + l];
+fn dot(a: &[f64], u: &[f64]) -> f64 {
+    let mut lanes = [0.0f64; LANES];
+    let whole = a.len() / LANES * LANES;
+    for (a, u) in a[..whole].chunks_exact(LANES).zip(u.chunks_exact(LANES)) {
+        for l in 0..LANES {
+            lanes[l] += a[l] * u[l];
         }
-        i += 4;
     }
-    let mut cs = (c[0] + c[1]) + (c[2] + c[3]);
-    let mut es = (e[0] + e[1]) + (e[2] + e[3]);
-    for i in n4..a.len() {
-        let x = a[i].to_f64();
-        cs += x * u[i];
-        es += x * w[i];
+    finish_dot(lanes, &a[whole..], &u[whole..])
+}
+
+#[inline(always)]
+fn finish_dot(v: [f64; LANES], a: &[f64], u: &[f64]) -> f64 {
+    let mut sum = ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7]));
+    for (a, u) in a.iter().zip(u) {
+        sum += a * u;
     }
-    (cs, es)
+    sum
+}
+
+/// `dot` in one AVX-512 register (the compiler does not find this form by itself).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn dot_avx512(a: &[f64], u: &[f64]) -> f64 {
+    use std::arch::x86_64::*;
+    let whole = a.len().min(u.len()) / LANES * LANES;
+    let mut acc = _mm512_setzero_pd();
+    for i in (0..whole).step_by(LANES) {
+        // SAFETY: i + LANES <= whole <= both lengths.
+        let (x, y) = unsafe {
+            (
+                _mm512_loadu_pd(a.as_ptr().add(i)),
+                _mm512_loadu_pd(u.as_ptr().add(i)),
+            )
+        };
+        acc = _mm512_add_pd(acc, _mm512_mul_pd(x, y));
+    }
+    let mut lanes = [0.0f64; LANES];
+    // SAFETY: `lanes` holds LANES float64.
+    unsafe { _mm512_storeu_pd(lanes.as_mut_ptr(), acc) };
+    finish_dot(lanes, &a[whole..], &u[whole..])
+}
+
+/// `dot` in two AVX2 registers (lanes 0–3 and 4–7).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn dot_avx2(a: &[f64], u: &[f64]) -> f64 {
+    use std::arch::x86_64::*;
+    let whole = a.len().min(u.len()) / LANES * LANES;
+    let (mut low, mut high) = (_mm256_setzero_pd(), _mm256_setzero_pd());
+    for i in (0..whole).step_by(LANES) {
+        // SAFETY: i + LANES <= whole <= both lengths.
+        unsafe {
+            let (pa, pu) = (a.as_ptr().add(i), u.as_ptr().add(i));
+            low = _mm256_add_pd(low, _mm256_mul_pd(_mm256_loadu_pd(pa), _mm256_loadu_pd(pu)));
+            high = _mm256_add_pd(
+                high,
+                _mm256_mul_pd(_mm256_loadu_pd(pa.add(4)), _mm256_loadu_pd(pu.add(4))),
+            );
+        }
+    }
+    let mut lanes = [0.0f64; LANES];
+    // SAFETY: `lanes` holds LANES float64.
+    unsafe {
+        _mm256_storeu_pd(lanes.as_mut_ptr(), low);
+        _mm256_storeu_pd(lanes.as_mut_ptr().add(4), high);
+    }
+    finish_dot(lanes, &a[whole..], &u[whole..])
 }
 
 /// One greedy step: the chosen unit direction `u` (in the basis of the span), `w = Q Λ u`
@@ -767,32 +822,56 @@ struct Step<'a> {
 /// The step's change to the scores of a chunk of texts (`a_chunk`: their coordinates, r per
 /// text): `−2 c e + c² γ` with `c = a·u`, `e = a·w`.
 #[inline(always)]
-fn update_scores_body<T: Real>(s_chunk: &mut [f64], a_chunk: &[T], r: usize, step: &Step) {
+fn update_scores_body<T: Real>(
+    s_chunk: &mut [f64],
+    a_chunk: &[T],
+    r: usize,
+    step: &Step,
+    dot: impl Fn(&[f64], &[f64]) -> f64,
+) {
+    // Each text's coordinates are widened into one buffer first: a plain loop the compiler
+    // turns into vector conversions, where converting inside the products kept them scalar.
+    let mut x = vec![0.0f64; r];
     for (i, s) in s_chunk.iter_mut().enumerate() {
         if *s == f64::NEG_INFINITY {
             continue;
         }
-        let (c, e) = dot2(&a_chunk[i * r..(i + 1) * r], step.u, step.w);
+        for (y, a) in x.iter_mut().zip(&a_chunk[i * r..(i + 1) * r]) {
+            *y = a.to_f64();
+        }
+        let (c, e) = (dot(&x, step.u), dot(&x, step.w));
         *s += c * (c * step.gamma - 2.0 * e);
     }
 }
 
-/// `update_scores_body` compiled for AVX2: the same operations in the same order (no fused
-/// multiply-adds), four lanes at a time.
+/// `update_scores_body` compiled for AVX2 and for AVX-512: the same operations in the same
+/// order (no fused multiply-adds), `LANES` at a time.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
 fn update_scores_avx2<T: Real>(s_chunk: &mut [f64], a_chunk: &[T], r: usize, step: &Step) {
-    update_scores_body(s_chunk, a_chunk, r, step)
+    update_scores_body(s_chunk, a_chunk, r, step, |a, u| dot_avx2(a, u))
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn update_scores_avx512<T: Real>(s_chunk: &mut [f64], a_chunk: &[T], r: usize, step: &Step) {
+    update_scores_body(s_chunk, a_chunk, r, step, |a, u| dot_avx512(a, u))
 }
 
 /// The step's hot loop, on the widest vectors the CPU has (the build targets any x86-64).
 fn update_scores<T: Real>(s_chunk: &mut [f64], a_chunk: &[T], r: usize, step: &Step) {
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") {
-        // SAFETY: the CPU has AVX2, the only feature the function is compiled for.
-        return unsafe { update_scores_avx2(s_chunk, a_chunk, r, step) };
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU has AVX-512F, the only feature the function is compiled for.
+            return unsafe { update_scores_avx512(s_chunk, a_chunk, r, step) };
+        }
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU has AVX2, the only feature the function is compiled for.
+            return unsafe { update_scores_avx2(s_chunk, a_chunk, r, step) };
+        }
     }
-    update_scores_body(s_chunk, a_chunk, r, step)
+    update_scores_body(s_chunk, a_chunk, r, step, dot)
 }
 
 /// The best unmasked score of a slice and its index; ties go to the lower index.
