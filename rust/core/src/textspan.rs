@@ -552,7 +552,8 @@ fn dominant_eigenvectors(
     // then decompose the small factor; past the subspace iteration's block, that is the
     // cheaper way to the top space. The factor stops once what it leaves is below the
     // tolerance's level, or for an inexact matrix (of full rank at the level of its
-    // error) a thousandth of the error, which then counts in the error.
+    // error) a thousandth of the error; the factor of an inexact matrix then only proposes
+    // the space, whose Ritz values decide (`ritz_space`).
     let exact_level = CHOLESKY_FRACTION * tolerance * max_diag;
     let left = if error > 0.0 {
         exact_level.max(1e-3 * error)
@@ -565,10 +566,12 @@ fn dominant_eigenvectors(
             return Ok(space(Mat::zeros(d, 0), 0, error == 0.0, None));
         }
         let svd = l.thin_svd().map_err(|_| not_converged())?;
-        let s = svd.S().column_vector();
-        let values: Vec<f64> = (0..l.ncols()).map(|i| s[i] * s[i]).collect();
-        let error = if error > 0.0 { error + left } else { 0.0 };
-        return Ok(decide(svd.U().to_owned(), values, rank, tolerance, error));
+        if error == 0.0 {
+            let s = svd.S().column_vector();
+            let values: Vec<f64> = (0..l.ncols()).map(|i| s[i] * s[i]).collect();
+            return Ok(decide(svd.U().to_owned(), values, rank, tolerance, 0.0));
+        }
+        return ritz_space(g, svd.U(), rank, tolerance, error);
     }
     // The Ritz values that clear the tolerance by more than the matrix's error and the
     // Ritz residuals: directions the exact matrix certainly has above it (Weyl).
@@ -593,6 +596,55 @@ fn dominant_eigenvectors(
     }
     let (vectors, values) = dense_eigen(g)?;
     Ok(decide(vectors, values, rank, tolerance, error))
+}
+
+/// The top space of an inexact `g` (within `error` of the exact matrix) from a proposed
+/// orthonormal basis `u` [D, m]: the Ritz pairs of `g` on it, of which the i-th value is at
+/// most `λ_i(g)` (Cauchy's interlacing), so at most `error` above `λ_i` of the exact matrix
+/// (Weyl); the exact matrix's largest eigenvalue is at most `‖g‖_F + error`. Certified when
+/// `rank` directions clear the tolerance by that; otherwise those that do, with the cut-off
+/// the others must be shown to be below (`TopSpace::tail_cutoff`).
+fn ritz_space(
+    g: MatRef<f64>,
+    u: MatRef<f64>,
+    rank: usize,
+    tolerance: f64,
+    error: f64,
+) -> Result<TopSpace> {
+    let d = g.nrows();
+    let gu = g * u;
+    let b = u.transpose() * &gu;
+    let b = Mat::from_fn(b.nrows(), b.ncols(), |i, j| 0.5 * (b[(i, j)] + b[(j, i)]));
+    let (w, theta) = dense_eigen(b.as_ref())?;
+    let mut order: Vec<usize> = (0..theta.len()).collect();
+    order.sort_by(|&a, &c| theta[c].total_cmp(&theta[a]));
+    let frobenius = (0..d)
+        .map(|j| g.col(j).iter().map(|x| x * x).sum::<f64>())
+        .sum::<f64>()
+        .sqrt();
+    let largest = frobenius * (1.0 + 1e-12) + error;
+    let k = order
+        .iter()
+        .take_while(|&&i| theta[i] - error > tolerance * largest)
+        .count()
+        .min(rank);
+    let rotation = Mat::from_fn(w.nrows(), k, |i, c| w[(i, order[c])]);
+    let vectors = u * &rotation;
+    if k == rank.min(d) {
+        return Ok(TopSpace {
+            vectors,
+            numerical_rank: k,
+            certified: true,
+            tail_cutoff: None,
+        });
+    }
+    let top = order.first().map_or(0.0, |&i| theta[i]);
+    Ok(TopSpace {
+        vectors,
+        numerical_rank: k,
+        certified: false,
+        tail_cutoff: Some(tolerance * (top - error)),
+    })
 }
 
 /// `select` for a matrix within `error` of the exact one, and where that leaves the space
