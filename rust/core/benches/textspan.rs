@@ -5,14 +5,16 @@
 //! write into 96 directions of D = 768; 16×16 heatmaps are scored at 224×224.
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use ndarray::{Array1, Array2, Array3};
+use ndarray::{Array1, Array2, Array3, ArrayView3};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use rand_distr::StandardNormal;
 use textspan_core::metrics::segmentation_scores;
 use textspan_core::moments::{batch_moments, Products};
 use textspan_core::patchmap::Arithmetic;
-use textspan_core::textspan::{text_span, text_span_heads, HeadMoments, SpanParams, TextPool};
+use textspan_core::textspan::{
+    text_span, text_span_heads, HeadMoments, Span, SpanParams, TextPool,
+};
 
 const D: usize = 768;
 const M: usize = 3498;
@@ -29,6 +31,20 @@ fn head(rng: &mut StdRng) -> (Array2<f64>, Array1<f64>) {
     let scaled = &basis * &scales;
     let mean = Array1::from_shape_simple_fn(D, || 0.5 * rng.sample::<f64, _>(StandardNormal));
     (scaled.dot(&scaled.t()), mean)
+}
+
+/// TextSpan for one head from its raw outputs [N, 1, D] as `textspan.text_span` runs it:
+/// statistics from float32 products, certified with the outputs' help.
+fn from_outputs(outputs: ArrayView3<f32>, pool: &TextPool<f32>, params: SpanParams) -> Span {
+    let n = outputs.dim().0 as f64;
+    let m = batch_moments(outputs, Products::Float32).unwrap().remove(0);
+    let cov = Array2::from_shape_fn((D, D), |(i, j)| m.scatter[(i, j)] / n);
+    let head = HeadMoments {
+        covariance_error: m.scatter_error / n,
+        outputs: Some(outputs.index_axis_move(ndarray::Axis(1), 0)),
+        ..HeadMoments::new(n, ndarray::ArrayView1::from(&m.mean), cov.view())
+    };
+    text_span(&head, pool, params).unwrap()
 }
 
 fn benches(c: &mut Criterion) {
@@ -76,15 +92,7 @@ fn benches(c: &mut Criterion) {
         "one head from raw outputs, full rank (N 10,000, D 768, float32 products)",
         |b| {
             b.iter(|| {
-                let m = batch_moments(outputs.view(), Products::Float32)
-                    .unwrap()
-                    .remove(0);
-                let cov = Array2::from_shape_fn((D, D), |(i, j)| m.scatter[(i, j)] / 10_000.0);
-                let head = HeadMoments {
-                    covariance_error: m.scatter_error / 10_000.0,
-                    ..HeadMoments::new(10_000.0, ndarray::ArrayView1::from(&m.mean), cov.view())
-                };
-                let span = text_span(&head, &pool, params).unwrap();
+                let span = from_outputs(outputs.view(), &pool, params);
                 assert!(span.certified);
                 span
             })
@@ -103,16 +111,7 @@ fn benches(c: &mut Criterion) {
         "one head from raw outputs, 64 wide at rank 80 (N 10,000, D 768, certified by them)",
         |b| {
             b.iter(|| {
-                let m = batch_moments(narrow.view(), Products::Float32)
-                    .unwrap()
-                    .remove(0);
-                let cov = Array2::from_shape_fn((D, D), |(i, j)| m.scatter[(i, j)] / 10_000.0);
-                let head = HeadMoments {
-                    covariance_error: m.scatter_error / 10_000.0,
-                    outputs: Some(narrow.index_axis(ndarray::Axis(1), 0)),
-                    ..HeadMoments::new(10_000.0, ndarray::ArrayView1::from(&m.mean), cov.view())
-                };
-                let span = text_span(&head, &pool, params).unwrap();
+                let span = from_outputs(narrow.view(), &pool, params);
                 assert!(span.certified && span.rank == 65);
                 span
             })
