@@ -429,3 +429,31 @@ def test_outputs_on_an_accelerator_get_their_statistics_there(monkeypatch):
     np.testing.assert_array_equal(many[0][0].indices, reference.indices)
     with pytest.raises(textspan.InputError, match=r"expected shape \[N, D\]"):
         text_span(torch.from_numpy(x), t, n_texts=5, rank=20)
+
+
+@pytest.mark.parametrize("scale, kept, exact_runs", [(1.5, 14, 1), (0.5, 13, 0)])
+def test_a_direction_just_above_the_tolerance_is_kept_by_exact_statistics(
+    scale, kept, exact_runs, monkeypatch
+):
+    # 12 directions and a mean, plus one direction whose variance is `scale` times the
+    # tolerance's cut-off: above it, the outputs cannot certify the 13 and exact statistics
+    # keep the 14th; below it, the 13 are certified without them.
+    calls = []
+    exact = HeadStats.from_outputs
+    monkeypatch.setattr(
+        HeadStats, "from_outputs", classmethod(lambda cls, x: calls.append(1) or exact(x))
+    )
+    rng = np.random.default_rng(11)
+    basis, _ = np.linalg.qr(rng.standard_normal((64, 14)))
+    signal = rng.standard_normal((3000, 12)) @ basis[:, :12].T + 1.0
+    cutoff = textspan._core.RANK_TOLERANCE * np.linalg.eigvalsh(signal.T @ signal / 3000)[-1]
+    weak = basis[:, 13] - basis[:, 13].mean()  # nearly orthogonal to the signal and the mean
+    weak /= np.linalg.norm(weak)
+    extra = np.sqrt(scale * cutoff) * rng.choice([-1.0, 1.0], 3000)
+    x = (signal + extra[:, None] * weak).astype(np.float32)
+    t = rng.standard_normal((300, 64)).astype(np.float32)
+    result = text_span(x, t, n_texts=10, rank=20)
+    assert result.rank == kept and len(calls) == exact_runs
+    reference = text_span_from_stats(exact(x), t, n_texts=10, rank=20)
+    assert reference.rank == kept
+    np.testing.assert_array_equal(result.indices, reference.indices)

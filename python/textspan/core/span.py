@@ -490,9 +490,11 @@ def text_span(
 
     Args:
         outputs: the head's direct contributions [N, D] (N >= 2), float16, bfloat16,
-            float32 or float64. Float32 outputs get their statistics from float32 products
-            (twice as fast) when a bound on their error shows that exact ones would keep the
-            same directions, and exact float64 statistics otherwise.
+            float32 or float64, as an array or a PyTorch tensor (on a GPU, its statistics
+            are computed there). Float32 outputs get their statistics from float32 products
+            (twice as fast) when a bound on their error, or for a head narrower than `rank`
+            the outputs' residual outside the directions kept, shows that exact ones would
+            keep the same directions, and exact float64 statistics otherwise.
         text_embeddings: the pool [M, D] (or a `TextPool` made once and reused). Rows are
             scaled to unit norm first; a row of zero norm has no direction and is never
             chosen.
@@ -565,24 +567,20 @@ def text_span_heads(
         if not outputs_or_stats:
             raise InputError("outputs_or_stats: expected at least one head, got an empty list")
         flat, inexact = _heads_of_outputs(list(outputs_or_stats), convention)
-    elif isinstance(outputs_or_stats, HeadStats) or on_accelerator(outputs_or_stats):
-        all_stats = outputs_or_stats
-        if not isinstance(all_stats, HeadStats):
-            if all_stats.ndim < 3:
-                raise InputError(
-                    f"outputs: expected shape [N, L, H, D] (or [N, ..., D]), "
-                    f"got {list(all_stats.shape)}"
-                )
-            all_stats = device_stats(all_stats)
-        shape = all_stats.shape
-        flat = [all_stats[idx] for idx in product(*(range(s) for s in shape))]
+    elif isinstance(outputs_or_stats, HeadStats):
+        shape = outputs_or_stats.shape
+        flat = [outputs_or_stats[idx] for idx in product(*(range(s) for s in shape))]
     else:
-        x = as_float_array(outputs_or_stats, "outputs")
+        on_device = on_accelerator(outputs_or_stats)
+        x = outputs_or_stats if on_device else as_float_array(outputs_or_stats, "outputs")
         if x.ndim < 3:
             raise InputError(
                 f"outputs: expected shape [N, L, H, D] (or [N, ..., D]), got {list(x.shape)}"
             )
-        all_stats, errors = _stats_of_outputs(outputs_or_stats, x, convention)
+        if on_device:
+            all_stats, errors = device_stats(x), None
+        else:
+            all_stats, errors = _stats_of_outputs(outputs_or_stats, x, convention)
         if errors is not None:
             heads = x.reshape(x.shape[0], -1, x.shape[-1])
             inexact = _Inexact(
