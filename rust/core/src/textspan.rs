@@ -546,7 +546,7 @@ fn dominant_eigenvectors(
     if exact_rank {
         // The null space is wanted too: only a full decomposition has it.
         let (vectors, values) = dense_eigen(g)?;
-        return Ok(select(vectors, values, rank, tolerance, true, error));
+        return Ok(select(&vectors, &values, rank, tolerance, true, error));
     }
     // Low rank (real heads write into a subspace of about the head width): factor first,
     // then decompose the small factor; past the subspace iteration's block, that is the
@@ -657,14 +657,7 @@ fn decide(
     tolerance: f64,
     error: f64,
 ) -> TopSpace {
-    let top = select(
-        vectors.clone(),
-        values.clone(),
-        rank,
-        tolerance,
-        false,
-        error,
-    );
+    let top = select(&vectors, &values, rank, tolerance, false, error);
     if top.certified {
         return top;
     }
@@ -710,8 +703,8 @@ fn dense_eigen(g: MatRef<f64>) -> Result<(Mat<f64>, Vec<f64>)> {
 /// exactly `rank` with `exact_rank`), at most `rank`, certified when `error` cannot change
 /// which they are.
 fn select(
-    vectors: Mat<f64>,
-    values: Vec<f64>,
+    vectors: &Mat<f64>,
+    values: &[f64],
     rank: usize,
     tolerance: f64,
     exact_rank: bool,
