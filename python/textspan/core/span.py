@@ -226,17 +226,13 @@ class _Inexact:
     outputs: Callable[[int, int], np.ndarray | None]
     exact: Callable[[int], HeadStats]
 
-    def spans(self, chunk: list[HeadStats], start: int, run: Callable[..., list[Any]]):
-        """`run(heads, start, errors, outputs)` over the group, one call where its heads
-        share an array of outputs, else one per head."""
-        stop = start + len(chunk)
+    def parts(self, start: int, stop: int) -> list[tuple[int, int, np.ndarray | None]]:
+        """Heads `start..stop` as (first, last, outputs) runs that the core takes in one call:
+        the whole range where its heads share an array of outputs, else one head each."""
         rows = self.outputs(start, stop)
         if rows is not None:
-            return run(chunk, start, self.errors[start:stop], rows)
-        return [
-            run([s], start + i, [self.errors[start + i]], self.outputs(start + i, start + i + 1))[0]
-            for i, s in enumerate(chunk)
-        ]
+            return [(start, stop, rows)]
+        return [(i, i + 1, self.outputs(i, i + 1)) for i in range(start, stop)]
 
 
 def _stats_of_outputs(
@@ -344,13 +340,13 @@ def _run(
         if inexact is None:
             spans = _spans(chunk, pool, n_texts, rank, tolerances, start, paper)
         else:
-
-            def run(heads, first, errors, rows, group=start, group_tolerances=tolerances):
-                offset = first - group
-                own = group_tolerances[offset : offset + len(heads)]
-                return _spans(heads, pool, n_texts, rank, own, first, paper, errors, rows)
-
-            spans = inexact.spans(chunk, start, run)
+            spans = []
+            for first, last, rows in inexact.parts(start, start + len(chunk)):
+                a, b = first - start, last - start
+                errors = inexact.errors[first:last]
+                spans += _spans(
+                    chunk[a:b], pool, n_texts, rank, tolerances[a:b], first, paper, errors, rows
+                )
         for i, span in enumerate(spans):
             if not span[6]:
                 assert inexact is not None  # exact statistics are always certified
