@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 import textspan
+from textspan.engines import LocalEngine
 
 # The oracles in tests/published.py are imported as a plain module.
 sys.path.insert(0, str(Path(__file__).parent))
@@ -50,16 +51,17 @@ def image_folder(tmp_path_factory):
 
 def extract_killed_after(count: int, images, out, tiny, **options) -> subprocess.CompletedProcess:
     """`textspan.extract(images, out, **options)` in a fresh process that kills itself
-    (SIGKILL) as soon as its `after_batch` callback reports `count` (rows for the local
-    engine, shards for Ray): an interruption at a known point."""
+    (SIGKILL) as soon as its `on_progress` callback reports `count` image files done: an
+    interruption at a known point."""
     config, checkpoint = tiny
     arguments = {"model": str(config), "pretrained": str(checkpoint), **options}
     code = (
         "import os, signal, textspan\n"
+        "from textspan import LocalEngine, RayEngine\n"
         "def stop(done):\n"
         f"    if done >= {count}:\n"
         "        os.kill(os.getpid(), signal.SIGKILL)\n"
-        f"textspan.extract({str(images)!r}, {str(out)!r}, after_batch=stop, **{arguments!r})\n"
+        f"textspan.extract({str(images)!r}, {str(out)!r}, on_progress=stop, **{arguments!r})\n"
     )
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
 
@@ -72,10 +74,8 @@ def extract_options(tiny, **extra) -> dict:
         "model": str(config),
         "pretrained": str(checkpoint),
         "batch_size": 4,
-        "workers": 0,
-        "device": "cpu",
         "dtype": "float32",
-        "checkpoint_every": 8,
+        "engine": LocalEngine(workers=0, device="cpu", checkpoint_every=8),
         "progress": False,
         **extra,
     }

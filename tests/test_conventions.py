@@ -156,7 +156,7 @@ def test_paper_textspan_is_the_published_algorithm_without_a_null_space(seed):
 
 def test_paper_textspan_past_the_rank_depends_on_rounding_and_says_so():
     x, pool = _low_rank_head(0)
-    with pytest.warns(RuntimeWarning, match="rounding noise"):
+    with pytest.warns(textspan.RoundingWarning, match="rounding noise"):
         paper = textspan.text_span(x, pool, n_texts=30, rank=50, convention="paper", stability=True)
     assert paper.rank == 50 and paper.stable < 30
     assert "(rounding)" in paper.table().splitlines()[paper.stable]
@@ -172,7 +172,9 @@ def test_paper_textspan_past_the_rank_depends_on_rounding_and_says_so():
     np.testing.assert_array_equal(ours.indices, again.indices)
     np.testing.assert_array_equal(ours.indices, published_text_span(x, pool, 30, 41)[0])
     # Without the stability runs: no `stable`, the same list, and still the warning.
-    with pytest.warns(RuntimeWarning, match="numerical rank below rank=50 \\(as low as 41\\)"):
+    with pytest.warns(
+        textspan.RoundingWarning, match="numerical rank below rank=50 \\(as low as 41\\)"
+    ):
         quick = textspan.text_span(x, pool, n_texts=30, rank=50, convention="paper")
     assert quick.stable is None
     np.testing.assert_array_equal(quick.indices, paper.indices)

@@ -119,7 +119,7 @@ def test_a_full_validation_set_with_wrong_counts_warns(tmp_path):
         writer = csv.writer(f)
         writer.writerow(["ImageId", "PredictionString"])
         writer.writerows(rows)
-    with pytest.warns(RuntimeWarning, match="50 images per class"):
+    with pytest.warns(textspan.DataWarning, match="50 images per class"):
         imagenet(root)
 
 
@@ -232,7 +232,7 @@ def test_extract_over_a_dataset_spec_keeps_its_labels(flat_imagenet, tmp_path, t
     root, labels = flat_imagenet
     store = textspan.extract(f"imagenet:{root}", tmp_path / "s", **extract_options(tiny))
     np.testing.assert_array_equal(store.labels, labels)
-    assert store.manifest["dataset"] == "imagenet" and store.classes == SYNSETS
+    assert store.manifest.dataset == "imagenet" and store.classes == SYNSETS
 
 
 def test_a_class_sidecar_that_is_not_an_index_is_named(tmp_path):

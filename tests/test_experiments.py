@@ -28,8 +28,7 @@ def store(image_folder, tiny, tmp_path_factory):
         model=str(config),
         pretrained=str(checkpoint),
         batch_size=8,
-        workers=0,
-        device="cpu",
+        engine=textspan.LocalEngine(workers=0, device="cpu"),
         dtype="float32",
         progress=False,
     )
@@ -37,7 +36,7 @@ def store(image_folder, tiny, tmp_path_factory):
 
 def classifier_of(store):
     model, _, tokenizer = textspan.load(
-        store.manifest["model"], pretrained=store.manifest["pretrained"], device="cpu"
+        store.manifest.model, pretrained=store.manifest.pretrained, device="cpu"
     )
     names = textspan.experiments.class_names(store.classes)
     return (
@@ -309,7 +308,7 @@ def test_bad_input_ends_in_one_line_before_any_work(store, image_folder, tmp_pat
     for f in files:
         (bad / f).parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(np.full((40, 40), 7, np.uint8)).save((bad / f).with_suffix(".png"))
-    config, checkpoint = store.manifest["model"], store.manifest["pretrained"]
+    config, checkpoint = store.manifest.model, store.manifest.pretrained
     assert (
         main(
             [
@@ -344,8 +343,7 @@ def test_flat_store_refuses_accuracy(tiny, tmp_path):
         tmp_path / "s",
         model=str(config),
         pretrained=str(checkpoint),
-        workers=0,
-        device="cpu",
+        engine=textspan.LocalEngine(workers=0, device="cpu"),
         progress=False,
     )
     result = subprocess.run(

@@ -75,7 +75,11 @@ def toy_site(tmp_path_factory):
     folder = tmp_path_factory.mktemp("explore")
     images = _toy_images(folder / "images", 240)
     store = textspan.extract(
-        images, folder / "store", model="toy", workers=0, device="cpu", progress=False
+        images,
+        folder / "store",
+        model="toy",
+        engine=textspan.LocalEngine(workers=0, device="cpu"),
+        progress=False,
     )
     argv = ["explore", str(store.path), "--out", str(folder / "site"), "--device", "cpu"]
     assert main([*argv, "--samples", "3"]) == 0
@@ -172,7 +176,11 @@ def test_serve_binds_this_machine_and_only_reads(toy_site):
 def test_a_moved_image_folder_is_named(tmp_path, capsys):
     images = _toy_images(tmp_path / "images", 12)
     store = textspan.extract(
-        images, tmp_path / "store", model="toy", workers=0, device="cpu", progress=False
+        images,
+        tmp_path / "store",
+        model="toy",
+        engine=textspan.LocalEngine(workers=0, device="cpu"),
+        progress=False,
     )
     images.rename(tmp_path / "elsewhere")
     assert main(["explore", str(store.path), "--device", "cpu"]) == 2
@@ -190,9 +198,13 @@ def test_the_site_of_a_random_vit_b_16(browser, tmp_path):
             pixels = rng.integers(0, 256, (224, 224, 3), dtype=np.uint8)
             Image.fromarray(pixels).save(tmp_path / "images" / c / f"{i}.jpg")
     store = textspan.extract(
-        tmp_path / "images", tmp_path / "store", model="ViT-B-16", workers=0, device="cpu",
-        batch_size=12, progress=False,
-    )  # fmt: skip
+        tmp_path / "images",
+        tmp_path / "store",
+        model="ViT-B-16",
+        batch_size=12,
+        engine=textspan.LocalEngine(workers=0, device="cpu"),
+        progress=False,
+    )
     pool = tmp_path / "pool.txt"
     pool.write_text("\n".join(textspan.default_pool()[:300]))
     argv = ["explore", str(store.path), "--out", str(tmp_path / "site"), "--pool", str(pool)]

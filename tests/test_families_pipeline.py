@@ -114,7 +114,7 @@ def test_the_store_holds_the_decomposition_and_its_statistics(family, store, ima
 
 
 # Random weights: repair's chosen heads may have no keyword among their texts, and it says so.
-@pytest.mark.filterwarnings("ignore:.*scored 0:RuntimeWarning")
+@pytest.mark.filterwarnings("ignore:.*scored 0:textspan.errors.AnalysisWarning")
 def test_every_command_runs_on_the_family(family, store, image_folder, tmp_path, capsys):
     model, _ = family
     common = ["--templates", "simple", "--device", "cpu"]

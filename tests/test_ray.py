@@ -16,7 +16,9 @@ import ray
 
 import textspan
 from conftest import extract_killed_after, extract_options
+from textspan.engines import LocalEngine, RayEngine
 from textspan.engines import ray as ray_engine
+from textspan.store.writer import PARTS
 
 ARRAYS = ("heads", "mlps", "class_token", "representation")
 
@@ -56,19 +58,19 @@ class KillOnce:
 
 
 def options(tiny, **extra):
-    """The tiny model's arguments for either engine (the Ray engine takes no device and
-    checkpoints by shards)."""
-    ray_options = extract_options(tiny, **extra)
-    for local_only in ("workers", "device", "checkpoint_every"):
-        if local_only not in extra:
-            del ray_options[local_only]
-    return ray_options
+    """The tiny model's arguments, without an engine."""
+    arguments = extract_options(tiny, **extra)
+    del arguments["engine"]
+    return arguments
+
+
+LOCAL = LocalEngine(workers=0, device="cpu", checkpoint_every=8)
 
 
 @pytest.fixture(scope="module")
 def reference(image_folder, tiny, tmp_path_factory):
     out = tmp_path_factory.mktemp("local") / "store"
-    return textspan.extract(image_folder, out, workers=0, device="cpu", **options(tiny))
+    return textspan.extract(image_folder, out, engine=LOCAL, **options(tiny))
 
 
 def assert_same(store, reference):
@@ -90,13 +92,13 @@ def test_ray_store_equals_the_single_process_store(
     cluster, image_folder, tiny, reference, tmp_path
 ):
     store = textspan.extract(
-        image_folder, tmp_path / "store", engine="ray", workers=2, shard_size=8, **options(tiny)
+        image_folder, tmp_path / "store", engine=RayEngine(workers=2, shard_size=8), **options(tiny)
     )
     assert_same(store, reference)
     textspan.open_store(store.path, verify=True)  # every range's checksum
-    assert not (store.path / ray_engine.SHARDS).exists()
+    assert not (store.path / PARTS).exists()
     again = textspan.extract(
-        image_folder, tmp_path / "store", engine="ray", workers=2, shard_size=8, **options(tiny)
+        image_folder, tmp_path / "store", engine=RayEngine(workers=2, shard_size=8), **options(tiny)
     )  # complete: nothing to do
     assert_same(again, reference)
 
@@ -106,13 +108,13 @@ def test_webdataset_shards_through_ray_datas_reader_equal_the_local_store(cluste
 
     write_shards(tmp_path / "shards", per_shard=5, shards=3)
     spec = f"webdataset:{tmp_path / 'shards' / '*.tar'}"
-    local = textspan.extract(spec, tmp_path / "local", workers=0, device="cpu", **options(tiny))
+    local = textspan.extract(spec, tmp_path / "local", engine=LOCAL, **options(tiny))
     store = tmp_path / "ray"
-    done = textspan.extract(spec, store, engine="ray", workers=2, **options(tiny))
+    done = textspan.extract(spec, store, engine=RayEngine(workers=2), **options(tiny))
     assert_same(done, local)
     textspan.open_store(done.path, verify=True)
-    assert not (done.path / ray_engine.PARTS).exists()
-    again = textspan.extract(spec, store, engine="ray", workers=2, **options(tiny))
+    assert not (done.path / PARTS).exists()
+    again = textspan.extract(spec, store, engine=RayEngine(workers=2), **options(tiny))
     assert_same(again, local)
 
 
@@ -124,18 +126,21 @@ def test_webdataset_parts_written_before_a_stop_are_not_computed_again(
     write_shards(tmp_path / "shards", per_shard=4, shards=2)
     spec = f"webdataset:{tmp_path / 'shards' / '*.tar'}"
 
+    write = RayEngine._write_samples
+
     def stop(*args):
+        write(*args)
         raise KeyboardInterrupt  # the driver stops once every part is written
 
     with monkeypatch.context() as m:
-        m.setattr(ray_engine, "_merge_parts", stop)
+        m.setattr(RayEngine, "_write_samples", stop)
         with pytest.raises(KeyboardInterrupt):
-            textspan.extract(spec, tmp_path / "s", engine="ray", workers=2, **options(tiny))
-    assert any((tmp_path / "s" / ray_engine.PARTS).iterdir())
+            textspan.extract(spec, tmp_path / "s", engine=RayEngine(workers=2), **options(tiny))
+    assert any((tmp_path / "s" / PARTS).iterdir())
     capsys.readouterr()
-    store = textspan.extract(spec, tmp_path / "s", engine="ray", workers=2, **options(tiny))
+    store = textspan.extract(spec, tmp_path / "s", engine=RayEngine(workers=2), **options(tiny))
     assert "8 done before" in capsys.readouterr().out
-    local = textspan.extract(spec, tmp_path / "l", workers=0, device="cpu", **options(tiny))
+    local = textspan.extract(spec, tmp_path / "l", engine=LOCAL, **options(tiny))
     assert_same(store, local)
 
 
@@ -148,10 +153,7 @@ def test_an_actor_killed_mid_run_is_retried_and_every_image_lands_once(
     store = textspan.extract(
         image_folder,
         tmp_path / "store",
-        engine="ray",
-        workers=2,
-        shard_size=8,
-        before_shard=KillOnce(8, marker),
+        engine=RayEngine(workers=2, shard_size=8, before_shard=KillOnce(8, marker)),
         **options(tiny),
     )
     assert marker.exists(), "the actor never reached the shard it was to die on"
@@ -193,23 +195,18 @@ def test_a_killed_driver_resumes_from_the_shards_already_written(
     ]
     # The same extraction, its driver killed once two shards are written.
     first = extract_killed_after(
-        2,
+        6,
         image_folder,
         out,
         tiny,
-        engine="ray",
-        address=cluster,
-        workers=2,
-        shard_size=3,
+        engine=RayEngine(address=cluster, workers=2, shard_size=3),
         batch_size=3,
         dtype="float32",
     )
     assert first.returncode == -9, first.stderr[-2000:]
     # Complete shards only: an actor killed mid-write leaves a `.tmp-<pid>` folder behind,
     # which a rerun ignores (and once failed this count).
-    written = [
-        p for p in (out / ray_engine.SHARDS).iterdir() if p.is_dir() and ".tmp-" not in p.name
-    ]
+    written = [p for p in (out / PARTS).iterdir() if p.is_dir() and ".tmp-" not in p.name]
     assert len(written) >= 2 and not (out / "progress.json").exists()
     second = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert second.returncode == 0, second.stderr[-2000:]
@@ -219,17 +216,81 @@ def test_a_killed_driver_resumes_from_the_shards_already_written(
     assert_same(textspan.open_store(out, verify=True), reference)
 
 
+def stop_at(files: int):
+    """An `on_progress` that interrupts the run once `files` images are done."""
+
+    def stop(done: int) -> None:
+        if done >= files:
+            raise KeyboardInterrupt
+
+    return stop
+
+
+def test_a_store_begun_by_the_local_engine_is_finished_by_ray(
+    cluster, image_folder, tiny, reference, tmp_path, capsys
+):
+    out = tmp_path / "store"
+    with pytest.raises(KeyboardInterrupt):
+        textspan.extract(image_folder, out, engine=LOCAL, on_progress=stop_at(12), **options(tiny))
+    capsys.readouterr()
+    store = textspan.extract(
+        image_folder, out, engine=RayEngine(workers=2, shard_size=5), **options(tiny)
+    )
+    # The shards start where the local engine stopped (12 images, checkpointed on the stop).
+    assert "4 shards, 0 done before" in capsys.readouterr().out
+    assert_same(store, reference)
+    textspan.open_store(out, verify=True)
+
+
+def test_a_store_begun_by_ray_is_finished_by_the_local_engine(
+    cluster, image_folder, tiny, reference, tmp_path, capsys
+):
+    out = tmp_path / "store"
+    with pytest.raises(KeyboardInterrupt):
+        textspan.extract(
+            image_folder,
+            out,
+            engine=RayEngine(workers=1, shard_size=4),
+            on_progress=stop_at(1),
+            **options(tiny),
+        )
+    written = sorted(p.name for p in (out / PARTS).iterdir() if ".tmp-" not in p.name)
+    assert written
+    # The local engine absorbs the shards that continue the store from its first image.
+    continued = 0
+    for name in written:
+        first, end = (int(x) for x in name.split("-"))
+        if first == continued:
+            continued = end
+    capsys.readouterr()
+    store = textspan.extract(image_folder, out, engine=LOCAL, **options(tiny))
+    # (An actor may still finish a shard after the driver stopped: that one counts too.)
+    before = re.search(r"\((\d+) done before\)", capsys.readouterr().out)
+    assert before and int(before.group(1)) >= continued > 0
+    assert_same(store, reference)
+    textspan.open_store(out, verify=True)
+    assert not (out / PARTS).exists()
+
+
 def test_ray_text_encoding_equals_local(cluster, tiny):
     config, checkpoint = tiny
     model, _, tokenizer = textspan.load(config, pretrained=checkpoint, device="cpu")
     texts = textspan.default_pool()[:50]
     local = textspan.encode_texts(model, tokenizer, texts, progress=False)
-    distributed_ = ray_engine.encode_texts_ray(
-        model, tokenizer, texts, batch_size=8, workers=2, chunk=16, progress=False
+    distributed_ = ray_engine._encode_texts(
+        model,
+        tokenizer,
+        texts,
+        batch_size=8,
+        workers=2,
+        address=None,
+        num_gpus_per_worker=None,
+        chunk=16,
+        progress=False,
     )
     np.testing.assert_allclose(distributed_, local, atol=1e-6)
     via_api = textspan.encode_texts(
-        model, tokenizer, texts, engine="ray", workers=1, progress=False
+        model, tokenizer, texts, engine=RayEngine(workers=1), progress=False
     )
     np.testing.assert_allclose(via_api, local, atol=1e-6)
 
@@ -237,8 +298,8 @@ def test_ray_text_encoding_equals_local(cluster, tiny):
 def test_without_ray_the_engine_says_how_to_install_it(image_folder, tiny, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)
     with pytest.raises(ImportError, match=r"pip install 'textspan\[ray\]'"):
-        textspan.extract(image_folder, tmp_path / "s", engine="ray", **options(tiny))
-    with pytest.raises(ValueError, match="engine: expected 'local' or 'ray', got 'spark'"):
+        textspan.extract(image_folder, tmp_path / "s", engine=RayEngine(), **options(tiny))
+    with pytest.raises(ValueError, match=r"engine: expected LocalEngine\(...\) or RayEngine"):
         textspan.extract(image_folder, tmp_path / "s", engine="spark", **options(tiny))
 
 
@@ -253,6 +314,6 @@ def test_the_ray_engine_takes_a_model_known_by_name(cluster, tmp_path):
     for i, image in enumerate(tw.generate(6, seed=1, size=48).images):
         Image.fromarray(image).save(root / f"{i}.png")
     common = {"model": "toy", "batch_size": 3, "dtype": "float32", "progress": False}
-    by_ray = textspan.extract(root, tmp_path / "ray", engine="ray", workers=1, **common)
-    local = textspan.extract(root, tmp_path / "local", workers=0, device="cpu", **common)
+    by_ray = textspan.extract(root, tmp_path / "ray", engine=RayEngine(workers=1), **common)
+    local = textspan.extract(root, tmp_path / "local", engine=LOCAL, **common)
     np.testing.assert_allclose(by_ray.heads, local.heads, atol=2e-6, rtol=1e-5)

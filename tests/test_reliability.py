@@ -25,8 +25,8 @@ import textspan
 from conftest import extract_options
 from textspan import HeadStats, InputError, StoreError, UnsupportedModelError
 from textspan.cli import main
-from textspan.engines import local
 from textspan.store import format as store_format
+from textspan.store import writer as store_writer
 
 ARRAYS = ("heads", "mlps", "class_token", "representation", "labels")
 
@@ -83,7 +83,7 @@ def test_1_ctrl_c_at_random_moments_never_counts_a_batch_twice(
         batches.append(time.perf_counter())
 
     textspan.extract(
-        image_folder, tmp_path / "timing", after_batch=timed, **options(tiny, batch_size=1)
+        image_folder, tmp_path / "timing", on_progress=timed, **options(tiny, batch_size=1)
     )
     per_batch = float(np.median(np.diff(batches)))
     rng = random.Random(0)
@@ -104,7 +104,7 @@ def test_1_ctrl_c_at_random_moments_never_counts_a_batch_twice(
                     timers[0].start()
 
             try:
-                textspan.extract(image_folder, out, after_batch=arm, **options(tiny, batch_size=1))
+                textspan.extract(image_folder, out, on_progress=arm, **options(tiny, batch_size=1))
             except KeyboardInterrupt:
                 interrupted += 1
             finally:
@@ -157,7 +157,7 @@ def broken_folder(image_folder, tmp_path):
 def test_2_unreadable_images_are_skipped_named_and_recorded(
     broken_folder, tiny, reference, tmp_path
 ):
-    with pytest.warns(RuntimeWarning, match="3 unreadable images skipped") as caught:
+    with pytest.warns(textspan.SkippedImagesWarning, match="3 unreadable images skipped") as caught:
         store = textspan.extract(broken_folder, tmp_path / "s", **options(tiny))
     message = str(caught[0].message)
     assert "cat/03b.png" in message and "dog/00b.jpg" in message
@@ -181,7 +181,7 @@ def test_2_strict_stops_naming_the_file_and_resumes_once_it_is_removed(
         done = json.loads((out / "progress.json").read_text())
         assert done["failed"] == name and done["files_done"] > 0
         (broken_folder / name).unlink()
-    with pytest.warns(RuntimeWarning, match="3 unreadable images skipped"):
+    with pytest.warns(textspan.SkippedImagesWarning, match="3 unreadable images skipped"):
         store = textspan.extract(broken_folder, out, strict=True, **options(tiny))
     assert_same_store(store, reference)
     assert sorted(store.skipped) == bad  # recorded as removed after they failed
@@ -262,7 +262,7 @@ def test_5_a_full_disk_at_a_checkpoint_keeps_the_store_resumable(
     image_folder, tiny, reference, tmp_path, monkeypatch
 ):
     calls = {"n": 0}
-    original = local.save_sums
+    original = store_writer.save_sums
 
     def fills_up(path, state):
         calls["n"] += 1
@@ -270,11 +270,11 @@ def test_5_a_full_disk_at_a_checkpoint_keeps_the_store_resumable(
             raise OSError(errno.ENOSPC, "No space left on device")
         original(path, state)
 
-    monkeypatch.setattr(local, "save_sums", fills_up)
+    monkeypatch.setattr(store_writer, "save_sums", fills_up)
     out = tmp_path / "s"
     with pytest.raises(StoreError, match=r"the disk is full; the last checkpoint \(8 images\)"):
         textspan.extract(image_folder, out, **options(tiny))
-    monkeypatch.setattr(local, "save_sums", original)
+    monkeypatch.setattr(store_writer, "save_sums", original)
     assert_same_store(textspan.extract(image_folder, out, **options(tiny)), reference)
 
 
@@ -307,7 +307,11 @@ def test_6_text_span_on_float16_rows_agrees_with_the_statistics(tmp_path):
     for i, image in enumerate(tw.generate(600, seed=5, size=48).images):
         Image.fromarray(image).save(root / f"{i:04d}.png")
     store = textspan.extract(
-        root, tmp_path / "s", model="toy", workers=0, device="cpu", progress=False
+        root,
+        tmp_path / "s",
+        model="toy",
+        engine=textspan.LocalEngine(workers=0, device="cpu"),
+        progress=False,
     )
     assert store.heads.dtype == np.float16
     model, _, tokenizer = textspan.load("toy", device="cpu")
@@ -378,7 +382,7 @@ def test_8_no_random_draws_means_no_random_row_and_zero_scores_are_named(
 ):
     args = ["--keywords", "zebra", "--top", "3", "--draws", "0", "--templates", "simple"]
     args += ["--out", str(tmp_path / "r"), "--layers", "1"]
-    with pytest.warns(RuntimeWarning, match="3 of the top 3 heads .* scored 0"):
+    with pytest.warns(textspan.AnalysisWarning, match="3 of the top 3 heads .* scored 0"):
         assert main(repair_args(reference, attribute, *args)) == 0
     out = capsys.readouterr().out
     assert "random draws" not in out and "heads ablated" in out
@@ -546,7 +550,7 @@ def test_14_a_huge_thread_count_is_capped_and_said():
     assert run.stdout.strip() == str(cpus)
     assert f"2000 threads asked for, more than the {cpus} processors" in run.stderr
     before = textspan.get_num_threads()
-    with pytest.warns(RuntimeWarning, match="more than the"):
+    with pytest.warns(textspan.SettingWarning, match="more than the"):
         textspan.set_num_threads(100_000)
     assert textspan.get_num_threads() == cpus
     textspan.set_num_threads(0)
@@ -567,7 +571,7 @@ def test_15_resume_compares_the_images_not_the_folders_path(
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        textspan.extract(root, out, after_batch=interrupt, **options(tiny))
+        textspan.extract(root, out, on_progress=interrupt, **options(tiny))
     # An image changed: refused, naming it.
     changed = root / "fish" / "09.png"
     original = changed.read_bytes()
@@ -581,7 +585,7 @@ def test_15_resume_compares_the_images_not_the_folders_path(
     moved = root.rename(tmp_path / "moved")
     store = textspan.extract(moved, out, **options(tiny))
     assert_same_store(store, reference)
-    assert store.manifest["images"] == str(moved.resolve())
+    assert store.manifest.images == str(moved.resolve())
 
 
 def json_stamp(out: Path, name: str) -> int:

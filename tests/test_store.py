@@ -139,10 +139,8 @@ def test_resumes_after_kill_9_in_the_middle_of_a_chunk(reference, image_folder, 
         out,
         tiny,
         batch_size=4,
-        workers=0,
-        device="cpu",
         dtype="float32",
-        checkpoint_every=8,
+        engine=textspan.LocalEngine(workers=0, device="cpu", checkpoint_every=8),
     )
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     assert json.loads((out / "progress.json").read_text())["done"] == 8

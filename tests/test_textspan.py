@@ -233,7 +233,7 @@ def test_exhausting_the_span_warns_and_returns_what_exists():
     rng = np.random.default_rng(4)
     x = low_rank_outputs(rng, 300, 32, 32)
     t = rng.standard_normal((100, 32))
-    with pytest.warns(RuntimeWarning, match="fewer than n_texts=12"):
+    with pytest.warns(textspan.FewerTextsWarning, match="fewer than n_texts=12"):
         result = text_span(x, t, n_texts=12, rank=5)
     assert len(result) == 5
 

@@ -21,6 +21,7 @@ NumPy, and the model side (`pip install 'textspan[torch]'`) is imported on first
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 from typing import TYPE_CHECKING, Any
 
 from .analysis.ablation import ablation
@@ -45,12 +46,20 @@ from .core import (
     text_span_heads,
 )
 from .errors import (
+    AnalysisWarning,
+    DataWarning,
+    FewerTextsWarning,
     InputError,
     InputTypeError,
     MissingDependencyError,
     MissingFileError,
+    NumericalError,
+    RoundingWarning,
+    SettingWarning,
+    SkippedImagesWarning,
     StoreError,
     TextspanError,
+    TextspanWarning,
     UnreadableImageError,
     UnsupportedModelError,
 )
@@ -58,12 +67,13 @@ from .errors import (
 if TYPE_CHECKING:
     from . import experiments
     from .analysis.segmentation import segment
-    from .engines import encode_texts, extract
+    from .engines import LocalEngine, RayEngine, encode_texts, extract
     from .models import Decomposer, Decomposition, load, zero_shot_classifier
-    from .store import Store, open_store
+    from .store import Manifest, Store, StoreReader, open_store
     from .toy import world as toyworld
 
-__version__ = "0.1.0"
+# Written once, in Cargo.toml (the wheel's metadata carries it).
+__version__ = importlib.metadata.version(__name__)
 
 # Names whose modules import PyTorch (or the toy tier): loaded on first access.
 _LAZY = {
@@ -73,7 +83,11 @@ _LAZY = {
     "zero_shot_classifier": ("models", "zero_shot_classifier"),
     "encode_texts": ("engines", "encode_texts"),
     "extract": ("engines", "extract"),
+    "LocalEngine": ("engines", "LocalEngine"),
+    "RayEngine": ("engines", "RayEngine"),
+    "Manifest": ("store", "Manifest"),
     "Store": ("store", "Store"),
+    "StoreReader": ("store", "StoreReader"),
     "open_store": ("store", "open_store"),
     "segment": ("analysis.segmentation", "segment"),
     "experiments": ("experiments", None),
@@ -105,19 +119,31 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
+    "AnalysisWarning",
     "Contributions",
+    "DataWarning",
     "Decomposer",
     "Decomposition",
+    "FewerTextsWarning",
     "HeadStats",
     "InputError",
     "InputTypeError",
+    "LocalEngine",
+    "Manifest",
     "MissingDependencyError",
     "MissingFileError",
+    "NumericalError",
+    "RayEngine",
+    "RoundingWarning",
+    "SettingWarning",
+    "SkippedImagesWarning",
     "SpanResult",
     "Store",
     "StoreError",
+    "StoreReader",
     "TextPool",
     "TextspanError",
+    "TextspanWarning",
     "UnreadableImageError",
     "UnsupportedModelError",
     "__version__",

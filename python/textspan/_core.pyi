@@ -8,6 +8,7 @@ import numpy.typing as npt
 
 __all__ = [
     "RANK_TOLERANCE",
+    "HeadSpan",
     "TextPool",
     "batch_moments",
     "check_heads",
@@ -32,6 +33,25 @@ class TextPool:
     @property
     def dtype(self) -> str: ...
 
+@final
+class HeadSpan:
+    """One head's TextSpan, as the core found it."""
+
+    @property
+    def indices(self) -> list[int]: ...
+    @property
+    def variance(self) -> npt.NDArray[np.float64]: ...
+    @property
+    def total_variance(self) -> float: ...
+    @property
+    def directions(self) -> npt.NDArray[np.float64]: ...
+    @property
+    def rank(self) -> int: ...
+    @property
+    def numerical_rank(self) -> int: ...
+    @property
+    def certified(self) -> bool: ...
+
 def text_span_heads(
     pool: TextPool,
     counts: npt.NDArray[np.float64],
@@ -43,9 +63,7 @@ def text_span_heads(
     exact_rank: bool = False,
     covariance_errors: npt.NDArray[np.float64] | None = None,
     outputs: npt.NDArray[np.float32] | None = None,
-) -> list[
-    tuple[list[int], npt.NDArray[np.float64], float, npt.NDArray[np.float64], int, int, bool]
-]: ...
+) -> list[HeadSpan]: ...
 def check_heads(
     counts: list[float],
     means: list[npt.NDArray[np.float64]],

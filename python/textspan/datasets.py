@@ -32,9 +32,10 @@ from typing import Any
 
 import numpy as np
 
-from .errors import InputError, MissingDependencyError, MissingFileError
-from .store.format import make_manifest
+from .core.checks import Convention
+from .errors import DataWarning, InputError, MissingDependencyError, MissingFileError
 from .store.images import IMAGE_SUFFIXES, MEMBER_SEPARATOR, list_images, open_file, stamps
+from .store.manifest import Manifest
 
 __all__ = [
     "WATERBIRDS_SPLITS",
@@ -101,27 +102,34 @@ class ImageSet:
 
 def manifest_of(
     source: ImageSet,
+    *,
     model: Any,
     pretrained: Any,
     precision: str,
     dtype: str,
     shape: tuple[int, int, int, tuple[str, ...]],
-    convention: str,
-) -> dict[str, Any]:
-    """The manifest of a store of `source`'s images (`store.format.make_manifest`)."""
-    listing = (source.files, source.labels.tolist(), source.classes)
-    return make_manifest(
-        model,
-        pretrained,
-        precision,
-        dtype,
-        source.root,
-        listing,
-        shape,
-        stamps(source.root, source.files),
-        convention,
-        source.name,
-        source.attributes,
+    convention: Convention,
+) -> Manifest:
+    """The manifest of a store of `source`'s images, decomposed by `model` (whose tower has
+    `shape`: layers, heads, D and the names of the mlps terms)."""
+    layers, heads, dim, terms = shape
+    return Manifest(
+        model=str(model),
+        pretrained=None if pretrained is None else str(pretrained),
+        precision=precision,
+        dtype=dtype,
+        convention=convention,
+        images=str(source.root.resolve()),
+        layers=layers,
+        heads=heads,
+        dim=dim,
+        terms=tuple(terms),
+        classes=tuple(source.classes),
+        files=tuple(source.files),
+        labels=tuple(int(v) for v in source.labels),
+        stamps=tuple(tuple(s) for s in stamps(source.root, source.files)),
+        dataset=source.name,
+        attributes={k: tuple(int(v) for v in a) for k, a in source.attributes.items()},
     )
 
 
@@ -194,7 +202,7 @@ def _flat_imagenet(root: Path, ground_truth, synsets, index) -> ImageSet:
     if len(files) < len(by_id):
         warnings.warn(
             f"imagenet: {what} labels {len(by_id)} images, {root} holds {len(files)}",
-            RuntimeWarning,
+            DataWarning,
             stacklevel=3,
         )
     return ImageSet(root, files, labels, synsets, "imagenet")
@@ -282,7 +290,7 @@ def _check_counts(ds: ImageSet) -> None:
             f"imagenet: the full validation set has {IMAGENET_VAL_PER_CLASS} images per class; "
             f"this one has between {present.min()} and {counts.max()} (labels or files are "
             "wrong)",
-            RuntimeWarning,
+            DataWarning,
             stacklevel=3,
         )
 

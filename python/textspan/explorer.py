@@ -31,7 +31,7 @@ import numpy as np
 from .analysis.sources import chunks, rows_f32
 from .core.pools import topic_of
 from .core.span import SpanResult, text_span_heads
-from .errors import InputError
+from .errors import FewerTextsWarning, InputError, RoundingWarning
 
 __all__ = ["Site", "build_site", "make_server", "serve"]
 
@@ -448,7 +448,7 @@ def build_site(
     total_layers, per_layer = store.heads.shape[1:3]
     if not 1 <= layers <= total_layers:
         raise InputError(f"layers: expected 1..{total_layers} (the model's layers), got {layers}")
-    root = Path(images if images is not None else store.manifest["images"])
+    root = Path(images if images is not None else store.manifest.images)
     if not root.is_dir():
         raise InputError(
             f"images: the store's images are not at {root}; pass --images with their folder"
@@ -460,7 +460,10 @@ def build_site(
     analysed = list(range(total_layers - layers, total_layers))
     keys = [(layer, h) for layer in analysed for h in range(per_layer)]
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # heads narrower than TEXTS_PER_HEAD
+        # Heads narrower than TEXTS_PER_HEAD yield fewer texts, and the paper's convention
+        # picks some by rounding: the pages show what each head has, and where it is stable.
+        warnings.simplefilter("ignore", FewerTextsWarning)
+        warnings.simplefilter("ignore", RoundingWarning)
         spans = text_span_heads(
             [store.stats[k] for k in keys],
             pool_embeddings,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal, get_args
 
 import numpy as np
 
@@ -42,10 +42,11 @@ def check_finite(a: np.ndarray, name: str) -> None:
 
 # The decomposition's conventions (see `textspan.models.decompose`): textspan's own first, the
 # default everywhere; "paper" gives the numbers of Gandelsman et al.'s code.
-CONVENTIONS = ("textspan", "paper")
+Convention = Literal["textspan", "paper"]
+CONVENTIONS: tuple[Convention, ...] = get_args(Convention)
 
 
-def check_convention(convention: Any) -> str:
+def check_convention(convention: Any) -> Convention:
     """The convention, or an InputError naming the choices."""
     if convention not in CONVENTIONS:
         raise InputError(

@@ -20,7 +20,7 @@ import numpy as np
 
 import textspan._core as _core
 
-from ..errors import InputError, InputTypeError
+from ..errors import FewerTextsWarning, InputError, InputTypeError, RoundingWarning
 from .checks import as_float_array, check_convention, check_ndim
 from .stats import HeadStats, device_stats, float32_stats, on_accelerator, unit_roundoff
 
@@ -194,7 +194,7 @@ def _spans(
     exact: bool,
     errors: list[float] | None = None,
     outputs: np.ndarray | None = None,
-) -> list[Any]:
+) -> list[_core.HeadSpan]:
     """The core's TextSpan for a group of heads (the first is head `start`), whose
     covariances are exact or (`errors`) within the given bounds, and computed from the
     float32 `outputs` [N, heads, D] when given (they certify heads narrower than `rank`)."""
@@ -348,14 +348,14 @@ def _run(
                     chunk[a:b], pool, n_texts, rank, tolerances[a:b], first, paper, errors, rows
                 )
         for i, span in enumerate(spans):
-            if not span[6]:
+            if not span.certified:
                 assert inexact is not None  # exact statistics are always certified
                 chunk[i] = inexact.exact(start + i)
                 tolerances[i] = rank_tolerance_for(chunk[i], rank_tolerance)
                 spans[i] = _spans(
                     [chunk[i]], pool, n_texts, rank, [tolerances[i]], start + i, paper
                 )[0]
-        numerical_ranks += [int(s[5]) for s in spans]
+        numerical_ranks += [s.numerical_rank for s in spans]
         # What rounding decides: the picks again from rounded statistics, and (paper) with
         # the null-space directions dropped.
         others = []
@@ -365,21 +365,19 @@ def _run(
             others.append(_spans(rounded, pool, n_texts, rank, tolerances, start, paper))
         if paper and stability:
             others.append(_spans(chunk, pool, n_texts, rank, tolerances, start, False))
-        for i, (s, (indices, variance, total, directions, used_rank, _, _)) in enumerate(
-            zip(chunk, spans, strict=True)
-        ):
-            idx = np.asarray(indices, dtype=np.int64)
+        for i, (s, span) in enumerate(zip(chunk, spans, strict=True)):
+            idx = np.asarray(span.indices, dtype=np.int64)
             stable = None
             if stability:
-                stable = min(_common_prefix(idx, o[i][0]) for o in others)
+                stable = min(_common_prefix(idx, o[i].indices) for o in others)
             results.append(
                 SpanResult(
                     indices=idx,
-                    variance=variance,
-                    total_variance=float(total),
-                    directions=directions,
+                    variance=span.variance,
+                    total_variance=span.total_variance,
+                    directions=span.directions,
                     mean=s.mean.copy(),
-                    rank=int(used_rank),
+                    rank=span.rank,
                     texts=None if texts is None else [texts[i] for i in idx],
                     stable=stable,
                     convention=convention,
@@ -405,7 +403,7 @@ def _warn_null_space(results: list[SpanResult], numerical_ranks: list[int], rank
         f"{lowest}): the paper's convention fills the rest of the span with directions of "
         f"rounding noise, so their picks depend on rounding{where} (SpanResult.stable). "
         "textspan's convention drops those directions.",
-        RuntimeWarning,
+        RoundingWarning,
         stacklevel=4,
     )
 
@@ -429,7 +427,7 @@ def _check_found(results: list[SpanResult], n_texts: int) -> None:
         warnings.warn(
             f"{len(short)} head(s) yielded fewer than n_texts={n_texts} texts (as few as "
             f"{found}): every direction of their span was used. Lower n_texts, or raise rank.",
-            RuntimeWarning,
+            FewerTextsWarning,
             stacklevel=4,
         )
 
@@ -516,7 +514,7 @@ def text_span(
 
     Returns:
         A `SpanResult`. If the span is exhausted before `n_texts` texts (n_texts above the
-        rank), it holds fewer and a RuntimeWarning says so.
+        rank), it holds fewer and a FewerTextsWarning says so.
 
     Raises:
         InputError (a ValueError): mismatched D, N < 2, an empty pool, n_texts outside

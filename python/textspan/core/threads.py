@@ -12,7 +12,7 @@ import warnings
 
 import textspan._core as _core
 
-from ..errors import InputError
+from ..errors import InputError, SettingWarning
 
 __all__ = ["ENVIRONMENT", "get_num_threads", "max_threads", "set_num_threads"]
 
@@ -33,7 +33,7 @@ def _capped(n: int, source: str) -> int:
         warnings.warn(
             f"{source}: {n} threads asked for, more than the {max_threads()} processors here; "
             f"using {max_threads()}",
-            RuntimeWarning,
+            SettingWarning,
             stacklevel=3,
         )
         return max_threads()
@@ -61,7 +61,7 @@ def apply_environment() -> None:
         warnings.warn(
             f"{ENVIRONMENT}={value!r}: expected an integer >= 0; using the default (one thread "
             "per processor)",
-            RuntimeWarning,
+            SettingWarning,
             stacklevel=2,
         )
         _core.set_num_threads(0)

@@ -1,15 +1,13 @@
-"""Extraction and text encoding on a Ray cluster (`engine="ray"`; `pip install 'textspan[ray]'`).
+"""Extraction and text encoding on a Ray cluster (`RayEngine`; `pip install 'textspan[ray]'`).
 
-Extraction is a Ray Data pipeline over *shards*, fixed ranges of image rows. Each row of the
-dataset names one shard; `map_batches` sends it to an actor of a pool in which every actor
-holds the model on its device (a GPU when it was given one). The actor reads the shard's
-images, decomposes them, and writes the shard — its contributions and the float64 statistics
-of its heads — to a temporary folder that it renames into `out/shards/` when complete, so a
-shard is there whole or not at all. Ray restarts an actor that dies and retries its shard
-(writing a shard twice gives the same files). When every shard is there, the driver merges
-them, in row order, into one ordinary store (`open_store` reads it) and merges the shards'
-`HeadStats`; then it removes the shards. A driver killed anywhere resumes when rerun with the
-same arguments: shards already written are not computed again.
+Extraction is a Ray Data pipeline over *shards*, ranges of image files that the store has not
+done yet (`StoreWriter.pending`). Each row of the dataset names one shard; `map_batches`
+sends it to an actor of a pool in which every actor holds the model on its device (a GPU
+when it was given one). The actor reads the shard's images, decomposes them and writes the
+shard as a part of the store (`PartWriter`: there whole or not at all). Ray restarts an
+actor that dies and retries its shard. When every shard is there, the driver's writer
+absorbs them, in file order, into the store. A driver killed anywhere resumes when rerun
+with the same arguments — with either engine: parts already written are not computed again.
 
 The store must be on storage every worker and the driver can reach (a shared file system).
 """
@@ -17,35 +15,24 @@ The store must be on storage every worker and the driver can reach (a shared fil
 from __future__ import annotations
 
 import io
-import json
-import os
-import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ..core.stats import HeadStats
-from ..datasets import manifest_of, open_images
-from ..errors import InputError, MissingDependencyError, StoreError, UnreadableImageError
-from ..models import Decomposer, encode_texts, load, skeleton, term_names, tower_of
-from ..store.format import (
-    check_resume,
-    checksum,
-    create_arrays,
-    open_store,
-    read_json,
-    row_shapes,
-    write_atomic,
-    writer_lock,
-)
+from ..datasets import ImageSet
+from ..errors import InputError, MissingDependencyError
+from ..models import Decomposer, encode_texts, load, skeleton, tower_of
+from ..models.texts import checked_texts
 from ..store.images import MEMBER_SEPARATOR, TolerantImages, collate_readable
-from ..store.sums import DeviceStats, save_sums, stats_from_sums
+from ..store.manifest import Manifest
+from ..store.reader import StoreReader
+from ..store.writer import DECOMPOSED, PartWriter, StoreWriter
+from .job import ExtractJob
 
-__all__ = ["SHARDS", "encode_texts_ray", "extract_ray"]
-
-SHARDS = "shards"
+__all__ = ["RayEngine"]
 
 
 def _ray():
@@ -117,78 +104,190 @@ def _use_assigned_cpus() -> None:
     torch.set_num_threads(max(1, int(cpus)))
 
 
-def _shard_name(start: int, end: int) -> str:
-    return f"{start:010d}-{end:010d}"
+@dataclass(frozen=True)
+class RayEngine:
+    """Runs the model on a Ray cluster, in a pool of actors each holding the model.
 
+    Args:
+        address: the cluster to join ("auto", "ray://host:10001", …); by default the instance
+            running in this process, or a new local one.
+        workers: actors.
+        num_gpus_per_worker: GPUs per actor (default: 1 when the cluster has GPUs).
+        shard_size: images per shard, the unit of work and of resumption.
+        before_shard: called in the actor with a shard's first file index before the shard
+            is computed (the tests kill an actor with it).
+    """
 
-def _plan(count: int, shard_size: int) -> list[tuple[int, int]]:
-    return [(s, min(count, s + shard_size)) for s in range(0, count, shard_size)]
+    address: str | None = None
+    workers: int = 2
+    num_gpus_per_worker: float | None = None
+    shard_size: int = 1024
+    before_shard: Callable[[int], None] | None = None
+
+    def __post_init__(self) -> None:
+        if self.workers < 1 or self.shard_size < 1:
+            raise InputError(
+                f"RayEngine: workers and shard_size >= 1 expected, got {self.workers} and "
+                f"{self.shard_size}"
+            )
+
+    def extract(self, source: ImageSet, out: Path, job: ExtractJob) -> StoreReader:
+        """`textspan.extract` on the cluster. `job.on_progress(files)` is called on the
+        driver after each shard, with the number of image files done so far."""
+        ray = _ray()
+        samples = source.name == "webdataset"
+        if source.reader is not None and not samples:
+            raise InputError(f"the Ray engine cannot read the items of {source.name}")
+        if samples and job.strict:
+            raise InputError(
+                "strict: the Ray engine reads WebDataset samples in no fixed order, so it "
+                "cannot stop at the first unreadable one; use the local engine"
+            )
+        # The tower's shape, checked for support, without loading weights where it can.
+        tower = tower_of(skeleton(job.model, job.pretrained))
+        with StoreWriter.open(out, job.manifest(source, tower)) as writer:
+            writer.absorb(strict=job.strict)  # rows another run or engine wrote
+            if samples:
+                self._write_samples(ray, writer, job)
+            else:
+                self._write_shards(ray, writer, job)
+            writer.absorb(strict=job.strict)
+            print(f"done: {out}", flush=True)
+            return writer.finish()
+
+    def _write_shards(self, ray: Any, writer: StoreWriter, job: ExtractJob) -> None:
+        """The files the store has not done, in shards written by a pool of actors."""
+        from tqdm.auto import tqdm
+
+        todo = writer.pending(self.shard_size)
+        count = writer.manifest.count
+        print(
+            f"textspan extract (ray): {count} images into {writer.out}, "
+            f"{writer.parts_found + len(todo)} shards, {writer.parts_found} done before",
+            flush=True,
+        )
+        if not todo:
+            return
+        _connect(ray, self.address)
+        written = _actor_pool(
+            ray,
+            ray.data.from_items([{"start": s, "end": e} for s, e in todo]),
+            _ShardWriter,
+            self.workers,
+            self.num_gpus_per_worker,
+            manifest=ray.put(writer.manifest),
+            out=str(writer.out.resolve()),
+            batch_size=job.batch_size,
+            strict=job.strict,
+            before_shard=self.before_shard,
+        )
+        done = count - sum(e - s for s, e in todo)
+        bar = tqdm(total=count, initial=done, desc="extracting", unit="img",
+                   disable=not job.progress)  # fmt: skip
+        for row in written.iter_rows():
+            n = int(row["end"]) - int(row["start"])
+            bar.update(n)
+            done += n
+            job.report(done)
+        bar.close()
+
+    def _write_samples(self, ray: Any, writer: StoreWriter, job: ExtractJob) -> None:
+        """WebDataset shards through Ray Data's reader (`ray.data.read_webdataset`,
+        undecoded): a pool of actors decodes each sample's image, decomposes a batch of them
+        and writes it as a part. A rerun skips the samples already done."""
+        from tqdm.auto import tqdm
+
+        manifest = writer.manifest
+        done = writer.covered()
+        print(
+            f"textspan extract (ray, WebDataset): {manifest.count} images into {writer.out}, "
+            f"{int(done.sum())} done before",
+            flush=True,
+        )
+        if done.all():
+            return
+        _connect(ray, self.address)
+        root = Path(manifest.images)
+        shards = sorted({f.split(MEMBER_SEPARATOR, 1)[0] for f in manifest.files})
+        # The samples are bytes, never tensors; and Ray's casting of pandas blocks to its
+        # tensor type fails with pandas 3 (it looks for a warning class pandas removed).
+        ray.data.DataContext.get_current().enable_tensor_extension_casting = False
+        samples = ray.data.read_webdataset(
+            [str(root / s) for s in shards], decoder=None, include_paths=False
+        )
+        written = _actor_pool(
+            ray,
+            samples,
+            _SampleWriter,
+            self.workers,
+            self.num_gpus_per_worker,
+            rows_per_call=job.batch_size,
+            spare_cpu=True,
+            manifest=ray.put(manifest),
+            done=ray.put(set(np.flatnonzero(done).tolist())),
+            out=str(writer.out.resolve()),
+            batch_size=job.batch_size,
+        )
+        count = int(done.sum())
+        bar = tqdm(total=manifest.count, initial=count, desc="extracting", unit="img",
+                   disable=not job.progress)  # fmt: skip
+        for row in written.iter_rows():
+            bar.update(int(row["rows"]))
+            count += int(row["rows"])
+            job.report(count)
+        bar.close()
+
+    def encode_texts(
+        self, model: Any, tokenizer: Any, texts: Any, *, batch_size: int, progress: bool
+    ) -> np.ndarray:
+        """The pool in chunks over an actor pool, each actor holding the model; one array
+        [M, D] in the pool's order."""
+        return _encode_texts(
+            model,
+            tokenizer,
+            checked_texts(texts, batch_size),
+            batch_size=batch_size,
+            workers=self.workers,
+            address=self.address,
+            num_gpus_per_worker=self.num_gpus_per_worker,
+            progress=progress,
+        )
 
 
 class _Decomposing:
-    """What both writing actors share: the model on the actor's device, and writing one unit
-    of rows — their contributions, file indices, unreadable files and statistics — to a
-    temporary folder renamed into place when complete, so it is there whole or not at all."""
+    """What both writing actors share: the model on the actor's device, and the store's
+    manifest, and a `PartWriter` for what they decompose."""
 
     def __init__(
-        self,
-        model: str,
-        pretrained: str | None,
-        precision: str,
-        root: str,
-        out: str,
-        dtype: str,
-        batch_size: int,
-        use_gpu: bool,
-        convention: str,
+        self, manifest: Any, out: str, batch_size: int, use_gpu: bool, strict: bool = False
     ) -> None:
+        import ray
         import torch
 
         _use_assigned_cpus()
+        m: Manifest = ray.get(manifest)
         device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
         net, self.preprocess, _ = load(
-            model, pretrained=pretrained, device=device, precision=precision
+            m.model, pretrained=m.pretrained, device=device, precision=m.precision
         )
         self.device = next(net.parameters()).device
         self.decomposer = Decomposer(net)
-        tower = self.decomposer.tower
-        self.shape = (tower.layers, tower.heads, tower.dim)
-        self.shapes = row_shapes(*self.shape, len(term_names(tower)))
-        self.root, self.out = Path(root), Path(out)
-        self.dtype, self.batch_size = np.dtype(dtype), batch_size
-        self.convention = convention
+        self.manifest, self.root, self.batch_size = m, Path(m.images), batch_size
+        self.part = PartWriter(out, m, device=self.device, strict=strict)
 
-    def _decompose(self, batches: Any) -> tuple[dict[str, list[np.ndarray]], Any]:
-        """Each image batch decomposed: the rows of every array, and their statistics."""
-        rows: dict[str, list[np.ndarray]] = {
-            k: [] for k in ("heads", "mlps", "class_token", "representation")
-        }
-        acc = DeviceStats(self.shape[:2], self.shape[2], self.device)
-        for images in batches:
-            d = self.decomposer.decompose(images.to(self.device), convention=self.convention)
-            acc.update(d.heads)
-            for k, v in rows.items():
-                v.append(getattr(d, k).cpu().numpy().astype(self.dtype))
-        return rows, acc
-
-    def _save(self, final: Path, rows, acc, indices: list[int], skipped: dict) -> None:
-        tmp = final.with_name(final.name + f".tmp-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        for k, v in rows.items():
-            empty = np.zeros((0, *self.shapes[k]), dtype=self.dtype)
-            np.save(tmp / f"{k}.npy", np.concatenate(v) if v else empty)
-        np.save(tmp / "indices.npy", np.array(indices, dtype=np.int64))
-        (tmp / "skipped.json").write_text(json.dumps(skipped))
-        if indices:
-            stats_from_sums(acc.state()).save(tmp / "stats.npz")
-        for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        try:
-            os.rename(tmp, final)
-        except OSError:  # another attempt of the same unit finished first: same content
-            shutil.rmtree(tmp, ignore_errors=True)
+    def _decompose(self, batches: Iterable[tuple[Any, list[int], list[tuple[int, str]]]]) -> None:
+        """Each (images, their file indices, unreadable files) batch into the part."""
+        for images, indices, unreadable in batches:
+            rows = {}
+            if images is not None:
+                d = self.decomposer.decompose(
+                    images.to(self.device), convention=self.manifest.convention
+                )
+                rows = {k: getattr(d, k) for k in DECOMPOSED}
+            self.part.add(rows, indices, unreadable)
+            if self.part.stopped:
+                break
+        self.part.commit()
 
 
 class _ShardWriter(_Decomposing):
@@ -196,24 +295,15 @@ class _ShardWriter(_Decomposing):
 
     def __init__(
         self,
-        model: str,
-        pretrained: str | None,
-        precision: str,
-        root: str,
-        files: Any,
+        manifest: Any,
         out: str,
-        dtype: str,
         batch_size: int,
         use_gpu: bool,
+        strict: bool = False,
         before_shard: Callable[[int], None] | None = None,
-        convention: str = "textspan",
     ) -> None:
-        import ray
-
-        super().__init__(
-            model, pretrained, precision, root, out, dtype, batch_size, use_gpu, convention
-        )
-        self.files = ray.get(files) if isinstance(files, ray.ObjectRef) else files
+        super().__init__(manifest, out, batch_size, use_gpu, strict)
+        self.files = list(self.manifest.files)
         self.before_shard = before_shard
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -224,9 +314,6 @@ class _ShardWriter(_Decomposing):
     def _write(self, start: int, end: int) -> None:
         import torch
 
-        final = self.out / SHARDS / _shard_name(start, end)
-        if final.is_dir():
-            return
         if self.before_shard is not None:
             self.before_shard(start)
         loader = torch.utils.data.DataLoader(
@@ -235,337 +322,18 @@ class _ShardWriter(_Decomposing):
             num_workers=0,
             collate_fn=collate_readable,
         )
-        indices, skipped = [], {}
-
-        def readable():
-            for batch in loader:
-                skipped.update({self.files[i]: why for i, why in batch.unreadable})
-                if batch.images is not None:
-                    indices.extend(batch.indices)
-                    yield batch.images
-
-        rows, acc = self._decompose(readable())
-        self._save(final, rows, acc, indices, skipped)
-
-
-def _prepare(
-    out: Path, manifest: dict[str, Any], shard_size: int, folder: str = SHARDS
-) -> tuple[Path, bool]:
-    """Writes or checks the manifest and the shard plan; True when the store is complete."""
-    shards = out / folder
-    if (out / "manifest.json").exists():
-        old = read_json(out / "manifest.json", f"store {out}: manifest.json")
-        check_resume(old, manifest, set(), out)
-        progress = out / "progress.json"
-        if progress.exists():
-            record = read_json(progress, f"store {out}: progress.json")
-            done = record.get("files_done", record.get("done"))
-            if done == manifest["count"]:
-                return shards, True
-            if done:
-                raise StoreError(
-                    f"{out} holds a store begun by the default engine ({done} images done): "
-                    "finish it with the default engine, or use another output folder"
-                )
-        plan = read_json(shards / "plan.json", f"store {out}: {folder}/plan.json")
-        if plan.get("shard_size") != shard_size:
-            raise StoreError(
-                f"{out} was begun with shard_size={plan.get('shard_size')}, not {shard_size}: "
-                "rerun with the same shard size to resume"
-            )
-        return shards, False
-    shards.mkdir(parents=True, exist_ok=True)
-    write_atomic(shards / "plan.json", json.dumps({"shard_size": shard_size}).encode())
-    write_atomic(out / "manifest.json", json.dumps(manifest, indent=1).encode())
-    return shards, False
-
-
-def _merge(
-    out: Path,
-    manifest: dict[str, Any],
-    labels: list[int],
-    plan: list[tuple[int, int]],
-    strict: bool,
-) -> None:
-    """The shards, in file order, into one store (a row per readable image); their statistics
-    merged (Chan et al.). With `strict`, an unreadable image stops here instead: the shards
-    holding one are removed (a rerun computes them again) and the error names them."""
-    folders = [out / SHARDS / _shard_name(start, end) for start, end in plan]
-    skipped: dict[str, str] = {}
-    for folder in folders:
-        skipped.update(read_json(folder / "skipped.json", f"shard {folder.name}"))
-    if strict and skipped:
-        for folder in folders:
-            if read_json(folder / "skipped.json", f"shard {folder.name}"):
-                shutil.rmtree(folder)
-        first = next(iter(skipped.values()))
-        raise UnreadableImageError(
-            f"{len(skipped)} unreadable images (--strict), e.g. {first}: remove or repair "
-            "them and rerun the same command (the other shards are kept)"
-        )
-    arrays = create_arrays(out, manifest)
-    stats = None
-    row = 0
-    for folder in folders:
-        indices = np.load(folder / "indices.npy")
-        if not len(indices):
-            continue
-        end = row + len(indices)
-        for name in ("heads", "mlps", "class_token", "representation"):
-            arrays[name][row:end] = np.load(folder / f"{name}.npy")
-        arrays["labels"][row:end] = np.asarray(labels)[indices]
-        shard_stats = HeadStats.load(folder / "stats.npz")
-        stats = shard_stats if stats is None else stats + shard_stats
-        row = end
-    if stats is None:
-        raise InputError(f"images: none of the {manifest['count']} images could be read")
-    _finish(out, manifest, arrays, stats, row, skipped)
-    shutil.rmtree(out / SHARDS)
-
-
-# Rows per checksum range of a store written by the Ray engine.
-CHECKSUM_ROWS = 1024
-
-
-def _finish(
-    out: Path,
-    manifest: dict[str, Any],
-    arrays: dict[str, Any],
-    stats: HeadStats,
-    row: int,
-    skipped: dict[str, str],
-) -> None:
-    """The merged store's checksums, statistics and progress record."""
-    for a in arrays.values():
-        a.flush()
-    bounds = [(s, min(row, s + CHECKSUM_ROWS)) for s in range(0, row, CHECKSUM_ROWS)]
-    ranges = [[s, e, checksum(arrays, s, e)] for s, e in bounds]
-    # The store keeps sums about a shift; about the mean, the first sum is zero.
-    save_sums(
-        out / f"stats-{row}.npz",
-        {
-            "count": np.array(row),
-            "shift": stats.mean,
-            "sum1": np.zeros_like(stats.mean),
-            "sum2": stats.covariance * row,
-        },
-    )
-    progress = {
-        "done": row,
-        "files_done": manifest["count"],
-        "skipped": skipped,
-        "failed": None,
-        "ranges": ranges,
-    }
-    write_atomic(out / "progress.json", json.dumps(progress).encode())
-
-
-def _tower_shape(model: str, pretrained: Any) -> tuple[int, int, int, tuple[str, ...]]:
-    """(layers, heads, D, the mlps terms' names) of the model, checked for support, without
-    loading weights where the model is an open_clip architecture."""
-    tower = tower_of(skeleton(model, pretrained))
-    return tower.layers, tower.heads, tower.dim, term_names(tower)
-
-
-def _write_shards(
-    ray: Any,
-    todo: list[tuple[int, int]],
-    total: int,
-    manifest: dict[str, Any],
-    files: list[str],
-    root: Path,
-    out: Path,
-    options: dict[str, Any],
-    after_shard: Callable[[int], None] | None,
-    progress: bool,
-) -> None:
-    """The shards in `todo`, written by a pool of actors; the bar counts images."""
-    from tqdm.auto import tqdm
-
-    written = _actor_pool(
-        ray,
-        ray.data.from_items([{"start": s, "end": e} for s, e in todo]),
-        _ShardWriter,
-        options["workers"],
-        options["num_gpus_per_worker"],
-        model=manifest["model"],
-        pretrained=manifest["pretrained"],
-        precision=manifest["precision"],
-        root=str(root.resolve()),
-        files=ray.put(files),
-        out=str(out.resolve()),
-        dtype=manifest["dtype"],
-        batch_size=options["batch_size"],
-        before_shard=options["before_shard"],
-        convention=manifest["convention"],
-    )
-    bar = tqdm(
-        total=total,
-        initial=total - sum(e - s for s, e in todo),
-        desc="extracting",
-        unit="img",
-        disable=not progress,
-    )
-    for i, row in enumerate(written.iter_rows(), 1):
-        bar.update(int(row["end"]) - int(row["start"]))
-        if after_shard is not None:
-            after_shard(i)
-    bar.close()
-
-
-def extract_ray(
-    images: str | os.PathLike | Any,
-    out: str | os.PathLike,
-    model: str,
-    pretrained: str | None,
-    batch_size: int,
-    workers: int,
-    dtype: str,
-    precision: str,
-    address: str | None = None,
-    num_gpus_per_worker: float | None = None,
-    shard_size: int = 1024,
-    progress: bool = True,
-    after_shard: Callable[[int], None] | None = None,
-    before_shard: Callable[[int], None] | None = None,
-    strict: bool = False,
-    convention: str = "textspan",
-) -> Any:
-    """`textspan.extract(..., engine="ray")`: see the module docstring.
-
-    `after_shard(n)` is called on the driver once n shards of this run are written;
-    `before_shard(start)` in the actor before it computes the shard starting at row `start`
-    (the tests kill the driver and an actor with them)."""
-    ray = _ray()
-    if workers < 1 or shard_size < 1:
-        raise InputError(f"workers and shard_size: expected >= 1, got {workers} and {shard_size}")
-    options = {
-        "workers": workers,
-        "num_gpus_per_worker": num_gpus_per_worker,
-        "batch_size": batch_size,
-        "before_shard": before_shard,
-    }
-    out = Path(out)
-    source = open_images(images)
-    if source.reader is not None and source.name != "webdataset":
-        raise InputError(f"the Ray engine cannot read the items of {source.name}")
-    root, files, labels = source.root, source.files, source.labels.tolist()
-    shape = _tower_shape(model, pretrained)
-    manifest = manifest_of(source, model, pretrained, precision, dtype, shape, convention)
-    if out.exists() and not out.is_dir():
-        raise InputError(f"out: expected a folder for the store, got the file {out}")
-    out.mkdir(parents=True, exist_ok=True)
-    with writer_lock(out):
-        if source.name == "webdataset":
-            _extract_samples(ray, out, manifest, files, labels, root, address, options, progress)
-        else:
-            _extract_shards(
-                ray,
-                out,
-                manifest,
-                files,
-                labels,
-                root,
-                shard_size,
-                address,
-                options,
-                after_shard,
-                progress,
-                strict,
-            )
-    return open_store(out)
-
-
-def _extract_shards(
-    ray: Any,
-    out: Path,
-    manifest: dict[str, Any],
-    files: list[str],
-    labels: list[int],
-    root: Path,
-    shard_size: int,
-    address: str | None,
-    options: dict[str, Any],
-    after_shard: Callable[[int], None] | None,
-    progress: bool,
-    strict: bool,
-) -> None:
-    shards, complete = _prepare(out, manifest, shard_size)
-    if complete:
-        print(f"textspan extract: {out} is complete", flush=True)
-        return
-    plan = _plan(len(files), shard_size)
-    todo = [(s, e) for s, e in plan if not (shards / _shard_name(s, e)).is_dir()]
-    print(
-        f"textspan extract (ray): {len(files)} images into {out}, {len(plan)} shards, "
-        f"{len(plan) - len(todo)} done before",
-        flush=True,
-    )
-    if todo:
-        _connect(ray, address)
-        _write_shards(
-            ray, todo, len(files), manifest, files, root, out, options, after_shard, progress
-        )
-    missing = [(s, e) for s, e in plan if not (shards / _shard_name(s, e)).is_dir()]
-    if missing:
-        raise RuntimeError(f"{len(missing)} shards were not written, e.g. rows {missing[0]}")
-    _merge(out, manifest, labels, plan, strict)
-    print(f"done: {out}", flush=True)
-
-
-# WebDataset shards -----------------------------------------------------------------------
-#
-# Ray Data reads the .tar shards itself (`ray.data.read_webdataset`, undecoded); a pool of
-# actors decodes each sample's image, decomposes a batch of them and writes it as a *part*
-# (the rows' file indices, contributions and statistics), renamed into `out/parts/` when
-# complete. A rerun skips the samples already in a part. The driver then writes every part's
-# rows at their places in file order.
-
-PARTS = "parts"
-
-
-def _complete_parts(parts: Path) -> list[tuple[Path, np.ndarray, dict[str, str]]]:
-    """Each complete part (not a temporary folder being written): its folder, the file
-    indices of its readable rows, and its unreadable files by file index."""
-    folders = sorted(f for f in parts.iterdir() if f.is_dir() and ".tmp-" not in f.name)
-    return [
-        (f, np.load(f / "indices.npy"), json.loads((f / "skipped.json").read_text()))
-        for f in folders
-    ]
-
-
-def _parts_done(parts: Path) -> set[int]:
-    """File indices already written (readable or skipped) by complete parts."""
-    done: set[int] = set()
-    for _, indices, skipped in _complete_parts(parts) if parts.is_dir() else []:
-        done.update(int(i) for i in indices)
-        done.update(int(i) for i in skipped)
-    return done
+        self._decompose((b.images, b.indices, b.unreadable) for b in loader)
 
 
 class _SampleWriter(_Decomposing):
     """A Ray Data actor: holds the model, writes each batch of WebDataset samples as a part."""
 
-    def __init__(
-        self,
-        model: str,
-        pretrained: str | None,
-        precision: str,
-        root: str,
-        index: Any,
-        done: Any,
-        out: str,
-        dtype: str,
-        batch_size: int,
-        use_gpu: bool,
-        convention: str = "textspan",
-    ) -> None:
+    def __init__(self, manifest: Any, done: Any, out: str, batch_size: int, use_gpu: bool) -> None:
         import ray
 
-        super().__init__(
-            model, pretrained, precision, root, out, dtype, batch_size, use_gpu, convention
-        )
-        self.index, self.done = ray.get(index), ray.get(done)
+        super().__init__(manifest, out, batch_size, use_gpu)
+        self.index = {f: i for i, f in enumerate(self.manifest.files)}
+        self.done = ray.get(done)
         self.shards: dict[str, str] = {}  # shard path as Ray Data gives it → name in the index
 
     def _image(self, batch: dict[str, Any], row: int) -> tuple[str | None, bytes | None]:
@@ -586,7 +354,7 @@ class _SampleWriter(_Decomposing):
         import torch
         from PIL import Image
 
-        images, indices, skipped = [], [], {}
+        images, indices, unreadable = [], [], []
         for row in range(len(batch["__key__"])):
             name, data = self._image(batch, row)
             if name is None or self.index[name] in self.done:
@@ -596,104 +364,18 @@ class _SampleWriter(_Decomposing):
                     images.append(self.preprocess(im.convert("RGB")))
                 indices.append(self.index[name])
             except (OSError, ValueError, SyntaxError) as e:
-                skipped[str(self.index[name])] = f"image {self.root / name} cannot be read: {e}"
-        if not images and not skipped:
-            return {"rows": np.array([0])}
+                why = f"image {self.root / name} cannot be read: {e}"
+                unreadable.append((self.index[name], why))
         step = self.batch_size
-        rows, acc = self._decompose(
-            torch.stack(images[i : i + step]) for i in range(0, len(images), step)
-        )
-        first = min([*indices, *(int(i) for i in skipped)])
-        final = self.out / PARTS / f"{first:010d}-{len(indices) + len(skipped):06d}"
-        self._save(final, rows, acc, indices, skipped)
-        return {"rows": np.array([len(indices) + len(skipped)])}
-
-
-def _extract_samples(
-    ray: Any,
-    out: Path,
-    manifest: dict[str, Any],
-    files: list[str],
-    labels: list[int],
-    root: Path,
-    address: str | None,
-    options: dict[str, Any],
-    progress: bool,
-) -> None:
-    """WebDataset shards through Ray Data's reader into the store (see above)."""
-    from tqdm.auto import tqdm
-
-    parts, complete = _prepare(out, manifest, 0, PARTS)
-    if complete:
-        print(f"textspan extract: {out} is complete", flush=True)
-        return
-    done = _parts_done(parts)
-    print(
-        f"textspan extract (ray, WebDataset): {len(files)} images into {out}, {len(done)} "
-        "done before",
-        flush=True,
-    )
-    if len(done) < len(files):
-        _connect(ray, address)
-        shards = sorted({f.split(MEMBER_SEPARATOR, 1)[0] for f in files})
-        # The samples are bytes, never tensors; and Ray's casting of pandas blocks to its
-        # tensor type fails with pandas 3 (it looks for a warning class pandas removed).
-        ray.data.DataContext.get_current().enable_tensor_extension_casting = False
-        samples = ray.data.read_webdataset(
-            [str(root / s) for s in shards], decoder=None, include_paths=False
-        )
-        written = _actor_pool(
-            ray,
-            samples,
-            _SampleWriter,
-            options["workers"],
-            options["num_gpus_per_worker"],
-            rows_per_call=options["batch_size"],
-            spare_cpu=True,
-            model=manifest["model"],
-            pretrained=manifest["pretrained"],
-            precision=manifest["precision"],
-            root=str(root.resolve()),
-            index=ray.put({f: i for i, f in enumerate(files)}),
-            done=ray.put(done),
-            out=str(out.resolve()),
-            dtype=manifest["dtype"],
-            batch_size=options["batch_size"],
-            convention=manifest["convention"],
-        )
-        bar = tqdm(total=len(files), initial=len(done), desc="extracting", unit="img",
-                   disable=not progress)  # fmt: skip
-        for row in written.iter_rows():
-            bar.update(int(row["rows"]))
-        bar.close()
-    _merge_parts(out, manifest, labels, files)
-    print(f"done: {out}", flush=True)
-
-
-def _merge_parts(out: Path, manifest: dict[str, Any], labels: list[int], files: list[str]) -> None:
-    """Every part's rows at their places in file order (a row per readable image), the
-    statistics merged, the parts removed."""
-    parts = _complete_parts(out / PARTS)
-    skipped = {files[int(k)]: why for _, _, unreadable in parts for k, why in unreadable.items()}
-    # The store holds a row per readable image, in file order.
-    readable = np.sort(np.concatenate([indices for _, indices, _ in parts]).astype(np.int64))
-    if len(readable) + len(skipped) != len(files):
-        raise RuntimeError(f"{len(files) - len(readable) - len(skipped)} images were not written")
-    arrays = create_arrays(out, manifest)
-    stats = None
-    for folder, indices, _ in parts:
-        if not len(indices):
-            continue
-        rows = np.searchsorted(readable, indices)
-        for name in ("heads", "mlps", "class_token", "representation"):
-            arrays[name][rows] = np.load(folder / f"{name}.npy")
-        arrays["labels"][rows] = np.asarray(labels)[indices]
-        part_stats = HeadStats.load(folder / "stats.npz")
-        stats = part_stats if stats is None else stats + part_stats
-    if stats is None:
-        raise InputError(f"images: none of the {manifest['count']} images could be read")
-    _finish(out, manifest, arrays, stats, len(readable), skipped)
-    shutil.rmtree(out / PARTS)
+        batches = [
+            (torch.stack(images[i : i + step]), indices[i : i + step], [])
+            for i in range(0, len(images), step)
+        ]
+        if unreadable:
+            batches.append((None, [], unreadable))
+        if batches:
+            self._decompose(batches)
+        return {"rows": np.array([len(indices) + len(unreadable)])}
 
 
 class _TextEncoder:
@@ -733,19 +415,19 @@ def _on_cpu(model: Any) -> Any:
     return copy.deepcopy(model).cpu()
 
 
-def encode_texts_ray(
+def _encode_texts(
     model: Any,
     tokenizer: Any,
     texts: list[str],
+    *,
     batch_size: int,
     workers: int,
-    address: str | None = None,
-    num_gpus_per_worker: float | None = None,
+    address: str | None,
+    num_gpus_per_worker: float | None,
+    progress: bool,
     chunk: int = 8192,
-    progress: bool = True,
 ) -> np.ndarray:
-    """`textspan.encode_texts(..., engine="ray")`: the pool in chunks over an actor pool, each
-    actor holding the model; one array [M, D] in the pool's order."""
+    """`RayEngine.encode_texts`: the pool in chunks over an actor pool."""
     from tqdm.auto import tqdm
 
     ray = _ray()

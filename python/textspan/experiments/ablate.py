@@ -11,7 +11,7 @@ import numpy as np
 
 from .. import report
 from ..analysis import AblationResult, ablation
-from ..store.format import open_store
+from ..store.reader import open_store
 from .common import (
     class_names,
     model_of,

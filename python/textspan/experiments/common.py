@@ -15,7 +15,7 @@ import numpy as np
 
 from ..core.pools import default_pool, load_texts
 from ..core.span import SpanResult, text_span_heads
-from ..errors import InputError
+from ..errors import FewerTextsWarning, InputError, RoundingWarning
 from ..models import imagenet_names, load, zero_shot_classifier
 
 __all__ = [
@@ -37,7 +37,7 @@ __all__ = [
 
 def model_of(store: Any, device: str | None) -> tuple[Any, Any, Any]:
     m = store.manifest
-    return load(m["model"], pretrained=m["pretrained"], device=device, precision=m["precision"])
+    return load(m.model, pretrained=m.pretrained, device=device, precision=m.precision)
 
 
 def class_names(folders: Sequence[str], classes_file: str | os.PathLike | None = None) -> list[str]:
@@ -128,8 +128,10 @@ def head_spans(
     stats = [store.stats[layer, head] for layer, head in heads]
     with warnings.catch_warnings():
         # A head spans at most its value width (64 in ViT-B/16), so asking for more texts
-        # than that is expected here; the tables show how many each head yielded.
-        warnings.simplefilter("ignore", RuntimeWarning)
+        # than that is expected here; the tables show how many each head yielded, and (the
+        # paper's convention) up to which pick its list is stable.
+        warnings.simplefilter("ignore", FewerTextsWarning)
+        warnings.simplefilter("ignore", RoundingWarning)
         found = text_span_heads(
             stats,
             embeddings,

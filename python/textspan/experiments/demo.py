@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from ..core.checks import CONVENTIONS
-from ..engines import extract
+from ..engines import LocalEngine, extract
 from ..explorer import Site
 from ..toy.model import describe
 from ..toy.study import StudyResult, study
@@ -79,10 +79,9 @@ def toy_explorer(out: Path, r: StudyResult, model_dir: str | None) -> Site:
         data / "store",
         model="toy",
         pretrained=model_dir,
-        workers=0,
-        device="cpu",
-        progress=False,
         convention=r.convention,
+        engine=LocalEngine(workers=0, device="cpu"),
+        progress=False,
     )
     return explore.run(store, out / "explorer", samples=6, device="cpu", progress=False)
 

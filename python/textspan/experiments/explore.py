@@ -10,7 +10,7 @@ from ..core.pools import default_pool, default_topics, load_texts
 from ..errors import InputError
 from ..explorer import Site, build_site, serve
 from ..models import encode_texts, tower_of
-from ..store.format import open_store
+from ..store.reader import open_store
 from .common import class_names, model_of, output_for, store_options, zero_shot_weights
 
 NAME = "explore"
@@ -69,7 +69,7 @@ def read_topics(path: str | os.PathLike) -> dict[str, list[str]]:
 def _texts_and_topics(store: Any, pool: Any, topics: Any) -> tuple[list[str], dict]:
     """The pool and topics: given, or the toy world's descriptions for a toy store (its
     tokenizer knows only those words), or the built-in pool's."""
-    if store.manifest["model"] in TOY_MODELS and pool is None:
+    if store.manifest.model in TOY_MODELS and pool is None:
         from ..toy import study
         from ..toy import world as tw
 
@@ -103,16 +103,16 @@ def run(
     labelled = len(store) and bool(store.classes) and (store.labels >= 0).all()
     classifier = None
     if labelled:
-        toy = store.manifest["model"] in TOY_MODELS
+        toy = store.manifest.model in TOY_MODELS
         names = class_names(store.classes, classes_file)
         classifier = zero_shot_weights(model, tokenizer, names, "article" if toy else templates)
     m = store.manifest
     info = {
-        "model": f"{m['model']} ({type(tower_of(model).module).__name__})",
+        "model": f"{m.model} ({type(tower_of(model).module).__name__})",
         "weights": str(
-            m["pretrained"] or ("embedded" if m["model"] in TOY_MODELS else "random (seeded)")
+            m.pretrained or ("embedded" if m.model in TOY_MODELS else "random (seeded)")
         ),
-        "images": f"{len(store)} from {m['images']}"
+        "images": f"{len(store)} from {m.images}"
         + (f", {len(store.skipped)} unreadable skipped" if store.skipped else ""),
         "classes": f"{len(store.classes)}" if store.classes else "none (a flat folder)",
         "heads analysed": f"the last {layers} layers' ({store.heads.shape[2]} per layer)",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..core.checks import CONVENTIONS
-from ..engines import ENGINES, extract
+from ..engines import engine_named, extract
 
 NAME = "extract"
 HELP = "decompose an image folder into a store (resumes when rerun)"
@@ -34,7 +34,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint-every", type=int, default=4096, help="images between checkpoints")
     p.add_argument(
         "--engine",
-        choices=list(ENGINES),
+        choices=["local", "ray"],
         default="local",
         help="local: this process; ray: a Ray Data pipeline (pip install 'textspan[ray]')",
     )
@@ -66,23 +66,31 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    local = args.engine == "local"
+    engine = engine_named(
+        args.engine,
+        workers=args.workers,
+        **(
+            {"device": args.device, "checkpoint_every": args.checkpoint_every}
+            if local
+            else {
+                "address": args.address,
+                "num_gpus_per_worker": args.num_gpus_per_worker,
+                "shard_size": args.shard_size,
+            }
+        ),
+    )
     store = extract(
         args.images,
         args.out,
         model=args.model,
         pretrained=args.pretrained,
-        batch_size=args.batch_size,
-        workers=args.workers,
-        device=args.device,
-        dtype=args.dtype,
         precision=args.precision,
-        checkpoint_every=args.checkpoint_every,
-        engine=args.engine,
-        address=args.address,
-        num_gpus_per_worker=args.num_gpus_per_worker,
-        shard_size=args.shard_size,
-        strict=args.strict,
+        dtype=args.dtype,
         convention=args.convention,
+        batch_size=args.batch_size,
+        strict=args.strict,
+        engine=engine,
     )
     skipped = f", {len(store.skipped)} unreadable skipped" if store.skipped else ""
     print(f"store: {store.path} ({len(store)} images{skipped}, heads {list(store.heads.shape)})")

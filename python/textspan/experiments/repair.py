@@ -15,9 +15,9 @@ import numpy as np
 from .. import report
 from ..analysis import Head, RepairResult, rank_heads, repair
 from ..core.pools import load_texts
-from ..errors import InputError
+from ..errors import AnalysisWarning, InputError
 from ..models import encode_texts
-from ..store.format import open_store
+from ..store.reader import open_store
 from .common import (
     class_names,
     head_spans,
@@ -161,7 +161,7 @@ def run(
             warnings.warn(
                 f"{len(unrelated)} of the top {top} heads ({', '.join(unrelated[:5])}) scored 0: "
                 "none of their TextSpan texts is about the property, yet they are ablated",
-                RuntimeWarning,
+                AnalysisWarning,
                 stacklevel=2,
             )
     else:

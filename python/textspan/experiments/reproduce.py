@@ -20,10 +20,10 @@ from ..analysis.repair import GroupAccuracy, group_sizes
 from ..analysis.sources import chunks, correct_counts, rows_f32
 from ..core.checks import CONVENTIONS
 from ..core.pools import load_texts
-from ..engines import encode_texts, extract
+from ..engines import LocalEngine, encode_texts, extract
 from ..errors import InputError
 from ..models import imagenet_names, load
-from ..store.format import Store
+from ..store.reader import StoreReader
 from . import segment, span
 from .common import head_spans, last_layers, pool_texts, zero_shot_weights
 
@@ -220,8 +220,17 @@ def imagenet_class_names(classes_file: str) -> list[str]:
     return imagenet_names() if classes_file == "imagenet" else load_texts(classes_file)
 
 
-def _extract(spec: str, out: Path, convention: str, options: dict[str, Any]) -> Store:
-    return extract(spec, out, convention=convention, **options)
+def _extract(spec: str, out: Path, convention: str, options: dict[str, Any]) -> StoreReader:
+    return extract(
+        spec,
+        out,
+        model=options["model"],
+        pretrained=options["pretrained"],
+        batch_size=options["batch_size"],
+        convention=convention,
+        engine=LocalEngine(workers=options["workers"], device=options["device"]),
+        progress=options["progress"],
+    )
 
 
 def _imagenet(
@@ -315,7 +324,7 @@ def _waterbirds(
     result.put(experiment, "heads ablated", convention, count_p)
 
 
-def baseline_accuracy(store: Store, w: np.ndarray) -> float:
+def baseline_accuracy(store: StoreReader, w: np.ndarray) -> float:
     """Zero-shot accuracy of the store's representations (in checked chunks)."""
     labels = np.asarray(store.labels)
     correct = 0

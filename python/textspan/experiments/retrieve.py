@@ -16,7 +16,7 @@ from .. import report
 from ..analysis import Retrieval, retrieve
 from ..errors import InputError
 from ..models import encode_texts
-from ..store.format import open_store
+from ..store.reader import open_store
 from .common import head_spans, model_of, output_for, pool_texts, store_options
 
 NAME = "retrieve"
@@ -97,7 +97,7 @@ def run(
     query = image if text is None else encode_texts(model, tokenizer, [text], progress=False)[0]
     found = retrieve(store, heads, query, k=k, basis=basis, progress=progress)
     folder = report.output_folder(out)
-    root = Path(store.manifest["images"])
+    root = Path(store.manifest.images)
     files = [store.files[i] for i in found.indices]
     report.write_json(
         folder / "retrieval.json",

@@ -18,7 +18,7 @@ from ..core.pools import common_words, load_texts
 from ..core.span import SpanResult
 from ..errors import InputError
 from ..models import encode_texts
-from ..store.format import open_store
+from ..store.reader import open_store
 from .common import (
     class_names,
     head_spans,

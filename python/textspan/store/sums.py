@@ -37,6 +37,21 @@ class DeviceStats:
         self.sum2.view(-1, self.dim, self.dim).baddbmm_(centred.transpose(1, 2), centred)
         self.count += n
 
+    def add(self, other: HeadStats) -> None:
+        """These sums and `other`'s statistics merged (Chan et al.), kept about the merged
+        mean."""
+        if not other.count:
+            return
+        merged = other if not self.count else stats_from_sums(self.state()) + other
+        self.load(
+            {
+                "count": np.array(merged.count),
+                "shift": merged.mean,
+                "sum1": np.zeros_like(merged.mean),
+                "sum2": merged.covariance * merged.count,
+            }
+        )
+
     def state(self) -> dict[str, np.ndarray]:
         return {
             "count": np.array(self.count),

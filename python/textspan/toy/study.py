@@ -27,6 +27,7 @@ import numpy as np
 from .. import analysis
 from ..analysis import Head
 from ..core.span import SpanResult, text_span_heads
+from ..errors import FewerTextsWarning, RoundingWarning
 from ..models import Decomposer, encode_texts
 from . import report
 from . import world as tw
@@ -168,7 +169,8 @@ def spans_for(
     with warnings.catch_warnings():
         # The paper's convention warns that rank = D fills the heads' spans with rounding
         # noise; the study reports each head's stable prefix instead.
-        warnings.simplefilter("ignore", RuntimeWarning)
+        warnings.simplefilter("ignore", RoundingWarning)
+        warnings.simplefilter("ignore", FewerTextsWarning)
         found = text_span_heads(
             contributions.heads,
             embeddings,

@@ -1,5 +1,6 @@
 //! The crate's one error type. Every message says what was expected and what was given;
-//! `python.rs` maps it to a Python exception in one place.
+//! the bindings (`rust/python/src/lib.rs`) map it to a Python exception in one place: bad
+//! input to `InputError`, a computation that failed on valid input to `NumericalError`.
 
 use std::fmt;
 
@@ -19,6 +20,8 @@ pub enum Error {
         expected: String,
         got: String,
     },
+    /// A computation that failed on valid input (an eigensolver that did not converge).
+    Numerical { what: String, detail: String },
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
@@ -72,6 +75,7 @@ impl fmt::Display for Error {
             } => {
                 write!(f, "{what}: expected {expected}, got {got}")
             }
+            Error::Numerical { what, detail } => write!(f, "{what}: {detail}"),
         }
     }
 }

@@ -687,7 +687,11 @@ fn clear_count(values: &[f64], rank: usize, tolerance: f64, error: f64) -> usize
 }
 
 fn not_converged() -> Error {
-    Error::value("eigendecomposition", "convergence", "no convergence")
+    Error::Numerical {
+        what: "eigendecomposition".into(),
+        detail: "the solver did not converge (the statistics may be extremely ill-conditioned)"
+            .into(),
+    }
 }
 
 /// Every eigenpair of a symmetric matrix: vectors [D, D] and values.

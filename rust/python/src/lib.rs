@@ -16,12 +16,17 @@ use textspan_core::textspan::{self, HeadMoments, Span, SpanParams, TextPool};
 use textspan_core::{metrics, moments, parallel, patchmap, scalar};
 
 // The package's exception classes live in Python (`textspan/errors.py`, where `InputError`
-// is also a `ValueError`); every error of the core is bad input, so all map to `InputError`.
+// is also a `ValueError`): bad input is an `InputError`, a computation that failed on valid
+// input a `NumericalError`.
 pyo3::import_exception!(textspan.errors, InputError);
+pyo3::import_exception!(textspan.errors, NumericalError);
 
 /// The one mapping from the core's error to a Python exception.
 fn py_err(e: Error) -> PyErr {
-    InputError::new_err(e.to_string())
+    match e {
+        Error::Numerical { .. } => NumericalError::new_err(e.to_string()),
+        _ => InputError::new_err(e.to_string()),
+    }
 }
 
 enum Pool {
@@ -79,26 +84,37 @@ impl PyTextPool {
     }
 }
 
-type SpanTuple<'py> = (
-    Vec<usize>,
-    Bound<'py, PyArray1<f64>>,
-    f64,
-    Bound<'py, PyArray2<f64>>,
-    usize,
-    usize,
-    bool,
-);
+/// One head's TextSpan, as the core found it (`textspan.core.span` makes a `SpanResult`).
+#[pyclass(name = "HeadSpan", module = "textspan._core", frozen, get_all)]
+pub struct HeadSpan {
+    /// The chosen texts' indices in the pool, in the order chosen.
+    indices: Vec<usize>,
+    /// The variance each chosen text explains (of what is left after the earlier ones).
+    variance: Py<PyArray1<f64>>,
+    /// The head's total variance.
+    total_variance: f64,
+    /// The chosen texts' directions, projected onto the head's span [n, D].
+    directions: Py<PyArray2<f64>>,
+    /// The directions of the span used.
+    rank: usize,
+    /// The directions of the head's second moment above its tolerance.
+    numerical_rank: usize,
+    /// False where the statistics' error could have changed the directions kept.
+    certified: bool,
+}
 
-fn span_tuple(py: Python<'_>, s: Span) -> SpanTuple<'_> {
-    (
-        s.indices,
-        Array1::from(s.variance).into_pyarray(py),
-        s.total_variance,
-        s.directions.into_pyarray(py),
-        s.rank,
-        s.numerical_rank,
-        s.certified,
-    )
+impl HeadSpan {
+    fn new(py: Python<'_>, s: Span) -> Self {
+        HeadSpan {
+            indices: s.indices,
+            variance: Array1::from(s.variance).into_pyarray(py).unbind(),
+            total_variance: s.total_variance,
+            directions: s.directions.into_pyarray(py).unbind(),
+            rank: s.rank,
+            numerical_rank: s.numerical_rank,
+            certified: s.certified,
+        }
+    }
 }
 
 /// TextSpan for K heads given by their statistics: counts [K], means [K, D], population
@@ -107,9 +123,8 @@ fn span_tuple(py: Python<'_>, s: Span) -> SpanTuple<'_> {
 /// exactly `rank` directions, as published), and optionally bounds [K] on the spectral norm
 /// of each covariance's error (from `batch_moments(..., float32_products=True)`) with the
 /// float32 outputs [N, K, D] they came from, which certify heads narrower than `rank`.
-/// Returns one tuple per head: (indices, variance, total_variance, directions, rank,
-/// numerical_rank, certified); `certified` is false where a covariance's error could have
-/// changed the directions kept.
+/// Returns a `HeadSpan` per head; its `certified` is false where a covariance's error could
+/// have changed the directions kept.
 #[pyfunction]
 #[pyo3(signature = (pool, counts, means, covariances, rank_tolerances, n_texts, rank, exact_rank=false, covariance_errors=None, outputs=None))]
 #[allow(clippy::too_many_arguments)]
@@ -125,7 +140,7 @@ fn text_span_heads<'py>(
     exact_rank: bool,
     covariance_errors: Option<PyReadonlyArray1<'py, f64>>,
     outputs: Option<PyReadonlyArray3<'py, f32>>,
-) -> PyResult<Vec<SpanTuple<'py>>> {
+) -> PyResult<Vec<HeadSpan>> {
     let counts = counts.as_array().to_owned();
     let means = means.as_array().to_owned();
     let covs = covariances.as_array().to_owned();
@@ -196,7 +211,7 @@ fn text_span_heads<'py>(
         None => py.detach(|| run(None)),
     }
     .map_err(py_err)?;
-    Ok(spans.into_iter().map(|s| span_tuple(py, s)).collect())
+    Ok(spans.into_iter().map(|s| HeadSpan::new(py, s)).collect())
 }
 
 /// Checks the statistics of K heads (counts, means [D], covariances [D, D]) for texts of
@@ -360,6 +375,7 @@ fn get_num_threads() -> usize {
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyTextPool>()?;
+    m.add_class::<HeadSpan>()?;
     m.add_function(wrap_pyfunction!(text_span_heads, m)?)?;
     m.add_function(wrap_pyfunction!(check_heads, m)?)?;
     m.add_function(wrap_pyfunction!(batch_moments, m)?)?;
