@@ -323,7 +323,7 @@ def test_6_text_span_on_float16_rows_agrees_with_the_statistics(tmp_path):
             outputs = store.heads[:, layer, head]
             stats = textspan.text_span_from_stats(store.stats[layer, head], pool, n_texts=5)
             for name, tolerance in (("now", None), ("fixed tolerance", 1e-10)):
-                rows = textspan.text_span(outputs, pool, 5, rank_tolerance=tolerance)
+                rows = textspan.text_span(outputs, pool, n_texts=5, rank_tolerance=tolerance)
                 if list(rows.indices) == list(stats.indices):
                     agree[name] += 1
                     continue
@@ -520,7 +520,9 @@ def test_13_bad_values_are_refused(reference, tiny, image_folder, tmp_path, caps
     with pytest.raises(InputError, match=r"expected '{}' where the class name goes"):
         textspan.zero_shot_classifier(model, tokenizer, ["cat"], ["a photo"], progress=False)
     rng = np.random.default_rng(0)
-    span = textspan.text_span(rng.standard_normal((50, 8)), rng.standard_normal((6, 8)), 3, 8)
+    span = textspan.text_span(
+        rng.standard_normal((50, 8)), rng.standard_normal((6, 8)), n_texts=3, rank=8
+    )
     with pytest.raises(InputError, match=r"n_texts: expected 0..3"):
         span.reconstruct(np.zeros((2, 8)), n_texts=-1)
     with pytest.raises(InputError, match=r"expected an integer count >= 0, got 2.7"):
@@ -602,16 +604,16 @@ def test_16_messages_say_what_is_wrong(tiny):
     c = np.eye(8)
     c[0, 1] = 0.5
     with pytest.raises(InputError, match="expected a symmetric matrix"):
-        textspan.text_span_from_stats(HeadStats(10, np.zeros(8), c), pool, 2, 4)
+        textspan.text_span_from_stats(HeadStats(10, np.zeros(8), c), pool, n_texts=2, rank=4)
     c = np.eye(8)
     c[3, 3] = -1.0
     with pytest.raises(InputError, match="negative variance -1 at index 3"):
-        textspan.text_span_from_stats(HeadStats(10, np.zeros(8), c), pool, 2, 4)
+        textspan.text_span_from_stats(HeadStats(10, np.zeros(8), c), pool, n_texts=2, rank=4)
     with pytest.raises(InputError, match="its outputs do not vary"):
-        textspan.text_span(np.ones((10, 8)), pool, 2, 4)
+        textspan.text_span(np.ones((10, 8)), pool, n_texts=2, rank=4)
     with pytest.raises(InputError, match=r"at least one head .*got shape \[5, 0, 2, 8\]"):
-        textspan.text_span_heads(np.ones((5, 0, 2, 8)), pool, 2, 4)
-    wide = textspan.text_span(rng.standard_normal((50, 8)), pool, 2, rank=10**30)
+        textspan.text_span_heads(np.ones((5, 0, 2, 8)), pool, n_texts=2, rank=4)
+    wide = textspan.text_span(rng.standard_normal((50, 8)), pool, n_texts=2, rank=10**30)
     assert wide.rank == 8
     contributions = textspan.Contributions(np.ones((1, 2, 2, 8)), np.ones((1, 3, 8)))
     with pytest.raises(InputError, match="at least 2 images, the source has 1"):

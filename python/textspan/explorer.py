@@ -421,6 +421,7 @@ def _sample_pages(
 def build_site(
     store: Any,
     out: str | Path,
+    *,
     pool: list[str],
     pool_embeddings: np.ndarray,
     topics: dict[str, list[str]],

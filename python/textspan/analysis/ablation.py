@@ -66,7 +66,7 @@ def _definitions(convention: str) -> dict[str, str]:
 
 
 def ablation(
-    source: Any, classifier: Any, means: Any = None, progress: bool = True
+    source: Any, classifier: Any, *, means: Any = None, progress: bool = True
 ) -> AblationResult:
     """The paper's mean-ablation study.
 

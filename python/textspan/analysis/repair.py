@@ -38,6 +38,7 @@ __all__ = [
 def rank_heads(
     spans: Mapping[Head, SpanResult],
     keywords: Sequence[str] | None = None,
+    *,
     examples: Any = None,
     pool: Any = None,
 ) -> list[tuple[Head, float]]:
@@ -163,6 +164,7 @@ def repair(
     classifier: Any,
     attribute: Any,
     heads: Sequence[Head],
+    *,
     candidates: Sequence[Head] | None = None,
     random_draws: int = 10,
     means: Any = None,
@@ -202,6 +204,7 @@ def repair_head_count(
     classifier: Any,
     attribute: Any,
     ranked: Sequence[Head],
+    *,
     counts: Sequence[int] | None = None,
     means: Any = None,
     progress: bool = False,

@@ -55,6 +55,7 @@ def replacement(
     source: Any,
     classifier: Any,
     spans: Mapping[Head, SpanResult],
+    *,
     max_texts: int | None = None,
     means: Any = None,
     progress: bool = True,

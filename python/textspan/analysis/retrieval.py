@@ -28,6 +28,7 @@ def retrieve(
     source: Any,
     heads: Sequence[Head],
     query: int | Any,
+    *,
     k: int = 9,
     basis: Any = None,
     progress: bool = True,

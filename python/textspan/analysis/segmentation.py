@@ -45,12 +45,14 @@ class Segmentation:
 
     def normalised(self, size: tuple[int, int] | None = None) -> np.ndarray:
         """[N, H, W] in [0, 1] at `size` (default: the model's input size)."""
-        return normalised_heatmaps(self.heatmaps, size or self.image_size, self.convention)
+        return normalised_heatmaps(
+            self.heatmaps, size or self.image_size, convention=self.convention
+        )
 
     def scores(self, masks: Any) -> dict[str, float]:
         """Pixel accuracy, mIoU and mAP against binary masks [N, H, W] (see
         `textspan.core.metrics.segmentation_scores`), in this segmentation's convention."""
-        return segmentation_scores(self.heatmaps, masks, self.convention)
+        return segmentation_scores(self.heatmaps, masks, convention=self.convention)
 
     def masks(self, size: tuple[int, int] | None = None) -> np.ndarray:
         """[N, H, W] boolean foreground, thresholded at each map's mean."""
@@ -61,6 +63,7 @@ def segment(
     model: Any,
     images: Any,
     classifier: Any,
+    *,
     classes: Any = None,
     method: str = "decomposition",
     progress: bool = True,

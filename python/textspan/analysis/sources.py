@@ -156,7 +156,7 @@ def convention_of(source: Any) -> str:
     return getattr(source, "convention", "textspan")
 
 
-def term_means(source: Any, progress: bool = True) -> TermMeans:
+def term_means(source: Any, *, progress: bool = True) -> TermMeans:
     """The mean of every term over the source's images (float64, in chunks)."""
     n, *_ = shapes(source)
     ct = getattr(source, "class_token", None)
@@ -172,7 +172,7 @@ def term_means(source: Any, progress: bool = True) -> TermMeans:
 
 def means_for(source: Any, means: Any, progress: bool) -> TermMeans:
     if means is None:
-        return term_means(source, progress)
+        return term_means(source, progress=progress)
     if convention_of(means) != convention_of(source):
         raise InputError(
             f"means: expected terms in the source's convention {convention_of(source)!r}, got "
@@ -188,7 +188,7 @@ def means_for(source: Any, means: Any, progress: bool) -> TermMeans:
             f"means: expected a source with heads [*, {layers}, {h}, {d}], got "
             f"{list(means.heads.shape)}"
         )
-    return term_means(means, progress)
+    return term_means(means, progress=progress)
 
 
 def correct_counts(reps: np.ndarray, w: np.ndarray, labels: np.ndarray) -> np.ndarray:

@@ -65,7 +65,7 @@ def _paper_size(maps: np.ndarray, height: int, width: int, convention: str) -> b
 
 
 def segmentation_scores(
-    heatmaps: Any, masks: Any, convention: str = "textspan"
+    heatmaps: Any, masks: Any, *, convention: str = "textspan"
 ) -> dict[str, float]:
     """Pixel accuracy, mIoU and mAP of heatmaps against binary masks (ImageNet-segmentation
     protocol, as in the paper).
@@ -97,7 +97,7 @@ def segmentation_scores(
 
 
 def normalised_heatmaps(
-    heatmaps: Any, size: tuple[int, int], convention: str = "textspan"
+    heatmaps: Any, size: tuple[int, int], *, convention: str = "textspan"
 ) -> np.ndarray:
     """Heatmaps [N, h, w] upsampled bilinearly to `size` = (H, W) (half-pixel centres, as
     PyTorch's `align_corners=False`), negatives clipped, each min–max normalised to [0, 1]

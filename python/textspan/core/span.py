@@ -445,6 +445,7 @@ def _progress(total: int, enabled: bool):
 def text_span_from_stats(
     stats: HeadStats,
     text_embeddings: Any,
+    *,
     n_texts: int = 10,
     rank: int = 80,
     texts: Sequence[str] | None = None,
@@ -469,6 +470,7 @@ def text_span_from_stats(
 def text_span(
     outputs: Any,
     text_embeddings: Any,
+    *,
     n_texts: int = 10,
     rank: int = 80,
     texts: Sequence[str] | None = None,
@@ -533,6 +535,7 @@ def text_span(
 def text_span_heads(
     outputs_or_stats: Any,
     text_embeddings: Any,
+    *,
     n_texts: int = 10,
     rank: int = 80,
     texts: Sequence[str] | None = None,

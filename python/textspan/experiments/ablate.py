@@ -22,6 +22,7 @@ from .common import (
 )
 
 NAME = "ablate"
+ORDER = 3  # its place in `textspan --help`
 HELP = "mean-ablation study: accuracy without MLPs, class token, early layers"
 
 
@@ -49,6 +50,7 @@ def main(args: argparse.Namespace) -> int:
 def run(
     store: Any,
     out: str | os.PathLike,
+    *,
     means: Any = None,
     classes_file: str | None = None,
     templates: str | None = None,

@@ -9,6 +9,7 @@ import csv
 from pathlib import Path
 
 NAME = "models"
+ORDER = 10  # its place in `textspan --help`
 HELP = "list open_clip's pretrained models: which decompose exactly, and why not"
 DESCRIPTION = (
     "List every open_clip architecture that has pretrained tags, with its image tower's "

@@ -12,12 +12,14 @@ from ..core.checks import CONVENTIONS
 from ..engines import LocalEngine, extract
 from ..explorer import Site
 from ..toy.model import describe
-from ..toy.study import StudyResult, study
+from ..toy.results import StudyResult
+from ..toy.study import study
 from . import explore
 
 EXPLORER = "explorer/index.html"
 
 NAME = "demo"
+ORDER = 1  # its place in `textspan --help`
 HELP = "the method on the embedded toy CLIP, checked against ground truth"
 
 

@@ -14,6 +14,7 @@ from ..store.reader import open_store
 from .common import class_names, model_of, output_for, store_options, zero_shot_weights
 
 NAME = "explore"
+ORDER = 9  # its place in `textspan --help`
 HELP = "a static site to browse the heads, their texts and images"
 DESCRIPTION = (
     "Write a site of plain files (it opens from disk and needs no network): an overview of "
@@ -84,6 +85,7 @@ def _texts_and_topics(store: Any, pool: Any, topics: Any) -> tuple[list[str], di
 def run(
     store: Any,
     out: str | os.PathLike,
+    *,
     images: str | os.PathLike | None = None,
     pool: str | os.PathLike | None = None,
     topics: str | os.PathLike | None = None,
@@ -121,9 +123,9 @@ def run(
     site = build_site(
         store,
         out,
-        texts,
-        embeddings,
-        topic_words,
+        pool=texts,
+        pool_embeddings=embeddings,
+        topics=topic_words,
         layers=layers,
         samples=samples,
         images=images,

@@ -8,6 +8,7 @@ from ..core.checks import CONVENTIONS
 from ..engines import engine_named, extract
 
 NAME = "extract"
+ORDER = 2  # its place in `textspan --help`
 HELP = "decompose an image folder into a store (resumes when rerun)"
 DESCRIPTION = (
     "Decompose every image of a folder (ImageFolder layout or flat) into an on-disk store of "

@@ -33,6 +33,7 @@ from .common import (
 )
 
 NAME = "repair"
+ORDER = 5  # its place in `textspan --help`
 HELP = "remove a spurious feature by ablating heads"
 
 
@@ -110,6 +111,7 @@ def run(
     store: Any,
     out: str | os.PathLike,
     attribute: Any,
+    *,
     keywords: Sequence[str] | None = None,
     examples: Sequence[str] | None = None,
     layers: int = 4,

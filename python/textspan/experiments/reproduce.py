@@ -28,6 +28,7 @@ from . import segment, span
 from .common import head_spans, last_layers, pool_texts, zero_shot_weights
 
 NAME = "reproduce"
+ORDER = 8  # its place in `textspan --help`
 HELP = "the paper's tables for a model and tag, on ImageNet / Waterbirds / ImageNet-seg"
 DESCRIPTION = (
     "Run every experiment of the paper the given data allows — mean-ablations and TextSpan "
@@ -147,6 +148,7 @@ def run(
     model: str,
     pretrained: str | None,
     out: str | os.PathLike,
+    *,
     imagenet: str | None = None,
     imagenet_classes: str = "imagenet",
     waterbirds: str | None = None,

@@ -20,6 +20,7 @@ from ..store.reader import open_store
 from .common import head_spans, model_of, output_for, pool_texts, store_options
 
 NAME = "retrieve"
+ORDER = 6  # its place in `textspan --help`
 HELP = "images by a head's property"
 
 
@@ -68,6 +69,7 @@ def run(
     store: Any,
     out: str | os.PathLike,
     heads: Sequence[tuple[int, int]],
+    *,
     image: int | None = None,
     text: str | None = None,
     k: int = 9,

@@ -29,6 +29,7 @@ from .common import (
 )
 
 NAME = "segment"
+ORDER = 7  # its place in `textspan --help`
 HELP = "zero-shot segmentation of an image folder"
 
 
@@ -139,6 +140,7 @@ def read_mask(path: Path, size: tuple[int, int]) -> np.ndarray:
 def run(
     images: str | os.PathLike,
     out: str | os.PathLike,
+    *,
     model: str = "ViT-B-16",
     pretrained: str | None = None,
     classes_file: str | None = None,

@@ -34,6 +34,7 @@ from .common import (
 )
 
 NAME = "span"
+ORDER = 4  # its place in `textspan --help`
 HELP = "TextSpan for the last layers' heads, and the replacement study"
 
 
@@ -93,6 +94,7 @@ def _head_record(key: tuple[int, int], span: SpanResult, shown: int) -> dict[str
 def run(
     store: Any,
     out: str | os.PathLike,
+    *,
     layers: int = 4,
     n_texts: int = 10,
     rank: int = 80,

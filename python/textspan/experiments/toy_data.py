@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 
 NAME = "toy-data"
+ORDER = 12  # its place in `textspan --help`
 HELP = "write a toy dataset in a real benchmark's layout (waterbirds)"
 DESCRIPTION = (
     "Write the toy world as a benchmark is distributed: `waterbirds` gives class folders of "

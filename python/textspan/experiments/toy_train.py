@@ -8,6 +8,7 @@ from dataclasses import fields
 from ..toy.model import ToyConfig, describe
 
 NAME = "toy-train"
+ORDER = 11  # its place in `textspan --help`
 HELP = "train the toy CLIP on the toy world (the embedded default model)"
 DESCRIPTION = (
     "Train a tiny open_clip CLIP from scratch on the toy world. The defaults and seed 0 made "

@@ -410,7 +410,7 @@ class Decomposer:
 
     @torch.no_grad()
     def decompose(
-        self, images: torch.Tensor, spatial: bool = False, convention: str = "textspan"
+        self, images: torch.Tensor, *, spatial: bool = False, convention: str = "textspan"
     ) -> Decomposition:
         """Runs the image tower on `images` [B, 3, H, W] and splits its output.
 

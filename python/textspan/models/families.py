@@ -1,19 +1,47 @@
-"""The one place where an image tower's family is recognised."""
+"""The one place where a model's family is recognised: a registry of tower families, each a
+predicate that recognises a model and the adapter (`Tower`) that decomposes its image tower,
+with the family's own way to embed texts where it is not open_clip's `encode_text`.
+
+Adding a family is an adapter module (a `Tower` subclass, see `tower.py`) and one
+`TowerFamily` line in `FAMILIES` (or `register_tower` from outside the package)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
-from ..errors import InputError, UnsupportedModelError
-from .hf import HfTower, is_hf_model
-from .openclip import OpenClipTower
+from ..errors import UnsupportedModelError
+from .hf import HfTower, is_hf_model, text_features
+from .openclip import OpenClipTower, is_open_clip_tower
 from .timm import TimmTower, is_timm_tower
 from .tower import Tower
 
-__all__ = ["CatalogueEntry", "IdentityCheck", "catalogue", "check_identity", "tower_of"]
+__all__ = ["FAMILIES", "TowerFamily", "encode_text", "family_of", "register_tower", "tower_of"]
+
+
+@dataclass(frozen=True)
+class TowerFamily:
+    """A family of image towers: `recognises(model)` says whether a model (a whole CLIP, or
+    its image tower alone) is one of them, `adapter(model)` decomposes it, and
+    `text_features(model, tokens)`, where given, embeds texts (unnormalised) instead of
+    `model.encode_text`."""
+
+    name: str
+    recognises: Callable[[nn.Module], bool]
+    adapter: Callable[[nn.Module], Tower]
+    text_features: Callable[[nn.Module, Any], torch.Tensor] | None = None
+
+
+# Asked in order: the first family that recognises a model decomposes it.
+FAMILIES: list[TowerFamily] = [
+    TowerFamily("Hugging Face CLIP/SigLIP", is_hf_model, HfTower, text_features),
+    TowerFamily("timm VisionTransformer/Eva trunk", is_timm_tower, TimmTower),
+    TowerFamily("open_clip VisionTransformer", is_open_clip_tower, OpenClipTower),
+]
 
 # Towers that are not sums of attention heads, and why (by class name, so that their
 # libraries need not be imported to recognise them).
@@ -25,8 +53,13 @@ _NOT_SUMS_OF_HEADS = {
 }
 
 
-def tower_of(model: nn.Module) -> Tower:
-    """The adapter for `model`'s image tower; `UnsupportedModelError` says why none fits."""
+def register_tower(family: TowerFamily) -> None:
+    """Adds a family, asked before the built-in ones."""
+    FAMILIES.insert(0, family)
+
+
+def family_of(model: nn.Module) -> TowerFamily:
+    """The family of `model`; `UnsupportedModelError` says why none fits."""
     visual = getattr(model, "visual", model)
     inner = getattr(visual, "trunk", visual)
     why = _NOT_SUMS_OF_HEADS.get(type(inner).__name__)
@@ -35,119 +68,29 @@ def tower_of(model: nn.Module) -> Tower:
             f"{type(model).__name__} ({type(inner).__name__}) cannot be decomposed exactly: it "
             f"is {why}, so its output is not a sum of attention-head terms."
         )
-    if is_hf_model(model):
-        return HfTower(model)
-    if is_timm_tower(model):
-        return TimmTower(model)
-    from open_clip.transformer import VisionTransformer
-
-    if isinstance(visual, VisionTransformer):
-        return OpenClipTower(model)
+    for family in FAMILIES:
+        if family.recognises(model):
+            return family
     raise UnsupportedModelError(
         f"{type(model).__name__} ({type(inner).__name__}) cannot be decomposed exactly: it is "
-        "not a tower textspan knows. Supported: open_clip VisionTransformer towers (class-"
-        "token, average and attentional pooling), timm VisionTransformer and Eva trunks "
-        "(inside open_clip or alone), Hugging Face CLIP and SigLIP. Run `textspan models` for "
-        "the open_clip list."
+        "not a tower textspan knows. Supported: "
+        + "; ".join(f.name for f in FAMILIES)
+        + " (class-token, average and attentional pooling). Run `textspan models` for the "
+        "open_clip list."
     )
 
 
-@dataclass
-class CatalogueEntry:
-    """One open_clip architecture: its pretrained tags and whether its image tower
-    decomposes exactly (and why not)."""
-
-    name: str
-    tags: list[str]
-    family: str  # e.g. "timm VisionTransformer", or the tower's class where unsupported
-    pooling: str  # "token", "average", "attention", or "" where unsupported
-    decomposes: bool
-    why_not: str = ""
+def encode_text(model: nn.Module, tokens: Any) -> torch.Tensor:
+    """Unit-norm text embeddings [M, D] (float32) of tokenized texts: by the model's family
+    where it embeds texts its own way, else by open_clip's `encode_text` (whatever its image
+    tower, which need not decompose to embed texts)."""
+    for family in FAMILIES:
+        if family.text_features is not None and family.recognises(model):
+            features = family.text_features(model, tokens).float()
+            return torch.nn.functional.normalize(features, dim=-1)
+    return model.encode_text(tokens, normalize=True).float()
 
 
-def _vision_tower(name: str, device: str) -> nn.Module:
-    """Only the image tower of an open_clip architecture (no text tower, so no tokenizer or
-    text library is needed), random weights."""
-    import open_clip
-
-    # open_clip's own builder of the image tower (private): create_model would build the
-    # text tower too, and cannot build on the meta device (it moves the model with .to()).
-    from open_clip.model import _build_vision_tower
-
-    cfg = open_clip.get_model_config(name)
-    if cfg is None:
-        raise InputError(
-            f"model: expected an open_clip model name, got {name!r} (`textspan models` lists them)"
-        )
-    with torch.device(device):
-        return _build_vision_tower(
-            cfg["embed_dim"], cfg["vision_cfg"], quick_gelu=cfg.get("quick_gelu", False)
-        )
-
-
-def catalogue() -> list[CatalogueEntry]:
-    """Every open_clip architecture with pretrained tags, each built on the meta device (no
-    memory, no download) and asked for its adapter."""
-    import open_clip
-
-    tags: dict[str, list[str]] = {}
-    for name, tag in open_clip.list_pretrained():
-        tags.setdefault(name, []).append(tag)
-    entries = []
-    for name in sorted(tags, key=str.lower):
-        visual = _vision_tower(name, "meta")
-        try:
-            tower = tower_of(visual)
-        except UnsupportedModelError as e:
-            inner = getattr(visual, "trunk", visual)
-            reason = str(e).split("cannot be decomposed exactly: ", 1)[-1]
-            entries.append(
-                CatalogueEntry(name, tags[name], type(inner).__name__, "", False, reason)
-            )
-            continue
-        entries.append(CatalogueEntry(name, tags[name], tower.family, tower.pooling_type, True))
-    return entries
-
-
-@dataclass
-class IdentityCheck:
-    name: str
-    family: str
-    pooling: str
-    terms: int  # mlps entries (L + 1, or L + 2 with a pooler MLP)
-    relative_error: float  # ‖Σ parts − representation‖ / ‖representation‖
-    pooler_share: float | None  # ‖pooler MLP term‖ / ‖representation‖, where there is one
-    seconds: float
-
-
-def check_identity(name: str, images: int = 2, seed: int = 0) -> IdentityCheck:
-    """Builds `name`'s image tower with random weights (seeded) and checks that the parts
-    sum to its output on random images."""
-    import time
-
-    from .decompose import Decomposer
-
-    start = time.perf_counter()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        visual = _vision_tower(name, "cpu").eval()
-        with Decomposer(visual) as decomposer:
-            x = torch.randn(images, 3, *decomposer.tower.image_size)
-            parts = decomposer.decompose(x)
-            tower = decomposer.tower
-    total = parts.heads.sum((1, 2)) + parts.mlps.sum(1)
-    norm = parts.representation.norm()
-    pooler = None
-    if tower.extra_terms:
-        pooler = float(
-            parts.mlps[:, -1].norm(dim=-1).mean() / parts.representation.norm(dim=-1).mean()
-        )
-    return IdentityCheck(
-        name,
-        tower.family,
-        tower.pooling_type,
-        parts.mlps.shape[1],
-        float((total - parts.representation).norm() / norm),
-        pooler,
-        time.perf_counter() - start,
-    )
+def tower_of(model: nn.Module) -> Tower:
+    """The adapter for `model`'s image tower; `UnsupportedModelError` says why none fits."""
+    return family_of(model).adapter(model)

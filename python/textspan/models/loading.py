@@ -46,6 +46,17 @@ def _named_loader(name: str) -> Callable[[Any, str], Any] | None:
     return None
 
 
+def _recognised(name: str | os.PathLike) -> tuple[str, Any]:
+    """What a model name names, decided in this one place: ("named", its loader),
+    ("transformers", the name) or ("open_clip", the open_clip name, checked)."""
+    named = _named_loader(str(name)) if not str(name).endswith(".json") else None
+    if named is not None:
+        return "named", named
+    if is_transformers_name(name):
+        return "transformers", name
+    return "open_clip", _checked_open_clip_name(name)
+
+
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -67,6 +78,7 @@ def resolve_model_name(name: str | os.PathLike) -> str:
 def load(
     name: str | os.PathLike,
     pretrained: str | os.PathLike | None = None,
+    *,
     device: str | torch.device | None = None,
     precision: str = "fp32",
 ) -> tuple[torch.nn.Module, Callable[[Any], torch.Tensor], Callable[..., torch.Tensor]]:
@@ -94,12 +106,11 @@ def load(
     if precision not in PRECISIONS:
         raise InputError(f"precision: expected one of {', '.join(PRECISIONS)}, got {precision!r}")
     device = _checked_device(device)
-    named = _named_loader(str(name)) if not str(name).endswith(".json") else None
-    if named is not None:
-        return named(pretrained, device)
-    if is_transformers_name(name):
-        return load_transformers(name, device, precision)
-    model_name = _checked_open_clip_name(name)
+    kind, model_name = _recognised(name)
+    if kind == "named":
+        return model_name(pretrained, device)
+    if kind == "transformers":
+        return load_transformers(model_name, device, precision)
     if pretrained is not None:
         path = Path(pretrained)
         looks_like_a_file = os.sep in str(pretrained) or path.suffix in CHECKPOINT_SUFFIXES
@@ -192,11 +203,10 @@ def skeleton(name: str | os.PathLike, pretrained: Any = None) -> torch.nn.Module
     model known by a name of its own is loaded on the CPU instead."""
     import open_clip
 
-    named = _named_loader(str(name)) if not str(name).endswith(".json") else None
-    if named is not None:
-        return named(pretrained, "cpu")[0]
-    if is_transformers_name(name):
-        return load_transformers(name, "cpu", "fp32")[0]
-    model_name = _checked_open_clip_name(name)
+    kind, model_name = _recognised(name)
+    if kind == "named":
+        return model_name(pretrained, "cpu")[0]
+    if kind == "transformers":
+        return load_transformers(model_name, "cpu", "fp32")[0]
     with torch.device("meta"):
         return open_clip.create_model(model_name, device="meta")

@@ -65,6 +65,13 @@ def mha_parts(attn: nn.MultiheadAttention) -> tuple[torch.Tensor, torch.Tensor]:
     return weights, biases
 
 
+def is_open_clip_tower(model: nn.Module) -> bool:
+    """An open_clip VisionTransformer, or a CLIP holding one as `visual`."""
+    from open_clip.transformer import VisionTransformer
+
+    return isinstance(getattr(model, "visual", model), VisionTransformer)
+
+
 class OpenClipTower(Adapter):
     """An open_clip `VisionTransformer` with standard residual attention blocks (a packed
     `nn.MultiheadAttention`, optional LayerScale) and class-token, average or attentional

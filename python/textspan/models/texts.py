@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from ..errors import InputError, InputTypeError
-from .hf import text_features
+from .families import encode_text
 
 __all__ = [
     "checked_texts",
@@ -41,6 +41,7 @@ def encode_texts(
     model: torch.nn.Module,
     tokenizer: Callable[..., torch.Tensor],
     texts: Sequence[str],
+    *,
     batch_size: int = 256,
     progress: bool = True,
 ) -> np.ndarray:
@@ -55,11 +56,7 @@ def encode_texts(
     for start in range(0, len(texts), batch_size):
         batch = texts[start : start + batch_size]
         tokens = tokenizer(batch).to(device)
-        if hasattr(model, "encode_text"):
-            emb = model.encode_text(tokens, normalize=True).float()
-        else:  # a Hugging Face model
-            emb = torch.nn.functional.normalize(text_features(model, tokens).float(), dim=-1)
-        out.append(emb.cpu().numpy())
+        out.append(encode_text(model, tokens).cpu().numpy())
         bar.update(len(batch))
     bar.close()
     return np.concatenate(out)
@@ -71,6 +68,7 @@ def zero_shot_classifier(
     tokenizer: Callable[..., torch.Tensor],
     classnames: Sequence[str] | None = None,
     templates: Sequence[str | Callable[[str], str]] | None = None,
+    *,
     progress: bool = True,
 ) -> np.ndarray:
     """A zero-shot classifier [D, C]: per class, the normalised mean of its template embeddings.

@@ -6,7 +6,7 @@ from __future__ import annotations
 import base64
 import html
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
@@ -14,9 +14,7 @@ from .. import report
 from ..core.metrics import foreground
 from . import world as tw
 from .model import describe
-
-if TYPE_CHECKING:
-    from .study import StudyResult
+from .results import StudyResult
 
 __all__ = ["write"]
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import time
 import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +31,7 @@ from ..models import Decomposer, encode_texts
 from . import report
 from . import world as tw
 from .model import SPURIOUS, SPURIOUS_DIR, load_toy, to_tensor, toy_meta, zero_shot
+from .results import HeadFactor, RetrievalCheck, SegmentationCheck, SpuriousCheck, StudyResult
 
 __all__ = [
     "HeadFactor",
@@ -88,24 +88,6 @@ def decompose(
         class_token=np.concatenate([p.class_token for p in parts]),
         convention=convention,
     )
-
-
-@dataclass
-class HeadFactor:
-    """A head, the factor its top TextSpan texts are most about, and how much.
-
-    `purity` weights each top text by the share of the head's variance it explains;
-    `text_share` counts them. The count understates heads of factors with few values: a
-    centred four-valued factor spans three directions, so after three texts a position
-    head's variance is spent and its fourth and fifth texts are noise."""
-
-    head: Head
-    factor: str
-    purity: float
-    text_share: float
-    texts: list[str]
-    explained: float  # share of the head's variance its top texts explain
-    stable: int | None = None  # TextSpan picks that survive rounding (SpanResult.stable)
 
 
 def head_factors(
@@ -184,12 +166,6 @@ def spans_for(
     return {(a, b): found[a][b] for a in range(layers) for b in range(heads)}
 
 
-@dataclass
-class SegmentationCheck:
-    scores: dict[str, float]  # pixel_accuracy, miou, map against the exact masks
-    segmentation: analysis.Segmentation
-
-
 def segmentation_check(
     model: Any, tokenizer: Any, world: tw.World, convention: str = "textspan"
 ) -> dict[str, SegmentationCheck]:
@@ -210,16 +186,6 @@ def segmentation_check(
         )
         out[method] = SegmentationCheck(seg.scores(world.masks), seg)
     return out
-
-
-@dataclass
-class SpuriousCheck:
-    ranked: list[tuple[Head, float]]
-    result: analysis.RepairResult
-    classes: tuple[str, str]
-    backgrounds: tuple[str, str]
-    validation: dict[int, float]  # worst-group accuracy on validation groups per head count
-    trained: dict = field(default_factory=dict)  # the model's toy.json, when known
 
 
 def spurious_check(
@@ -289,18 +255,6 @@ def spurious_study(
     return check
 
 
-@dataclass
-class RetrievalCheck:
-    """Per factor, the share of neighbours that have the query's value of it."""
-
-    head: Head
-    factor: str
-    by_head: dict[str, float]
-    by_all: dict[str, float]
-    chance: dict[str, float]
-    example: analysis.Retrieval  # the first query's neighbours by the head
-
-
 def retrieval_check(
     contributions: analysis.Contributions,
     world: tw.World,
@@ -320,9 +274,10 @@ def retrieval_check(
     every = [(a, b) for a in range(layers) for b in range(heads)]
     basis = span.directions[:directions]
     by_head = [
-        analysis.retrieve(contributions, [head], q, k, basis=basis, progress=False) for q in queries
+        analysis.retrieve(contributions, [head], q, k=k, basis=basis, progress=False)
+        for q in queries
     ]
-    by_all = [analysis.retrieve(contributions, every, q, k, progress=False) for q in queries]
+    by_all = [analysis.retrieve(contributions, every, q, k=k, progress=False) for q in queries]
 
     def agreement(results: list[analysis.Retrieval], f: str) -> float:
         values = world.values(f)
@@ -344,32 +299,9 @@ def retrieval_check(
     )
 
 
-@dataclass
-class StudyResult:
-    """What `study` found, for the demo's printout and its report."""
-
-    zero_shot: dict[str, float]  # held-out accuracy per factor
-    identity_error: float  # largest relative error of the sum of the parts
-    heads: list[HeadFactor]
-    chance_purity: float
-    ablation: dict[str, analysis.AblationResult]  # per factor
-    segmentation: dict[str, SegmentationCheck]  # per method
-    spurious: SpuriousCheck  # on the model trained to lean on the background
-    spurious_on_this_model: analysis.GroupAccuracy
-    retrieval: list[RetrievalCheck]
-    world: tw.World
-    held_out: tw.World
-    timings: dict[str, float]
-    report: Path | None = None
-    convention: str = "textspan"
-
-    def unstable_heads(self, top: int = 5) -> int:
-        """Heads whose first `top` TextSpan texts include picks rounding decided."""
-        return sum(1 for h in self.heads if h.stable is not None and h.stable < top)
-
-
 def study(
     out: str | Path,
+    *,
     model_dir: str | Path | None = None,
     images: int = 2000,
     progress: bool = True,

@@ -190,6 +190,7 @@ def _draw(
 def generate(
     n: int,
     seed: int = 0,
+    *,
     size: int = 32,
     objects: int = 1,
     correlation: Correlation | None = None,
