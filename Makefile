@@ -80,7 +80,7 @@ wheel-check: wheel
 	$(PYTHON) -m venv build/wheel-venv
 	build/wheel-venv/bin/pip install --quiet dist/textspan-*.whl
 	cd /tmp && $(abspath build/wheel-venv/bin/python) -c 'import numpy as np, textspan; \
-	  r = textspan.text_span(np.random.default_rng(0).standard_normal((50, 8)), np.eye(8), 3, 8); \
+	  r = textspan.text_span(np.random.default_rng(0).standard_normal((50, 8)), np.eye(8), n_texts=3, rank=8); \
 	  print("wheel ok:", textspan.__file__, r.indices)'
 
 clean:

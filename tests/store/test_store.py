@@ -11,10 +11,10 @@ import sys
 import numpy as np
 import pytest
 import torch
+from extraction import extract_killed_after, extract_options
 from PIL import Image
 
 import textspan
-from conftest import extract_killed_after, extract_options
 from textspan import HeadStats, StoreError, extract, open_store
 from textspan.models import Decomposer
 

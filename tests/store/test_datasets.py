@@ -7,13 +7,13 @@ import csv
 import io
 import tarfile
 
-import h5py
 import numpy as np
 import pytest
+from datafiles import pixels, write_gtsegs, write_shards
+from extraction import extract_options
 from PIL import Image
 
 import textspan
-from conftest import extract_options
 from textspan import InputError, MissingFileError
 from textspan.datasets import (
     imagenet,
@@ -25,10 +25,6 @@ from textspan.datasets import (
 from textspan.models import imagenet_synsets
 
 SYNSETS = imagenet_synsets()
-
-
-def pixels(seed: int, size=(20, 24)) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, 256, (*size, 3), dtype=np.uint8)
 
 
 def save(path, array) -> None:
@@ -149,27 +145,6 @@ def test_waterbirds_round_trips_the_toy_layout(tmp_path):
         waterbirds(tmp_path, "test")
 
 
-def write_gtsegs(path, images, masks, with_images=True) -> None:
-    """A MATLAB v7.3-style file: /value/img[i, 0] references an image stored transposed
-    (3, W, H); /value/gt[i, 0] references a 1×1 cell whose reference points at the mask
-    stored transposed (W, H)."""
-    ref = h5py.special_dtype(ref=h5py.Reference)
-    with h5py.File(path, "w") as f:
-        refs = f.create_group("#refs#")
-        img = np.empty((len(images), 1), dtype=ref)
-        gt = np.empty((len(images), 1), dtype=ref)
-        for i, (image, mask) in enumerate(zip(images, masks, strict=True)):
-            img[i, 0] = refs.create_dataset(f"img{i}", data=image.transpose(2, 1, 0)).ref
-            target = refs.create_dataset(f"mask{i}", data=mask.transpose(1, 0))
-            cell = refs.create_dataset(f"cell{i}", (1, 1), dtype=ref)
-            cell[0, 0] = target.ref
-            gt[i, 0] = cell.ref
-        value = f.create_group("value")
-        if with_images:
-            value.create_dataset("img", data=img)
-        value.create_dataset("gt", data=gt)
-
-
 def test_imagenet_segmentation_round_trips_a_v73_file(tmp_path):
     rng = np.random.default_rng(0)
     images = [pixels(i, (18 + i, 25)) for i in range(3)]
@@ -184,29 +159,6 @@ def test_imagenet_segmentation_round_trips_a_v73_file(tmp_path):
     write_gtsegs(tmp_path / "broken.mat", images, masks, with_images=False)
     with pytest.raises(InputError, match="/value/img"):
         imagenet_segmentation(tmp_path / "broken.mat")
-
-
-def write_shards(folder, per_shard=3, shards=2, images=True) -> list[tuple[np.ndarray, int]]:
-    """img2dataset-style shards: KEY.png, KEY.txt, KEY.json and KEY.cls per sample."""
-    folder.mkdir(parents=True, exist_ok=True)
-    written = []
-    for s in range(shards):
-        with tarfile.open(folder / f"{s:05d}.tar", "w") as tar:
-            for k in range(per_shard):
-                key = f"{s:05d}{k:04d}"
-                array = pixels(100 * s + k)
-                buffer = io.BytesIO()
-                Image.fromarray(array).save(buffer, format="PNG")
-                label = (s * per_shard + k) % 3
-                members = {".txt": b"a caption", ".json": b"{}", ".cls": str(label).encode()}
-                if images:
-                    members[".png"] = buffer.getvalue()
-                for suffix, data in members.items():
-                    info = tarfile.TarInfo(key + suffix)
-                    info.size = len(data)
-                    tar.addfile(info, io.BytesIO(data))
-                written.append((array, label))
-    return written
 
 
 def test_webdataset_shards_round_trip_and_extract(tmp_path, tiny):

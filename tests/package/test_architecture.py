@@ -14,7 +14,7 @@ import pytest
 import textspan
 
 PACKAGE = Path(textspan.__file__).parent
-ROOT = Path(__file__).parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 LINT_IMPORTS = Path(sys.executable).parent / "lint-imports"
 
 
@@ -89,3 +89,20 @@ def test_the_layer_contracts_fail_when_a_forbidden_import_is_added(tmp_path):
     assert broken.returncode != 0
     assert "textspan.core.metrics -> textspan.models" in broken.stdout, broken.stdout
     assert "BROKEN" in broken.stdout
+
+
+def test_the_numpy_only_tests_run_without_pytorch():
+    """tests/core and tests/analysis need NumPy and the extension only: they are run here
+    with PyTorch and the rest of the model side made unimportable."""
+    code = (
+        "import sys\n"
+        "for m in ('torch', 'torchvision', 'open_clip', 'PIL', 'matplotlib', 'ray'):\n"
+        "    sys.modules[m] = None\n"
+        "import pytest\n"
+        "sys.exit(pytest.main(['-q', '-p', 'no:cacheprovider', 'tests/core', 'tests/analysis']))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert " passed" in result.stdout.splitlines()[-1]

@@ -1,5 +1,6 @@
-"""Nothing lost, nothing silently wrong: one test (or a few) per defect of the hostile trial
-(issue 14), each failing before its fix. Numbers in the names are the issue's items."""
+"""Nothing lost, nothing silently wrong: the guarantees a user meets when things go wrong —
+interruptions, unreadable or corrupt files, full disks, two writers, bad values — each test
+named by what it checks, grouped under a heading per guarantee."""
 
 from __future__ import annotations
 
@@ -19,10 +20,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from extraction import extract_options
 from PIL import Image
 
 import textspan
-from conftest import extract_options
 from textspan import HeadStats, InputError, StoreError, UnsupportedModelError
 from textspan.cli import main
 from textspan.store import format as store_format
@@ -63,14 +64,14 @@ def copy_folder(image_folder, tmp_path) -> Path:
     return root
 
 
-# 1 ----------------------------------------------------------------------------------------
+# Interrupted anywhere, resumed exactly ----------------------------------------------------
 
 
 # A KeyboardInterrupt that lands inside PIL's Image.open leaves that file to the garbage
 # collector (PIL's behaviour, not ours): its ResourceWarning is expected here.
 @pytest.mark.filterwarnings("ignore::ResourceWarning")
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
-def test_1_ctrl_c_at_random_moments_never_counts_a_batch_twice(
+def test_ctrl_c_at_random_moments_never_counts_a_batch_twice(
     image_folder, tiny, reference, tmp_path
 ):
     """SIGINT at seeded random moments of a run (one batch per image), then a resume: the
@@ -120,7 +121,7 @@ def test_1_ctrl_c_at_random_moments_never_counts_a_batch_twice(
     gc.collect()  # the files an interrupt left open are closed here, under this test's filter
 
 
-def test_1_verify_finds_statistics_that_counted_a_batch_twice(reference, tmp_path):
+def test_verify_finds_statistics_that_counted_a_batch_twice(reference, tmp_path):
     out = tmp_path / "store"
     shutil.copytree(reference.path, out)
     stats_file = next(out.glob("stats-*.npz"))
@@ -137,7 +138,7 @@ def test_1_verify_finds_statistics_that_counted_a_batch_twice(reference, tmp_pat
         textspan.open_store(out, verify=True)
 
 
-# 2 ----------------------------------------------------------------------------------------
+# Unreadable images ------------------------------------------------------------------------
 
 
 @pytest.fixture
@@ -154,9 +155,7 @@ def broken_folder(image_folder, tmp_path):
     return root
 
 
-def test_2_unreadable_images_are_skipped_named_and_recorded(
-    broken_folder, tiny, reference, tmp_path
-):
+def test_unreadable_images_are_skipped_named_and_recorded(broken_folder, tiny, reference, tmp_path):
     with pytest.warns(textspan.SkippedImagesWarning, match="3 unreadable images skipped") as caught:
         store = textspan.extract(broken_folder, tmp_path / "s", **options(tiny))
     message = str(caught[0].message)
@@ -170,7 +169,7 @@ def test_2_unreadable_images_are_skipped_named_and_recorded(
     textspan.open_store(tmp_path / "s", verify=True)
 
 
-def test_2_strict_stops_naming_the_file_and_resumes_once_it_is_removed(
+def test_strict_stops_naming_the_file_and_resumes_once_it_is_removed(
     broken_folder, tiny, reference, tmp_path
 ):
     out = tmp_path / "s"
@@ -187,7 +186,7 @@ def test_2_strict_stops_naming_the_file_and_resumes_once_it_is_removed(
     assert sorted(store.skipped) == bad  # recorded as removed after they failed
 
 
-def test_2_the_cli_names_the_unreadable_file_in_one_line(broken_folder, tiny, tmp_path, capsys):
+def test_the_cli_names_the_unreadable_file_in_one_line(broken_folder, tiny, tmp_path, capsys):
     config, checkpoint = tiny
     args = ["extract", str(broken_folder), str(tmp_path / "s"), "--model", str(config)]
     args += ["--pretrained", str(checkpoint), "--workers", "0", "--device", "cpu", "--strict"]
@@ -197,7 +196,7 @@ def test_2_the_cli_names_the_unreadable_file_in_one_line(broken_folder, tiny, tm
     assert "cat/03b.png cannot be read" in err
 
 
-# 3 ----------------------------------------------------------------------------------------
+# Corruption is an error, never garbage ----------------------------------------------------
 
 
 def flip_bits(path: Path, offset: int, bits: int) -> None:
@@ -210,7 +209,7 @@ def flip_bits(path: Path, offset: int, bits: int) -> None:
     ("array", "offset", "bits"),
     [("heads", -5, 0xFF), ("labels", -8, 0x03)],  # labels: the last image's class 2 -> 1
 )
-def test_3_a_flipped_byte_stops_the_analysis_naming_the_rows(
+def test_a_flipped_byte_stops_the_analysis_naming_the_rows(
     reference, tmp_path, array, offset, bits
 ):
     out = tmp_path / "store"
@@ -222,10 +221,10 @@ def test_3_a_flipped_byte_stops_the_analysis_naming_the_rows(
         textspan.ablation(store, classifier, progress=False)
 
 
-# 4 ----------------------------------------------------------------------------------------
+# ImageNet's class names -------------------------------------------------------------------
 
 
-def test_4_imagenet_class_names_follow_the_synset_folders():
+def test_imagenet_class_names_follow_the_synset_folders():
     names = textspan.experiments.class_names(["n02102040", "n01440764"])
     assert names == ["English Springer Spaniel", "tench"]
     assert textspan.experiments.class_names(["n02102040"], "imagenet") == [
@@ -238,10 +237,10 @@ def test_4_imagenet_class_names_follow_the_synset_folders():
         textspan.experiments.class_names(["n99999999"])
 
 
-# 5 ----------------------------------------------------------------------------------------
+# Disk space -------------------------------------------------------------------------------
 
 
-def test_5_too_little_free_space_is_refused_up_front(image_folder, tiny, tmp_path, monkeypatch):
+def test_too_little_free_space_is_refused_up_front(image_folder, tiny, tmp_path, monkeypatch):
     monkeypatch.setattr(
         store_format.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10, 9, 1)
     )
@@ -249,7 +248,7 @@ def test_5_too_little_free_space_is_refused_up_front(image_folder, tiny, tmp_pat
         textspan.extract(image_folder, tmp_path / "s", **options(tiny))
 
 
-def test_5_a_full_disk_while_reserving_is_a_store_error(image_folder, tiny, tmp_path, monkeypatch):
+def test_a_full_disk_while_reserving_is_a_store_error(image_folder, tiny, tmp_path, monkeypatch):
     def full(fd, offset, length):
         raise OSError(errno.ENOSPC, "No space left on device")
 
@@ -258,7 +257,7 @@ def test_5_a_full_disk_while_reserving_is_a_store_error(image_folder, tiny, tmp_
         textspan.extract(image_folder, tmp_path / "s", **options(tiny))
 
 
-def test_5_a_full_disk_at_a_checkpoint_keeps_the_store_resumable(
+def test_a_full_disk_at_a_checkpoint_keeps_the_store_resumable(
     image_folder, tiny, reference, tmp_path, monkeypatch
 ):
     calls = {"n": 0}
@@ -278,7 +277,7 @@ def test_5_a_full_disk_at_a_checkpoint_keeps_the_store_resumable(
     assert_same_store(textspan.extract(image_folder, out, **options(tiny)), reference)
 
 
-# 6 ----------------------------------------------------------------------------------------
+# TextSpan on float16 rows -----------------------------------------------------------------
 
 
 def greedy_scores(stats, pool, picks, rank):
@@ -298,7 +297,7 @@ def greedy_scores(stats, pool, picks, rank):
     return np.einsum("mi,ij,mj->m", a, c, a)
 
 
-def test_6_text_span_on_float16_rows_agrees_with_the_statistics(tmp_path):
+def test_text_span_on_float16_rows_agrees_with_the_statistics(tmp_path):
     from textspan.toy import study
     from textspan.toy import world as tw
 
@@ -339,10 +338,10 @@ def test_6_text_span_on_float16_rows_agrees_with_the_statistics(tmp_path):
     assert agree["now"] >= 28 and agree["fixed tolerance"] <= 2, agree
 
 
-# 7 ----------------------------------------------------------------------------------------
+# Class folders ----------------------------------------------------------------------------
 
 
-def test_7_class_folders_are_listed_recursively_and_ambiguous_layouts_refused(tmp_path):
+def test_class_folders_are_listed_recursively_and_ambiguous_layouts_refused(tmp_path):
     pixels = np.zeros((8, 8, 3), dtype=np.uint8)
     root = tmp_path / "set"
     for name in ("a/1.png", "a/deep/2.png", "b/only/below/3.png", "c/.hidden.png", "c/4.png"):
@@ -356,7 +355,7 @@ def test_7_class_folders_are_listed_recursively_and_ambiguous_layouts_refused(tm
         textspan.store.list_images(root)
 
 
-# 8 ----------------------------------------------------------------------------------------
+# Repair's head counts and scores ----------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -371,13 +370,13 @@ def repair_args(reference, attribute, *extra):
 
 
 @pytest.mark.parametrize("top", ["-2", "0"])
-def test_8_repair_refuses_a_number_of_heads_below_one(reference, attribute, top, capsys):
+def test_repair_refuses_a_number_of_heads_below_one(reference, attribute, top, capsys):
     argv = repair_args(reference, attribute, "--keywords", "red", "--top", top, "--layers", "1")
     assert main(argv) == 2
     assert f"top: expected a number of heads >= 1, got {top}" in capsys.readouterr().err
 
 
-def test_8_no_random_draws_means_no_random_row_and_zero_scores_are_named(
+def test_no_random_draws_means_no_random_row_and_zero_scores_are_named(
     reference, attribute, tmp_path, capsys
 ):
     args = ["--keywords", "zebra", "--top", "3", "--draws", "0", "--templates", "simple"]
@@ -390,10 +389,10 @@ def test_8_no_random_draws_means_no_random_row_and_zero_scores_are_named(
     assert header == "class,attribute,before,after"
 
 
-# 9 ----------------------------------------------------------------------------------------
+# File names that are not UTF-8 ------------------------------------------------------------
 
 
-def test_9_segment_keeps_file_names_that_are_not_utf8(image_folder, tiny, tmp_path):
+def test_segment_keeps_file_names_that_are_not_utf8(image_folder, tiny, tmp_path):
     root = tmp_path / "images"
     (root / "cat").mkdir(parents=True)
     name = os.fsdecode(b"caf\xe9.png")  # Latin-1 bytes: not UTF-8
@@ -407,10 +406,10 @@ def test_9_segment_keeps_file_names_that_are_not_utf8(image_folder, tiny, tmp_pa
     assert rows[1].startswith(b"cat/caf\xe9.png,")
 
 
-# 10 ---------------------------------------------------------------------------------------
+# One writer at a time ---------------------------------------------------------------------
 
 
-def test_10_a_second_writer_is_told_which_process_holds_the_store(image_folder, tiny, tmp_path):
+def test_a_second_writer_is_told_which_process_holds_the_store(image_folder, tiny, tmp_path):
     out = tmp_path / "s"
     out.mkdir()
     with store_format.writer_lock(out):
@@ -419,7 +418,7 @@ def test_10_a_second_writer_is_told_which_process_holds_the_store(image_folder, 
     textspan.extract(image_folder, out, **options(tiny))  # the lock is released
 
 
-def test_16_a_reader_of_a_store_being_written_is_told_so(reference, tmp_path):
+def test_a_reader_of_a_store_being_written_is_told_so(reference, tmp_path):
     out = tmp_path / "s"
     shutil.copytree(reference.path, out)
     with store_format.writer_lock(out):
@@ -428,7 +427,7 @@ def test_16_a_reader_of_a_store_being_written_is_told_so(reference, tmp_path):
     textspan.open_store(out)
 
 
-# 11 ---------------------------------------------------------------------------------------
+# Errors in one line -----------------------------------------------------------------------
 
 
 def one_line_error(capsys, argv, expected):
@@ -438,7 +437,7 @@ def one_line_error(capsys, argv, expected):
     assert expected in err.split("error:")[1].splitlines()[0], err
 
 
-def test_11_unsupported_models_unknown_tags_and_missing_cuda_are_one_line(
+def test_unsupported_models_unknown_tags_and_missing_cuda_are_one_line(
     image_folder, tiny, tmp_path, capsys
 ):
     out = str(tmp_path / "s")
@@ -453,7 +452,7 @@ def test_11_unsupported_models_unknown_tags_and_missing_cuda_are_one_line(
         one_line_error(capsys, cuda, "PyTorch sees no CUDA device here")
 
 
-def test_11_broken_store_files_are_store_errors(reference, tmp_path, capsys):
+def test_broken_store_files_are_store_errors(reference, tmp_path, capsys):
     one_line_error(capsys, ["ablate", str(reference.path / "heads.npy")], "is a file")
 
     def broken(name, damage):
@@ -481,7 +480,7 @@ def test_11_broken_store_files_are_store_errors(reference, tmp_path, capsys):
         textspan.open_store(listed)
 
 
-def test_11_ctrl_c_in_a_command_is_one_line(reference, capsys, monkeypatch):
+def test_ctrl_c_in_a_command_is_one_line(reference, capsys, monkeypatch):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
@@ -490,10 +489,10 @@ def test_11_ctrl_c_in_a_command_is_one_line(reference, capsys, monkeypatch):
     assert capsys.readouterr().err == "textspan ablate: interrupted\n"
 
 
-# 12 ---------------------------------------------------------------------------------------
+# Bad template files -----------------------------------------------------------------------
 
 
-def test_12_a_bad_templates_file_fails_before_text_span(reference, tmp_path, capsys):
+def test_a_bad_templates_file_fails_before_text_span(reference, tmp_path, capsys):
     out = tmp_path / "span"
     argv = ["span", str(reference.path), "--out", str(out), "--layers", "1"]
     argv += ["--templates", str(tmp_path / "no")]
@@ -505,10 +504,10 @@ def test_12_a_bad_templates_file_fails_before_text_span(reference, tmp_path, cap
     assert not out.exists()
 
 
-# 13 ---------------------------------------------------------------------------------------
+# Bad values -------------------------------------------------------------------------------
 
 
-def test_13_bad_values_are_refused(reference, tiny, image_folder, tmp_path, capsys):
+def test_bad_values_are_refused(reference, tiny, image_folder, tmp_path, capsys):
     config, checkpoint = tiny
     with pytest.raises(InputError, match="precision: expected one of fp32"):
         textspan.load(config, pretrained=checkpoint, precision="fp13", device="cpu")
@@ -533,7 +532,7 @@ def test_13_bad_values_are_refused(reference, tiny, image_folder, tmp_path, caps
 
 
 @pytest.mark.parametrize("value", ["-1", "abc", "1.5"])
-def test_13_a_bad_thread_count_is_named(value):
+def test_a_bad_thread_count_is_named(value):
     code = "import textspan; print(textspan.get_num_threads())"
     env = {**os.environ, "TEXTSPAN_NUM_THREADS": value}
     run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
@@ -541,10 +540,10 @@ def test_13_a_bad_thread_count_is_named(value):
     assert f"TEXTSPAN_NUM_THREADS={value!r}: expected an integer >= 0" in run.stderr
 
 
-# 14 ---------------------------------------------------------------------------------------
+# Thread counts ----------------------------------------------------------------------------
 
 
-def test_14_a_huge_thread_count_is_capped_and_said():
+def test_a_huge_thread_count_is_capped_and_said():
     code = "import textspan; print(textspan.get_num_threads())"
     env = {**os.environ, "TEXTSPAN_NUM_THREADS": "2000"}
     run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
@@ -559,12 +558,10 @@ def test_14_a_huge_thread_count_is_capped_and_said():
     assert textspan.get_num_threads() == before
 
 
-# 15 ---------------------------------------------------------------------------------------
+# Resume by the images' identity -----------------------------------------------------------
 
 
-def test_15_resume_compares_the_images_not_the_folders_path(
-    image_folder, tiny, reference, tmp_path
-):
+def test_resume_compares_the_images_not_the_folders_path(image_folder, tiny, reference, tmp_path):
     root = copy_folder(image_folder, tmp_path)
     out = tmp_path / "s"
 
@@ -595,10 +592,10 @@ def json_stamp(out: Path, name: str) -> int:
     return manifest["stamps"][manifest["files"].index(name)][1]
 
 
-# 16 ---------------------------------------------------------------------------------------
+# Messages that say what is wrong ----------------------------------------------------------
 
 
-def test_16_messages_say_what_is_wrong(tiny):
+def test_messages_say_what_is_wrong(tiny):
     rng = np.random.default_rng(0)
     pool = rng.standard_normal((6, 8))
     c = np.eye(8)
@@ -630,7 +627,7 @@ def test_16_messages_say_what_is_wrong(tiny):
                 d.decompose(bad)
 
 
-def test_16_too_low_a_score_is_reported_with_its_digits(reference, attribute, capsys):
+def test_too_low_a_score_is_reported_with_its_digits(reference, attribute, capsys):
     argv = repair_args(reference, attribute, "--keywords", "red", "--min-score", "0.99")
     argv += ["--layers", "1", "--templates", "simple"]
     assert main(argv) == 2
@@ -640,10 +637,10 @@ def test_16_too_low_a_score_is_reported_with_its_digits(reference, attribute, ca
     assert f"{best:.3g}" in err and best < 0.99
 
 
-# 17 ---------------------------------------------------------------------------------------
+# Verification that checks something -------------------------------------------------------
 
 
-def test_17_verify_refuses_a_progress_record_that_checks_nothing(reference, tmp_path):
+def test_verify_refuses_a_progress_record_that_checks_nothing(reference, tmp_path):
     out = tmp_path / "s"
     shutil.copytree(reference.path, out)
     progress = json.loads((out / "progress.json").read_text())
@@ -657,10 +654,10 @@ def test_17_verify_refuses_a_progress_record_that_checks_nothing(reference, tmp_
         textspan.open_store(out, verify=True)
 
 
-# 18 ---------------------------------------------------------------------------------------
+# Models in training mode ------------------------------------------------------------------
 
 
-def test_18_active_dropout_is_refused(tiny):
+def test_active_dropout_is_refused(tiny):
     config, checkpoint = tiny
     model, _, _ = textspan.load(config, pretrained=checkpoint, device="cpu")
     for block in model.visual.transformer.resblocks:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.slow
@@ -39,7 +39,8 @@ def test_wheel_installs_into_a_fresh_environment(tmp_path):
     script = (
         "import numpy as np, textspan\n"
         "rng = np.random.default_rng(0)\n"
-        "r = textspan.text_span(rng.standard_normal((50, 8)), rng.standard_normal((6, 8)), 3, 8)\n"
+        "x, pool = rng.standard_normal((50, 8)), rng.standard_normal((6, 8))\n"
+        "r = textspan.text_span(x, pool, n_texts=3, rank=8)\n"
         "print(textspan.__file__, len(r))\n"
         "try:\n"
         "    textspan.Decomposer\n"

@@ -8,9 +8,9 @@ import csv
 
 import numpy as np
 import pytest
+from datafiles import write_gtsegs
 from PIL import Image
 
-from test_datasets import write_gtsegs
 from textspan import InputError
 from textspan.cli import main
 from textspan.experiments import reproduce

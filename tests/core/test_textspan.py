@@ -6,9 +6,9 @@ import multiprocessing as mp
 
 import numpy as np
 import pytest
+from published import published_text_span
 
 import textspan
-from published import published_text_span
 from textspan import HeadStats, text_span, text_span_from_stats, text_span_heads
 from textspan.core.synthetic import low_rank_outputs
 

@@ -1,5 +1,6 @@
 """convention="paper": every place a convention enters gives the numbers of the paper's own
-code, checked against the direct implementations in tests/paper.py and tests/published.py."""
+code, checked against the direct implementations in tests/support/paper.py and
+tests/support/published.py."""
 
 from __future__ import annotations
 
@@ -8,12 +9,12 @@ import json
 import numpy as np
 import pytest
 import torch
-
-import textspan
-from conftest import extract_options
+from extraction import extract_options
 from paper import paper_ablations, paper_segmentation, paper_terms
 from published import published_text_span
 from test_decompose import images, make_model
+
+import textspan
 from textspan import Contributions, Decomposer, InputError, StoreError, ablation
 from textspan.cli import main
 
