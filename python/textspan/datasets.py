@@ -14,7 +14,7 @@ that takes an image folder also takes a *spec* (`open_images`):
     webdataset:PATTERN         .tar shards (a glob, or several separated by commas)
 
 ImageNet-segmentation (`imagenet_segmentation`) holds masks as well and is read by
-`textspan segment --dataset imagenet-seg:FILE`.
+`textspan segment imagenet-seg:FILE OUT`.
 """
 
 from __future__ import annotations
@@ -535,6 +535,6 @@ def open_images(spec: Any) -> ImageSet:
     if kind == "imagenet-seg":
         raise InputError(
             "imagenet-seg holds masks, not a labelled image set: use it with "
-            "`textspan segment --dataset imagenet-seg:FILE`"
+            "`textspan segment imagenet-seg:FILE OUT`"
         )
     return folder(text)

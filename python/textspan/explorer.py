@@ -12,7 +12,7 @@ Plain files that open from disk, or from any web server, and need nothing from t
                          strongest heads, write along the image's own representation
     thumbs/, maps/       small JPEG files, each made once
 
-Everything the pages show comes from one pass over the store (`_HeadData`) and, for the
+Everything the pages show comes from one pass over the store (`_one_pass`) and, for the
 sample pages, one decomposition of the sample images.
 """
 

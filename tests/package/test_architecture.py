@@ -106,3 +106,45 @@ def test_the_numpy_only_tests_run_without_pytorch():
     )
     assert result.returncode == 0, result.stdout[-3000:]
     assert " passed" in result.stdout.splitlines()[-1]
+
+
+def test_an_extraction_goes_down_the_tiers_and_the_engines_hand_rows_to_the_writer(
+    tmp_path,
+):
+    """Every call between textspan modules during an extraction, traced: the engines reach
+    the store tier only through its writer (and its image reading and manifest), and only
+    the store tier touches the store's files (store/format.py)."""
+    import numpy as np
+    from PIL import Image
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(4):
+        Image.fromarray(np.full((48, 48, 3), 40 * i, np.uint8)).save(images / f"{i}.png")
+    textspan.load("toy")  # loaded before the trace, which then shows the extraction alone
+    calls: set[tuple[str, str, str]] = set()
+
+    def profile(frame, event, arg):
+        if event != "call" or frame.f_back is None:
+            return
+        callee = frame.f_globals.get("__name__", "")
+        caller = frame.f_back.f_globals.get("__name__", "")
+        if callee.startswith("textspan.") and caller.startswith("textspan.") and callee != caller:
+            calls.add((caller, callee, frame.f_code.co_name))
+
+    engine = textspan.LocalEngine(workers=0, device="cpu")
+    sys.setprofile(profile)
+    try:
+        textspan.extract(images, tmp_path / "store", model="toy", engine=engine, progress=False)
+    finally:
+        sys.setprofile(None)
+    engines_to_store = {
+        callee
+        for caller, callee, _ in calls
+        if caller.startswith("textspan.engines") and callee.startswith("textspan.store")
+    }
+    assert "textspan.store.writer" in engines_to_store
+    allowed = {"textspan.store.writer", "textspan.store.images", "textspan.store.manifest"}
+    assert engines_to_store <= allowed, engines_to_store
+    outside = {c for c, callee, _ in calls if callee == "textspan.store.format"}
+    assert all(c.startswith("textspan.store.") for c in outside), outside

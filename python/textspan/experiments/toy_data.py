@@ -12,7 +12,8 @@ DESCRIPTION = (
     "Write the toy world as a benchmark is distributed: `waterbirds` gives class folders of "
     "images and a metadata.csv (img_filename, y, split, place) with the toy spurious pair "
     "(shape, background) as class and place, 95% correlated in train, even in val and test. "
-    "Read it with --dataset waterbirds:DIR:SPLIT, or `textspan reproduce --waterbirds DIR`."
+    "Commands read it as the images waterbirds:DIR:SPLIT (e.g. `textspan extract "
+    "waterbirds:DIR:test OUT`), or `textspan reproduce --waterbirds DIR`."
 )
 
 
