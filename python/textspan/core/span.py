@@ -187,6 +187,7 @@ def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
 def _spans(
     chunk: list[HeadStats],
     pool: TextPool,
+    *,
     n_texts: int,
     rank: int,
     tolerances: list[float],
@@ -291,6 +292,7 @@ def _heads_of_outputs(
 def _run(
     stats: list[HeadStats],
     pool: TextPool,
+    *,
     n_texts: int,
     rank: int,
     texts: list[str] | None,
@@ -334,27 +336,43 @@ def _run(
     results: list[SpanResult] = []
     numerical_ranks: list[int] = []
     bar = _progress(len(stats), progress and len(stats) > group)
+
+    def core(
+        heads: list[HeadStats],
+        tolerances: list[float],
+        first: int,
+        exact: bool = paper,
+        **inexact_parts: Any,
+    ) -> list[_core.HeadSpan]:
+        """The core's TextSpan of some heads (their statistics; the first is head `first`)."""
+        return _spans(
+            heads,
+            pool,
+            n_texts=n_texts,
+            rank=rank,
+            tolerances=tolerances,
+            start=first,
+            exact=exact,
+            **inexact_parts,
+        )
+
     for start in range(0, len(stats), group):
         chunk = stats[start : start + group]
         tolerances = [rank_tolerance_for(s, rank_tolerance) for s in chunk]
         if inexact is None:
-            spans = _spans(chunk, pool, n_texts, rank, tolerances, start, paper)
+            spans = core(chunk, tolerances, start)
         else:
             spans = []
             for first, last, rows in inexact.parts(start, start + len(chunk)):
                 a, b = first - start, last - start
                 errors = inexact.errors[first:last]
-                spans += _spans(
-                    chunk[a:b], pool, n_texts, rank, tolerances[a:b], first, paper, errors, rows
-                )
+                spans += core(chunk[a:b], tolerances[a:b], first, errors=errors, outputs=rows)
         for i, span in enumerate(spans):
             if not span.certified:
                 assert inexact is not None  # exact statistics are always certified
                 chunk[i] = inexact.exact(start + i)
                 tolerances[i] = rank_tolerance_for(chunk[i], rank_tolerance)
-                spans[i] = _spans(
-                    [chunk[i]], pool, n_texts, rank, [tolerances[i]], start + i, paper
-                )[0]
+                spans[i] = core([chunk[i]], [tolerances[i]], start + i)[0]
         numerical_ranks += [s.numerical_rank for s in spans]
         # What rounding decides: the picks again from rounded statistics, and (paper) with
         # the null-space directions dropped.
@@ -362,9 +380,9 @@ def _run(
         for trial in range(STABILITY_TRIALS if stability else 0):
             seeds = [(trial, start + i) for i in range(len(chunk))]
             rounded = [_rounded(s, seed) for s, seed in zip(chunk, seeds, strict=True)]
-            others.append(_spans(rounded, pool, n_texts, rank, tolerances, start, paper))
-        if paper and stability:
-            others.append(_spans(chunk, pool, n_texts, rank, tolerances, start, False))
+            others.append(core(rounded, tolerances, start))
+        if paper and stability:  # without the null-space directions
+            others.append(core(chunk, tolerances, start, exact=False))
         for i, (s, span) in enumerate(zip(chunk, spans, strict=True)):
             idx = np.asarray(span.indices, dtype=np.int64)
             stable = None
@@ -463,7 +481,17 @@ def text_span_from_stats(
         )
     pool = _text_pool(text_embeddings)
     names = _check_texts(texts, pool)
-    found = _run([stats], pool, n_texts, rank, names, False, rank_tolerance, convention, stability)
+    found = _run(
+        [stats],
+        pool,
+        n_texts=n_texts,
+        rank=rank,
+        texts=names,
+        progress=False,
+        rank_tolerance=rank_tolerance,
+        convention=convention,
+        stability=stability,
+    )
     return found[0]
 
 
@@ -527,7 +555,16 @@ def text_span(
     pool = _text_pool(text_embeddings)
     names = _check_texts(texts, pool)
     found = _run(
-        stats, pool, n_texts, rank, names, False, rank_tolerance, convention, stability, inexact
+        stats,
+        pool,
+        n_texts=n_texts,
+        rank=rank,
+        texts=names,
+        progress=False,
+        rank_tolerance=rank_tolerance,
+        convention=convention,
+        stability=stability,
+        inexact=inexact,
     )
     return found[0]
 
@@ -590,14 +627,14 @@ def text_span_heads(
     results = _run(
         flat,
         pool,
-        n_texts,
-        rank,
-        names,
-        progress,
-        rank_tolerance,
-        convention,
-        stability,
-        inexact,
+        n_texts=n_texts,
+        rank=rank,
+        texts=names,
+        progress=progress,
+        rank_tolerance=rank_tolerance,
+        convention=convention,
+        stability=stability,
+        inexact=inexact,
     )
     return results if shape is None else _nest(results, shape)
 

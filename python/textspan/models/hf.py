@@ -186,11 +186,11 @@ class HfTower(Adapter):
 
             def on_tokens(module, args, output) -> None:
                 if (cap := capture()) is not None:
-                    cap.pool["tokens"] = exact(output)
+                    cap.pool.tokens = exact(output)
 
             def on_pool_mlp(module, args, output) -> None:
                 if (cap := capture()) is not None:
-                    cap.pool["mlp"] = exact(output[:, 0])
+                    cap.pool.mlp = exact(output[:, 0])
 
             handles.append(self.module.post_layernorm.register_forward_hook(on_tokens))
             handles.append(self.head.mlp.register_forward_hook(on_pool_mlp))
@@ -257,14 +257,13 @@ class HfTower(Adapter):
                 if layer.bias is not None:
                     bias = exact(layer.bias.detach())
             return norm_pooling(y, norm, "token", proj, bias, centre)
-        if "tokens" not in cap.pool or "mlp" not in cap.pool:
-            raise RuntimeError("the attention-pooling head's hooks never fired")
+        tokens, mlp = cap.pool.needed("tokens", "mlp")
         attn: nn.MultiheadAttention = self.head.attention
         (wq, wk, wv), bias = mha_parts(attn)
         e = wq.shape[1]
         probe = exact(self.head.probe.detach())[0, 0]
         q = torch.einsum("w,gew->ge", probe, wq) + bias[0]
-        keys = torch.einsum("btw,gew->bgte", cap.pool["tokens"], wk) + bias[1][:, None]
+        keys = torch.einsum("btw,gew->bgte", tokens, wk) + bias[1][:, None]
         p = torch.softmax(torch.einsum("ge,bgte->bgt", q, keys) * e**-0.5, dim=-1)
         out_bias = attn.out_proj.bias
         return attention_pooling(
@@ -276,7 +275,7 @@ class HfTower(Adapter):
             exact(attn.out_proj.weight.detach()),
             None if out_bias is None else exact(out_bias.detach()),
             read=torch.eye(w, device=y.device, dtype=y.dtype),  # the head's output is r
-            extra=cap.pool["mlp"],
+            extra=mlp,
         )
 
 

@@ -164,11 +164,11 @@ class OpenClipTower(Adapter):
 
             def on_keys(module, args, output) -> None:
                 if (cap := capture()) is not None:
-                    cap.pool["keys"] = exact(output)
+                    cap.pool.tokens = exact(output)
 
             def on_post(module, args) -> None:
                 if (cap := capture()) is not None:
-                    cap.pool["post"] = exact(args[0][:, 0])
+                    cap.pool.post = exact(args[0][:, 0])
 
             handles.append(self.attn_pool.ln_k.register_forward_hook(on_keys))
             handles.append(self.module.ln_post.register_forward_pre_hook(on_post))
@@ -270,14 +270,13 @@ class OpenClipTower(Adapter):
         """CoCa: `ln_k` per token, query 0 of the pooler, its output map, `ln_post` on that
         query's output (the representation reads query 0 only)."""
         pool = self.attn_pool
-        if "keys" not in cap.pool or "post" not in cap.pool:
-            raise RuntimeError("the attentional pooler's hooks never fired")
+        tokens, before_post = cap.pool.needed("tokens", "post")
         attn: nn.MultiheadAttention = pool.attn
         (wq, wk, wv), bias = mha_parts(attn)
         e = wq.shape[1]
         query = exact(pool.ln_q(pool.query[:1]))[0]  # [W_q]
         q = torch.einsum("w,gew->ge", query, wq) + bias[0]
-        k = torch.einsum("btw,gew->bgte", cap.pool["keys"], wk) + bias[1][:, None]
+        k = torch.einsum("btw,gew->bgte", tokens, wk) + bias[1][:, None]
         p = torch.softmax(torch.einsum("ge,bgte->bgt", q, k) * e**-0.5, dim=-1)
         post = self.module.ln_post
         gamma, beta = norm_parts(post, proj.shape[0], proj.device, self.dtype)
@@ -292,5 +291,5 @@ class OpenClipTower(Adapter):
             None if out_bias is None else exact(out_bias.detach()),
             read=centred(gamma[:, None] * proj),  # ln_post on the pooler's output, then proj
             after=beta @ proj,
-            image_scale=inverse_sigma(cap.pool["post"], post),
+            image_scale=inverse_sigma(before_post, post),
         )

@@ -244,14 +244,14 @@ class TimmTower(Adapter):
 
             def on_pool(module, args) -> None:
                 if (cap := capture()) is not None:
-                    cap.pool["tokens"] = exact(args[0])
+                    cap.pool.tokens = exact(args[0])
 
             handles.append(self.attn_pool.register_forward_pre_hook(on_pool))
             if self.attn_pool.mlp is not None:
 
                 def on_pool_mlp(module, args, output) -> None:
                     if (cap := capture()) is not None:
-                        cap.pool["mlp"] = exact(output[:, 0])
+                        cap.pool.mlp = exact(output[:, 0])
 
                 handles.append(self.attn_pool.mlp.register_forward_hook(on_pool_mlp))
         return handles
@@ -376,9 +376,7 @@ class TimmTower(Adapter):
         """`AttentionPoolLatent`: the trunk's norm per token, the latent query's attention,
         the value and output maps, then the head; the pooler's MLP is its own term."""
         pool = self.attn_pool
-        if "tokens" not in cap.pool:
-            raise RuntimeError("the attention pooler's hooks never fired")
-        tokens = cap.pool["tokens"]  # [B, T_r, W]: the normed tokens the pooler reads
+        (tokens,) = cap.pool.needed("tokens")  # [B, T_r, W]: the normed tokens it reads
         b, t, w = tokens.shape
         g, e = pool.num_heads, pool.head_dim
         kv = exact(pool.kv.weight.detach())  # [2·G·E, W]
@@ -396,9 +394,8 @@ class TimmTower(Adapter):
         head, head_bias = self._pooled_map(pool.proj.weight.shape[0], kv.device)
         extra = None
         if pool.mlp is not None:
-            if "mlp" not in cap.pool:
-                raise RuntimeError("the attention pooler's MLP hook never fired")
-            extra = cap.pool["mlp"] @ head
+            (mlp,) = cap.pool.needed("mlp")
+            extra = mlp @ head
         out_bias = pool.proj.bias
         return attention_pooling(
             p,

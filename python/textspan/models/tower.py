@@ -236,6 +236,24 @@ def attention_pooling(
 
 
 @dataclass
+class PoolCapture:
+    """What an attention pooler's hooks record for the pooling: the normed tokens its keys
+    are made from [B, T_r, W], its MLP's output at the query read [B, W] (a pooler MLP's
+    term), and the input of the norm after it at that query [B, W]."""
+
+    tokens: torch.Tensor | None = None
+    mlp: torch.Tensor | None = None
+    post: torch.Tensor | None = None
+
+    def needed(self, *names: str) -> tuple[torch.Tensor, ...]:
+        """The named records; a hook that never fired is a bug, said here."""
+        missing = [n for n in names if getattr(self, n) is None]
+        if missing:
+            raise RuntimeError(f"the pooler's hooks never fired (no {', '.join(missing)})")
+        return tuple(getattr(self, n) for n in names)
+
+
+@dataclass
 class Capture:
     """Everything one forward pass records: the embedding and final stream at the read
     tokens, one `LayerCapture` per layer, and what the pooling needs (`pool`)."""
@@ -243,7 +261,7 @@ class Capture:
     layers: list[LayerCapture]
     embedding: torch.Tensor | None = None  # [B, T_r, W]
     final: torch.Tensor | None = None  # [B, T_r, W]
-    pool: dict[str, Any] = field(default_factory=dict)
+    pool: PoolCapture = field(default_factory=PoolCapture)
 
 
 def token_count(tower: Tower) -> int:
