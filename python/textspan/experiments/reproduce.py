@@ -18,7 +18,7 @@ from .. import datasets, report
 from ..analysis import ablation, rank_heads, repair, repair_head_count
 from ..analysis.repair import GroupAccuracy, group_sizes
 from ..analysis.sources import chunks, correct_counts, rows_f32
-from ..core.checks import CONVENTIONS
+from ..core.checks import CONVENTIONS, Convention
 from ..core.pools import load_texts
 from ..engines import LocalEngine, encode_texts, extract
 from ..errors import InputError
@@ -187,143 +187,209 @@ def run(
     if imagenet_classes != "imagenet":
         load_texts(imagenet_classes)
     folder = report.output_folder(Path(out) / tag_folder(model, pretrained))
-    result = Reproduction(model, pretrained)
-    options = {
-        "model": model,
-        "pretrained": pretrained,
-        "batch_size": batch_size,
-        "workers": workers,
-        "device": device,
-        "progress": progress,
-    }
     net, _, tokenizer = load(model, pretrained=pretrained, device=device)
+    study = _Study(
+        result=Reproduction(model, pretrained),
+        net=net,
+        tokenizer=tokenizer,
+        folder=folder,
+        model=model,
+        pretrained=pretrained,
+        device=device,
+        batch_size=batch_size,
+        workers=workers,
+        templates=templates,
+        pool=pool,
+        words=words,
+        layers=layers,
+        rank=rank,
+        force=force,
+        progress=progress,
+    )
     for convention in conventions:
-        stores = folder / "stores" / convention
         if imagenet:
-            _imagenet(
-                result, net, tokenizer, imagenet, imagenet_classes, stores, folder, convention,
-                options, templates, pool, words, layers, rank, force, progress,
-            )  # fmt: skip
+            study.imagenet(imagenet, imagenet_classes, convention)
         if waterbirds:
-            _waterbirds(
-                result, net, tokenizer, waterbirds, stores, convention, options, templates,
-                pool, layers, rank, keywords or PLACE_WORDS.split(","), force, progress,
-            )  # fmt: skip
+            study.waterbirds(waterbirds, keywords or PLACE_WORDS.split(","), convention)
         if imagenet_seg:
-            _segmentation(
-                result, imagenet_seg, imagenet_classes, folder, convention, options, templates
-            )
+            study.segmentation(imagenet_seg, imagenet_classes, convention)
+    result = study.result
     result.markdown, result.html = _write_report(result, folder)
     return result
+
+
+@dataclass
+class _Study:
+    """What every experiment of a reproduction shares: where results go, the model, and the
+    options of `run`."""
+
+    result: Reproduction
+    net: Any
+    tokenizer: Any
+    folder: Path
+    model: str
+    pretrained: str | None
+    device: str | None
+    batch_size: int
+    workers: int
+    templates: str | None
+    pool: str | None
+    words: str | None
+    layers: int
+    rank: int
+    force: bool
+    progress: bool
+
+    def extract(self, spec: str, name: str, convention: Convention) -> StoreReader:
+        """The store of `spec`'s images in this convention (resumed or reused if there)."""
+        return extract(
+            spec,
+            self.folder / "stores" / convention / name,
+            model=self.model,
+            pretrained=self.pretrained,
+            batch_size=self.batch_size,
+            convention=convention,
+            engine=LocalEngine(workers=self.workers, device=self.device),
+            progress=self.progress,
+        )
+
+    def imagenet(self, root: str, classes_file: str, convention: Convention) -> None:
+        result, layers = self.result, self.layers
+        store = self.extract(f"imagenet:{root}", "imagenet", convention)
+        names = imagenet_class_names(classes_file)
+        w = zero_shot_weights(self.net, self.tokenizer, names, self.templates)
+        check_plausible(baseline_accuracy(store, w), len(names), "ImageNet", self.force)
+        table = ablation(store, w, progress=self.progress)
+        experiment = "ImageNet mean-ablation (means from the same set)"
+        for condition, value in table.conditions.items():
+            result.put(experiment, condition, convention, value)
+        for k in (len(table.layers) - 1 - layers, len(table.layers) - 1):
+            if k > 0:
+                name = f"attention layers 0..{k - 1} mean-ablated"
+                result.put(experiment, name, convention, table.layers[k])
+        result.notes[experiment] = (
+            "ImageNet's validation set is the only split given, so the means come from it, as "
+            "in the paper. In the paper's convention 'MLPs' includes the embedding term."
+        )
+        study = span.run(
+            store,
+            self.folder / f"imagenet-span-{convention}",
+            layers=layers,
+            rank=self.rank,
+            pool=self.pool,
+            words=self.words,
+            max_texts=max(REPLACEMENT_TEXTS),
+            templates=self.templates,
+            progress=self.progress,
+            classifier=w,
+        )
+        curve = study.replacement["text pool"] if study.replacement else None
+        if curve is not None:
+            for n in REPLACEMENT_TEXTS:
+                if n < len(curve.accuracy):
+                    result.put(
+                        f"ImageNet: last {layers} layers' heads replaced by n TextSpan texts",
+                        f"n = {n}",
+                        convention,
+                        curve.accuracy[n],
+                    )
+        stable = [s.stable for s in study.spans.values() if s.stable is not None]
+        if stable:
+            result.put(
+                "TextSpan lists",
+                "median picks that survive rounding",
+                convention,
+                np.median(stable),
+            )
+
+    def waterbirds(self, root: str, keywords: list[str], convention: Convention) -> None:
+        splits = {
+            s: self.extract(f"waterbirds:{root}:{s}", f"waterbirds-{s}", convention)
+            for s in ("train", "val", "test")
+        }
+        train, val, test = splits["train"], splits["val"], splits["test"]
+        w = zero_shot_weights(self.net, self.tokenizer, train.classes, self.templates)
+        check_plausible(baseline_accuracy(test, w), len(train.classes), "Waterbirds", self.force)
+        heads = range(train.heads.shape[2])
+        keys = [(layer, h) for layer in last_layers(train, self.layers) for h in heads]
+        texts = pool_texts(self.pool)
+        embeddings = encode_texts(self.net, self.tokenizer, texts, progress=self.progress)
+        spans = head_spans(
+            train, keys, embeddings, texts, 10, self.rank, self.progress, stability=False
+        )
+        order = [k for k, _ in rank_heads(spans, keywords=keywords)]
+        train_sizes = group_sizes(np.asarray(train.labels), train.attributes["place"])
+        # Clean protocol: means from train, the number of heads chosen on val, figures on test.
+        count, _ = repair_head_count(val, w, val.attributes["place"], order, means=train)
+        clean = repair(
+            test, w, test.attributes["place"], order[:count], candidates=keys, means=train,
+            progress=False,
+        )  # fmt: skip
+        experiment = "Waterbirds repair, clean protocol (means: train; heads: val; figures: test)"
+        self._group_rows(experiment, convention, "before", clean.before, train_sizes)
+        self._group_rows(experiment, convention, "heads ablated", clean.after, train_sizes)
+        self.result.put(experiment, "heads ablated", convention, count)
+        # The paper's protocol: everything on the test set.
+        count_p, _ = repair_head_count(test, w, test.attributes["place"], order)
+        paper = repair(
+            test, w, test.attributes["place"], order[:count_p], candidates=keys, progress=False
+        )
+        experiment = "Waterbirds repair, the paper's protocol (everything on test)"
+        self._group_rows(experiment, convention, "before", paper.before, train_sizes)
+        self._group_rows(experiment, convention, "heads ablated", paper.after, train_sizes)
+        self.result.put(experiment, "heads ablated", convention, count_p)
+
+    def _group_rows(
+        self, experiment: str, convention: str, label: str, g: GroupAccuracy, train_sizes: Any
+    ) -> None:
+        put = self.result.put
+        put(experiment, f"{label}: worst group", convention, g.worst)
+        put(experiment, f"{label}: average over the test images", convention, g.average)
+        put(experiment, f"{label}: average, groups balanced", convention, g.balanced)
+        put(
+            experiment,
+            f"{label}: average, weighted like train",
+            convention,
+            g.weighted(train_sizes),
+        )
+
+    def segmentation(self, path: str, classes_file: str, convention: Convention) -> None:
+        for method in ("decomposition", "attention"):
+            if method == "attention" and convention != "textspan":
+                continue  # raw attention has no convention: computed once
+            study = segment.run(
+                f"imagenet-seg:{path}",
+                self.folder / f"segmentation-{method}-{convention}",
+                model=self.model,
+                pretrained=self.pretrained,
+                classes_file=classes_file,
+                templates=self.templates,
+                method=method,
+                batch_size=self.batch_size,
+                workers=self.workers,
+                overlays=4,
+                device=self.device,
+                progress=self.progress,
+                convention=convention,
+            )
+            for protocol, scores in (study.protocols or {}).items():
+                experiment = f"ImageNet-segmentation, {protocol} masks"
+                for metric, value in scores.items():
+                    column = convention if method == "decomposition" else "raw attention"
+                    self.result.put(experiment, metric, column, value)
+        self.result.notes["ImageNet-segmentation, paper masks"] = (
+            "The paper's protocol: the image resized and centre-cropped, its mask resized to "
+            "the crop size (they disagree on images that are not square); heatmaps of the "
+            "predicted class, normalised per image."
+        )
+        self.result.notes["ImageNet-segmentation, aligned masks"] = (
+            "The mask resized and centre-cropped exactly like its image."
+        )
 
 
 def imagenet_class_names(classes_file: str) -> list[str]:
     """open_clip's 1000 names, or those of a file for the first classes (a subset study)."""
     return imagenet_names() if classes_file == "imagenet" else load_texts(classes_file)
-
-
-def _extract(spec: str, out: Path, convention: str, options: dict[str, Any]) -> StoreReader:
-    return extract(
-        spec,
-        out,
-        model=options["model"],
-        pretrained=options["pretrained"],
-        batch_size=options["batch_size"],
-        convention=convention,
-        engine=LocalEngine(workers=options["workers"], device=options["device"]),
-        progress=options["progress"],
-    )
-
-
-def _imagenet(
-    result, net, tokenizer, root, classes_file, stores, folder, convention, options,
-    templates, pool, words, layers, rank, force, progress,
-) -> None:  # fmt: skip
-    store = _extract(f"imagenet:{root}", stores / "imagenet", convention, options)
-    names = imagenet_class_names(classes_file)
-    w = zero_shot_weights(net, tokenizer, names, templates)
-    check_plausible(baseline_accuracy(store, w), len(names), "ImageNet", force)
-    table = ablation(store, w, progress=progress)
-    experiment = "ImageNet mean-ablation (means from the same set)"
-    for condition, value in table.conditions.items():
-        result.put(experiment, condition, convention, value)
-    for k in (len(table.layers) - 1 - layers, len(table.layers) - 1):
-        if k > 0:
-            name = f"attention layers 0..{k - 1} mean-ablated"
-            result.put(experiment, name, convention, table.layers[k])
-    result.notes[experiment] = (
-        "ImageNet's validation set is the only split given, so the means come from it, as in "
-        "the paper. In the paper's convention 'MLPs' includes the embedding term."
-    )
-    study = span.run(
-        store, folder / f"imagenet-span-{convention}", layers=layers, rank=rank, pool=pool,
-        words=words, max_texts=max(REPLACEMENT_TEXTS), templates=templates, progress=progress,
-        classifier=w,
-    )  # fmt: skip
-    curve = study.replacement["text pool"] if study.replacement else None
-    if curve is not None:
-        for n in REPLACEMENT_TEXTS:
-            if n < len(curve.accuracy):
-                result.put(
-                    f"ImageNet: last {layers} layers' heads replaced by n TextSpan texts",
-                    f"n = {n}",
-                    convention,
-                    curve.accuracy[n],
-                )
-    stable = [s.stable for s in study.spans.values() if s.stable is not None]
-    if stable:
-        result.put(
-            "TextSpan lists", "median picks that survive rounding", convention, np.median(stable)
-        )
-
-
-def _group_rows(result, experiment, convention, label, g: GroupAccuracy, train_sizes) -> None:
-    result.put(experiment, f"{label}: worst group", convention, g.worst)
-    result.put(experiment, f"{label}: average over the test images", convention, g.average)
-    result.put(experiment, f"{label}: average, groups balanced", convention, g.balanced)
-    result.put(
-        experiment, f"{label}: average, weighted like train", convention, g.weighted(train_sizes)
-    )
-
-
-def _waterbirds(
-    result, net, tokenizer, root, stores, convention, options, templates, pool, layers,
-    rank, keywords, force, progress,
-) -> None:  # fmt: skip
-    splits = {
-        s: _extract(f"waterbirds:{root}:{s}", stores / f"waterbirds-{s}", convention, options)
-        for s in ("train", "val", "test")
-    }
-    train, val, test = splits["train"], splits["val"], splits["test"]
-    w = zero_shot_weights(net, tokenizer, train.classes, templates)
-    check_plausible(baseline_accuracy(test, w), len(train.classes), "Waterbirds", force)
-    keys = [(layer, h) for layer in last_layers(train, layers) for h in range(train.heads.shape[2])]
-    texts = pool_texts(pool)
-    spans = head_spans(
-        train, keys, encode_texts(net, tokenizer, texts, progress=progress), texts, 10, rank,
-        progress, stability=False,
-    )  # fmt: skip
-    order = [k for k, _ in rank_heads(spans, keywords=keywords)]
-    train_sizes = group_sizes(np.asarray(train.labels), train.attributes["place"])
-    # Clean protocol: means from train, the number of heads chosen on val, figures on test.
-    count, _ = repair_head_count(val, w, val.attributes["place"], order, means=train)
-    clean = repair(
-        test, w, test.attributes["place"], order[:count], candidates=keys, means=train,
-        progress=False,
-    )  # fmt: skip
-    experiment = "Waterbirds repair, clean protocol (means: train; heads: val; figures: test)"
-    _group_rows(result, experiment, convention, "before", clean.before, train_sizes)
-    _group_rows(result, experiment, convention, "heads ablated", clean.after, train_sizes)
-    result.put(experiment, "heads ablated", convention, count)
-    # The paper's protocol: everything on the test set.
-    count_p, _ = repair_head_count(test, w, test.attributes["place"], order)
-    paper = repair(
-        test, w, test.attributes["place"], order[:count_p], candidates=keys, progress=False
-    )
-    experiment = "Waterbirds repair, the paper's protocol (everything on test)"
-    _group_rows(result, experiment, convention, "before", paper.before, train_sizes)
-    _group_rows(result, experiment, convention, "heads ablated", paper.after, train_sizes)
-    result.put(experiment, "heads ablated", convention, count_p)
 
 
 def baseline_accuracy(store: StoreReader, w: np.ndarray) -> float:
@@ -334,40 +400,6 @@ def baseline_accuracy(store: StoreReader, w: np.ndarray) -> float:
         rep = rows_f32(store.representation, rows)
         correct += int(correct_counts(rep[None], w, labels[rows])[0])
     return correct / max(len(store), 1)
-
-
-def _segmentation(result, path, classes_file, folder, convention, options, templates) -> None:
-    for method in ("decomposition", "attention"):
-        if method == "attention" and convention != "textspan":
-            continue  # raw attention has no convention: computed once
-        study = segment.run(
-            f"imagenet-seg:{path}",
-            folder / f"segmentation-{method}-{convention}",
-            model=options["model"],
-            pretrained=options["pretrained"],
-            classes_file=classes_file,
-            templates=templates,
-            method=method,
-            batch_size=options["batch_size"],
-            workers=options["workers"],
-            overlays=4,
-            device=options["device"],
-            progress=options["progress"],
-            convention=convention,
-        )
-        for protocol, scores in (study.protocols or {}).items():
-            experiment = f"ImageNet-segmentation, {protocol} masks"
-            for metric, value in scores.items():
-                column = convention if method == "decomposition" else "raw attention"
-                result.put(experiment, metric, column, value)
-    result.notes["ImageNet-segmentation, paper masks"] = (
-        "The paper's protocol: the image resized and centre-cropped, its mask resized to the "
-        "crop size (they disagree on images that are not square); heatmaps of the predicted "
-        "class, normalised per image."
-    )
-    result.notes["ImageNet-segmentation, aligned masks"] = (
-        "The mask resized and centre-cropped exactly like its image."
-    )
 
 
 def _columns(metrics: dict[str, dict[str, float]]) -> list[str]:
