@@ -117,6 +117,7 @@ def head_spans(
     store: Any,
     heads: list[tuple[int, int]],
     embeddings: np.ndarray,
+    *,
     texts: list[str] | None,
     n_texts: int,
     rank: int,

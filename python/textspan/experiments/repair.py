@@ -150,7 +150,9 @@ def run(
     keys = [(layer, h) for layer in span_layers for h in range(store.heads.shape[2])]
     embeddings = encode_texts(model, tokenizer, texts, progress=progress)
     depth = min(n_texts, rank, store.heads.shape[-1])
-    spans = head_spans(store, keys, embeddings, texts, depth, rank, progress)
+    spans = head_spans(
+        store, keys, embeddings, texts=texts, n_texts=depth, rank=rank, progress=progress
+    )
     if keywords is not None:
         ranked = rank_heads(spans, keywords=keywords)
     else:

@@ -315,7 +315,14 @@ class _Study:
         texts = pool_texts(self.pool)
         embeddings = encode_texts(self.net, self.tokenizer, texts, progress=self.progress)
         spans = head_spans(
-            train, keys, embeddings, texts, 10, self.rank, self.progress, stability=False
+            train,
+            keys,
+            embeddings,
+            texts=texts,
+            n_texts=10,
+            rank=self.rank,
+            progress=self.progress,
+            stability=False,
         )
         order = [k for k, _ in rank_heads(spans, keywords=keywords)]
         train_sizes = group_sizes(np.asarray(train.labels), train.attributes["place"])

@@ -94,7 +94,9 @@ def run(
         texts = pool_texts(pool)
         emb = encode_texts(model, tokenizer, texts, progress=progress)
         depth = min(project, rank, store.heads.shape[-1])
-        spans = head_spans(store, heads, emb, texts, depth, rank, progress)
+        spans = head_spans(
+            store, heads, emb, texts=texts, n_texts=depth, rank=rank, progress=progress
+        )
         basis = np.linalg.qr(np.concatenate([s.directions for s in spans.values()]).T)[0].T
     query = image if text is None else encode_texts(model, tokenizer, [text], progress=False)[0]
     found = retrieve(store, heads, query, k=k, basis=basis, progress=progress)

@@ -177,18 +177,18 @@ def run(
         return _run_imagenet_seg(
             str(images).split(":", 1)[1],
             out,
-            model,
-            pretrained,
-            classes_file or "imagenet",
-            templates,
-            method,
-            batch_size,
-            workers,
-            overlays,
-            device,
-            precision,
-            progress,
-            convention,
+            model=model,
+            pretrained=pretrained,
+            classes_file=classes_file or "imagenet",
+            templates=templates,
+            method=method,
+            batch_size=batch_size,
+            workers=workers,
+            overlays=overlays,
+            device=device,
+            precision=precision,
+            progress=progress,
+            convention=convention,
         )
     source = open_images(images)
     files, labels, folders = source.files, source.labels, source.classes
@@ -263,6 +263,7 @@ class _Preprocessed(torch.utils.data.Dataset):
 def _run_imagenet_seg(
     path: str,
     out: str | os.PathLike,
+    *,
     model: str,
     pretrained: str | None,
     classes_file: str,

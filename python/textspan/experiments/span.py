@@ -126,7 +126,15 @@ def run(
     depth = min(max(n_texts, max_texts if replace else 0), rank, dim, len(texts), len(word_list))
     keys = [(layer, h) for layer in span_layers for h in range(store.heads.shape[2])]
     embeddings = encode_texts(model, tokenizer, texts, progress=progress)
-    spans = head_spans(store, keys, embeddings, texts, max(n_texts, depth), rank, progress)
+    spans = head_spans(
+        store,
+        keys,
+        embeddings,
+        texts=texts,
+        n_texts=max(n_texts, depth),
+        rank=rank,
+        progress=progress,
+    )
     folder = report.output_folder(out)
     records = [_head_record(k, s, n_texts) for k, s in spans.items()]
     report.write_json(folder / "span.json", {"pool_size": len(texts), "heads": records})
@@ -152,16 +160,23 @@ def run(
         pools = {
             "text pool": spans,
             "common words": head_spans(
-                store, keys, words_embedded, word_list, depth, rank, progress, stability=False
+                store,
+                keys,
+                words_embedded,
+                texts=word_list,
+                n_texts=depth,
+                rank=rank,
+                progress=progress,
+                stability=False,
             ),
             "random directions": head_spans(
                 store,
                 keys,
                 random_dirs.astype(np.float32),
-                None,
-                depth,
-                rank,
-                progress,
+                texts=None,
+                n_texts=depth,
+                rank=rank,
+                progress=progress,
                 stability=False,
             ),
         }
