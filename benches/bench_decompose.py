@@ -25,7 +25,7 @@ import open_clip
 import torch
 from PIL import Image
 
-from textspan import Decomposer, extract
+from textspan import Decomposer, LocalEngine, extract
 
 BATCH, SIZE, K = 16, 224, 10
 
@@ -161,9 +161,8 @@ def bench_store(images: int, workers: int) -> None:
             model="ViT-B-16",
             pretrained=str(checkpoint),
             batch_size=BATCH,
-            workers=workers,
-            device="cpu",
             dtype="float16",
+            engine=LocalEngine(workers=workers, device="cpu"),
         )
         store_rate = len(store) / (time.perf_counter() - start)
     print(f"{images} images from a folder, batch {BATCH}, {workers} loader workers")

@@ -67,7 +67,10 @@ def main() -> None:
             "single process (2 loaders)",
             args.images,
             lambda: textspan.extract(
-                work / "images", work / "local", workers=2, device="cpu", **common
+                work / "images",
+                work / "local",
+                engine=textspan.LocalEngine(workers=2, device="cpu"),
+                **common,
             ),
         )
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
@@ -79,9 +82,7 @@ def main() -> None:
                 lambda w=workers: textspan.extract(
                     work / "images",
                     work / f"ray{w}",
-                    engine="ray",
-                    workers=w,
-                    shard_size=args.shard_size,
+                    engine=textspan.RayEngine(workers=w, shard_size=args.shard_size),
                     **common,
                 ),
             )

@@ -199,6 +199,7 @@ def attention_pooling(
     value_bias: torch.Tensor,
     out_weight: torch.Tensor,
     out_bias: torch.Tensor | None,
+    *,
     read: torch.Tensor,
     after: torch.Tensor | None = None,
     image_scale: torch.Tensor | None = None,
