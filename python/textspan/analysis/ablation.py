@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 
+from ..core.checks import Convention
 from .sources import (
     check_classifier,
     check_labels,
@@ -37,7 +38,7 @@ class AblationResult:
     conditions: dict[str, float]
     layers: np.ndarray
     count: int
-    convention: str = "textspan"
+    convention: Convention = "textspan"
     definitions: dict[str, str] = field(default_factory=dict)
 
     def table(self) -> str:
@@ -51,7 +52,7 @@ CLASS_TOKEN = "class-token attention mean-ablated"
 BOTH = "MLPs + class-token attention mean-ablated"
 
 
-def _definitions(convention: str) -> dict[str, str]:
+def _definitions(convention: Convention) -> dict[str, str]:
     mlps = (
         "every layer's MLP and the embedding term, as the paper's code does"
         if convention == "paper"

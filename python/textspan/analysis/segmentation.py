@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from ..core.checks import as_float_array, check_convention
+from ..core.checks import Convention, as_float_array, check_convention
 from ..core.metrics import (
     class_heatmaps,
     foreground,
@@ -41,7 +41,7 @@ class Segmentation:
     heatmaps: np.ndarray
     classes: np.ndarray
     image_size: tuple[int, int]
-    convention: str = "textspan"
+    convention: Convention = "textspan"
 
     def normalised(self, size: tuple[int, int] | None = None) -> np.ndarray:
         """[N, H, W] in [0, 1] at `size` (default: the model's input size)."""
@@ -67,7 +67,7 @@ def segment(
     classes: Any = None,
     method: str = "decomposition",
     progress: bool = True,
-    convention: str = "textspan",
+    convention: Convention = "textspan",
 ) -> Segmentation:
     """Zero-shot segmentation of `images` by the paper's method.
 

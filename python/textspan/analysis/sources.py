@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from ..core.checks import as_float_array, check_finite
+from ..core.checks import Convention, as_float_array, check_finite
 from ..errors import InputError, InputTypeError
 
 __all__ = [
@@ -52,7 +52,7 @@ class Contributions:
     mlps: Any
     class_token: Any = None
     labels: Any = None
-    convention: str = "textspan"
+    convention: Convention = "textspan"
 
     @classmethod
     def from_decomposition(cls, parts: Any, labels: Any = None) -> Contributions:
@@ -148,7 +148,7 @@ class TermMeans:
     heads: np.ndarray
     mlps: np.ndarray
     class_token: np.ndarray | None
-    convention: str = "textspan"
+    convention: Convention = "textspan"
 
 
 def convention_of(source: Any) -> str:

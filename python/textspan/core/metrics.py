@@ -15,7 +15,7 @@ import numpy as np
 import textspan._core as _core
 
 from ..errors import InputError, InputTypeError
-from .checks import as_float_array, check_convention, check_finite, check_ndim
+from .checks import Convention, as_float_array, check_convention, check_finite, check_ndim
 
 __all__ = [
     "class_heatmaps",
@@ -50,7 +50,7 @@ def _binary_masks(masks: Any) -> np.ndarray:
     return np.ascontiguousarray(m, dtype=np.uint8)
 
 
-def _paper_size(maps: np.ndarray, height: int, width: int, convention: str) -> bool:
+def _paper_size(maps: np.ndarray, height: int, width: int, convention: Convention) -> bool:
     """Whether the paper's arithmetic applies; it scales by an integer factor (the patch
     size), so the size must be a multiple of the map's."""
     if check_convention(convention) != "paper":
@@ -65,7 +65,7 @@ def _paper_size(maps: np.ndarray, height: int, width: int, convention: str) -> b
 
 
 def segmentation_scores(
-    heatmaps: Any, masks: Any, *, convention: str = "textspan"
+    heatmaps: Any, masks: Any, *, convention: Convention = "textspan"
 ) -> dict[str, float]:
     """Pixel accuracy, mIoU and mAP of heatmaps against binary masks (ImageNet-segmentation
     protocol, as in the paper).
@@ -97,7 +97,7 @@ def segmentation_scores(
 
 
 def normalised_heatmaps(
-    heatmaps: Any, size: tuple[int, int], *, convention: str = "textspan"
+    heatmaps: Any, size: tuple[int, int], *, convention: Convention = "textspan"
 ) -> np.ndarray:
     """Heatmaps [N, h, w] upsampled bilinearly to `size` = (H, W) (half-pixel centres, as
     PyTorch's `align_corners=False`), negatives clipped, each min–max normalised to [0, 1]

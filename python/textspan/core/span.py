@@ -21,7 +21,7 @@ import numpy as np
 import textspan._core as _core
 
 from ..errors import FewerTextsWarning, InputError, InputTypeError, RoundingWarning
-from .checks import as_float_array, check_convention, check_ndim
+from .checks import Convention, as_float_array, check_convention, check_ndim
 from .stats import HeadStats, device_stats, float32_stats, on_accelerator, unit_roundoff
 
 __all__ = [
@@ -66,7 +66,7 @@ class SpanResult:
     rank: int
     texts: list[str] | None = None
     stable: int | None = None
-    convention: str = "textspan"
+    convention: Convention = "textspan"
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -237,7 +237,7 @@ class _Inexact:
 
 
 def _stats_of_outputs(
-    outputs: Any, x: np.ndarray, convention: str
+    outputs: Any, x: np.ndarray, convention: Convention
 ) -> tuple[HeadStats, np.ndarray | None]:
     """The statistics of head outputs [N, ..., D] (`x`: them as a float array, which the
     caller has checked), and a bound [...] on each head's covariance error when they come
@@ -252,13 +252,13 @@ def _stats_of_outputs(
     its cut-off; and the paper's convention, which keeps null-space directions that the
     products' error would decide.
     """
-    if check_convention(convention) == "paper" or x.dtype != np.float32 or unit_roundoff(outputs):
+    if convention == "paper" or x.dtype != np.float32 or unit_roundoff(outputs):
         return HeadStats.from_outputs(outputs), None  # keeps the storage precision's roundoff
     return float32_stats(x)  # x is a view of float32 outputs: nothing converted again
 
 
 def _heads_of_outputs(
-    items: list[Any], convention: str, layout: str = "[N, D] per head"
+    items: list[Any], convention: Convention, layout: str = "[N, D] per head"
 ) -> tuple[list[HeadStats], _Inexact | None]:
     """The statistics of each head's outputs (arrays of `layout`) or the `HeadStats` given."""
     stats: list[HeadStats] = []
@@ -298,7 +298,7 @@ def _run(
     texts: list[str] | None,
     progress: bool,
     rank_tolerance: float | None = None,
-    convention: str = "textspan",
+    convention: Convention = "textspan",
     stability: bool = False,
     inexact: _Inexact | None = None,
 ) -> list[SpanResult]:
@@ -313,7 +313,7 @@ def _run(
         raise InputError(
             f"n_texts: expected an integer between 1 and the pool size {len(pool)}, got {n_texts}"
         )
-    paper = check_convention(convention) == "paper"
+    paper = convention == "paper"  # checked by the public entry points
     rank = min(int(rank), pool.dim)  # a span has at most D directions
     if stability and inexact is not None:
         # The stability trials perturb the statistics at float32's rounding level, far below
@@ -468,7 +468,7 @@ def text_span_from_stats(
     rank: int = 80,
     texts: Sequence[str] | None = None,
     rank_tolerance: float | None = None,
-    convention: str = "textspan",
+    convention: Convention = "textspan",
     stability: bool = False,
 ) -> SpanResult:
     """TextSpan for one head given its statistics (see `text_span`)."""
@@ -479,6 +479,7 @@ def text_span_from_stats(
             f"stats: expected the statistics of one head, got shape {stats.shape}; "
             "use text_span_heads for many"
         )
+    convention = check_convention(convention)
     pool = _text_pool(text_embeddings)
     names = _check_texts(texts, pool)
     found = _run(
@@ -503,7 +504,7 @@ def text_span(
     rank: int = 80,
     texts: Sequence[str] | None = None,
     rank_tolerance: float | None = None,
-    convention: str = "textspan",
+    convention: Convention = "textspan",
     stability: bool = False,
 ) -> SpanResult:
     """TextSpan for one attention head (the paper's Algorithm 1).
@@ -551,6 +552,7 @@ def text_span(
             1..M, rank < 1, NaN or Inf in any input. InputTypeError (also a TypeError): a
             non-float dtype.
     """
+    convention = check_convention(convention)
     stats, inexact = _heads_of_outputs([outputs], convention, layout="[N, D]")
     pool = _text_pool(text_embeddings)
     names = _check_texts(texts, pool)
@@ -578,7 +580,7 @@ def text_span_heads(
     texts: Sequence[str] | None = None,
     progress: bool = True,
     rank_tolerance: float | None = None,
-    convention: str = "textspan",
+    convention: Convention = "textspan",
     stability: bool = False,
 ) -> Any:
     """TextSpan for many heads at once, in parallel, sharing one copy of the text pool.
@@ -593,6 +595,7 @@ def text_span_heads(
             in `text_span`.
         progress: show a progress bar when there are many heads.
     """
+    convention = check_convention(convention)
     pool = _text_pool(text_embeddings)
     names = _check_texts(texts, pool)
     inexact = None

@@ -113,7 +113,7 @@ class Reproduction:
     markdown: Path | None = None
     html: Path | None = None
 
-    def put(self, experiment: str, metric: str, convention: str, value: float) -> None:
+    def put(self, experiment: str, metric: str, convention: Convention, value: float) -> None:
         self.tables.setdefault(experiment, {}).setdefault(metric, {})[convention] = float(value)
 
 
@@ -347,7 +347,12 @@ class _Study:
         self.result.put(experiment, "heads ablated", convention, count_p)
 
     def _group_rows(
-        self, experiment: str, convention: str, label: str, g: GroupAccuracy, train_sizes: Any
+        self,
+        experiment: str,
+        convention: Convention,
+        label: str,
+        g: GroupAccuracy,
+        train_sizes: Any,
     ) -> None:
         put = self.result.put
         put(experiment, f"{label}: worst group", convention, g.worst)

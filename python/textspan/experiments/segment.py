@@ -14,7 +14,7 @@ import torch
 
 from .. import report
 from ..analysis import Segmentation, segment
-from ..core.checks import CONVENTIONS
+from ..core.checks import CONVENTIONS, Convention
 from ..core.metrics import foreground
 from ..datasets import open_images
 from ..errors import InputError, MissingFileError
@@ -154,7 +154,7 @@ def run(
     device: str | None = None,
     precision: str = "fp32",
     progress: bool = True,
-    convention: str = "textspan",
+    convention: Convention = "textspan",
 ) -> SegmentStudy:
     """Zero-shot segmentation of an image folder → heatmaps.npy, classes.csv, overlays.png,
     and with `masks` (a folder of mask images named like the images) metrics.json;
@@ -275,7 +275,7 @@ def _run_imagenet_seg(
     device: str | None,
     precision: str,
     progress: bool,
-    convention: str,
+    convention: Convention,
 ) -> SegmentStudy:
     """ImageNet-segmentation: the predicted class's heatmap of each image, scored against its
     mask under both protocols (`MASK_PROTOCOLS`)."""

@@ -46,7 +46,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..core.checks import check_convention
+from ..core.checks import Convention, check_convention
 from ..errors import InputError, InputTypeError, UnsupportedModelError
 from .families import tower_of
 from .tower import (
@@ -118,7 +118,7 @@ class Decomposition:
     mlps: torch.Tensor
     representation: torch.Tensor
     class_token: torch.Tensor
-    convention: str = "textspan"
+    convention: Convention = "textspan"
     terms: tuple[str, ...] = ()
     prefix_tokens: int = 1
     _layers: list[_TokenLayer] = field(default_factory=list, repr=False)
@@ -410,7 +410,7 @@ class Decomposer:
 
     @torch.no_grad()
     def decompose(
-        self, images: torch.Tensor, *, spatial: bool = False, convention: str = "textspan"
+        self, images: torch.Tensor, *, spatial: bool = False, convention: Convention = "textspan"
     ) -> Decomposition:
         """Runs the image tower on `images` [B, 3, H, W] and splits its output.
 
@@ -440,7 +440,7 @@ class Decomposer:
             ]
         )
 
-    def _decompose_tokens(self, images: torch.Tensor, convention: str) -> Decomposition:
+    def _decompose_tokens(self, images: torch.Tensor, convention: Convention) -> Decomposition:
         pattern = self.tower.pattern()
         if pattern is None:
             # The pooling weights depend on the image (an attention pooler, a norm per
@@ -451,7 +451,7 @@ class Decomposer:
         cap, representation = self._forward(images, reduce)
         return self._assemble(cap, representation, convention, reduce)
 
-    def _pooling_weights(self, images: torch.Tensor, convention: str) -> torch.Tensor:
+    def _pooling_weights(self, images: torch.Tensor, convention: Convention) -> torch.Tensor:
         """P [B, G, T_r] of a plain pass (its capture freed before the next pass)."""
         cap, _ = self._forward(images, None)
         return self.tower.pooling(cap, centre=convention == "textspan").weights
@@ -504,7 +504,7 @@ class Decomposer:
         self,
         cap: Capture,
         representation: torch.Tensor,
-        convention: str,
+        convention: Convention,
         reduce: torch.Tensor | None,
     ) -> Decomposition:
         t = self.tower

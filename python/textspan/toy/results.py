@@ -7,6 +7,7 @@ from pathlib import Path
 
 from .. import analysis
 from ..analysis import Head
+from ..core.checks import Convention
 from . import world as tw
 
 __all__ = [
@@ -81,7 +82,7 @@ class StudyResult:
     held_out: tw.World
     timings: dict[str, float]
     report: Path | None = None
-    convention: str = "textspan"
+    convention: Convention = "textspan"
 
     def unstable_heads(self, top: int = 5) -> int:
         """Heads whose first `top` TextSpan texts include picks rounding decided."""

@@ -25,6 +25,7 @@ import numpy as np
 
 from .. import analysis
 from ..analysis import Head
+from ..core.checks import Convention
 from ..core.span import SpanResult, text_span_heads
 from ..errors import FewerTextsWarning, RoundingWarning
 from ..models import Decomposer, encode_texts
@@ -71,7 +72,7 @@ def factor_classifier(model: Any, tokenizer: Any, factor: str) -> np.ndarray:
 
 
 def decompose(
-    model: Any, world: tw.World, batch_size: int = 250, convention: str = "textspan"
+    model: Any, world: tw.World, batch_size: int = 250, convention: Convention = "textspan"
 ) -> analysis.Contributions:
     """The direct contributions of every head and MLP for the world's images."""
     import torch
@@ -167,7 +168,7 @@ def spans_for(
 
 
 def segmentation_check(
-    model: Any, tokenizer: Any, world: tw.World, convention: str = "textspan"
+    model: Any, tokenizer: Any, world: tw.World, convention: Convention = "textspan"
 ) -> dict[str, SegmentationCheck]:
     """Segmentation of the world's objects, for the true shape's text, by the decomposition
     and by the last layer's class-token attention, per method."""
@@ -239,7 +240,7 @@ def spurious_study(
     model_dir: str | Path | None = None,
     images: int = 2000,
     seed: int = 20_000,
-    convention: str = "textspan",
+    convention: Convention = "textspan",
 ) -> SpuriousCheck:
     """`spurious_check` on the toy CLIP trained with the correlated pair at its strongest
     (default: the embedded `SPURIOUS_DIR`), its heads' TextSpan computed here over `images`
@@ -307,7 +308,7 @@ def study(
     progress: bool = True,
     spurious_dir: str | Path | None = None,
     explorer: str | None = None,
-    convention: str = "textspan",
+    convention: Convention = "textspan",
 ) -> StudyResult:
     """Everything above on the toy CLIP (`model_dir`, default the embedded one; the repair
     on `spurious_dir`, default the embedded model that leans on the background) →
