@@ -148,3 +148,41 @@ def test_an_extraction_goes_down_the_tiers_and_the_engines_hand_rows_to_the_writ
     assert engines_to_store <= allowed, engines_to_store
     outside = {c for c, callee, _ in calls if callee == "textspan.store.format"}
     assert all(c.startswith("textspan.store.") for c in outside), outside
+
+
+def test_no_import_cycles_not_even_under_type_checking():
+    """No two textspan modules import each other, directly or around a loop, counting the
+    imports made for type checking only (the extension's importers seen as importing the
+    package's front are not a loop: they import only the compiled `_core`)."""
+    grimp = pytest.importorskip("grimp")
+    graph = grimp.build_graph("textspan", exclude_type_checking_imports=False)
+    edges = {
+        m: {i for i in graph.find_modules_directly_imported_by(m) if i.startswith("textspan")}
+        - ({"textspan"} if m.startswith("textspan.core") else set())
+        for m in graph.modules
+        if m.startswith("textspan")
+    }
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    loops = []
+
+    def visit(v: str) -> None:  # Tarjan's strongly connected components
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in edges.get(v, ()):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = stack[stack.index(v) :]
+            del stack[stack.index(v) :]
+            if len(component) > 1:
+                loops.append(sorted(component))
+
+    for module in sorted(edges):
+        if module not in index:
+            visit(module)
+    assert not loops, loops

@@ -40,14 +40,14 @@ import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from ..errors import StoreError
 
-if TYPE_CHECKING:
-    from .manifest import Manifest
+# Each array's full shape and dtype, by name (`Manifest.shapes()`).
+Shapes = dict[str, tuple[tuple[int, ...], str]]
 
 __all__ = [
     "checksum",
@@ -106,10 +106,10 @@ def read_json(path: Path, what: str) -> dict[str, Any]:
     return data
 
 
-def open_arrays(path: Path, manifest: Manifest, mode: str) -> dict[str, np.ndarray]:
-    """The store's arrays, memory-mapped, each checked against the manifest's shape."""
+def open_arrays(path: Path, shapes: Shapes, mode: str) -> dict[str, np.ndarray]:
+    """The store's arrays, memory-mapped, each checked against its shape in the manifest."""
     arrays = {}
-    for name, (shape, dtype) in manifest.shapes().items():
+    for name, (shape, dtype) in shapes.items():
         file = path / f"{name}.npy"
         try:
             a = np.load(file, mmap_mode=mode)
@@ -127,13 +127,13 @@ def open_arrays(path: Path, manifest: Manifest, mode: str) -> dict[str, np.ndarr
 
 
 def load_progress(
-    path: Path, manifest: Manifest
+    path: Path, count: int, heads: tuple[int, int, int]
 ) -> tuple[dict[str, Any], dict[str, np.ndarray] | None]:
-    """The progress record (with the defaults of stores written before images could be
-    skipped) and the statistics' sums at its last checkpoint (None before the first)."""
+    """The progress record of a store of `count` listed files (with the defaults of stores
+    written before images could be skipped) and the statistics' sums of its `heads` (L, H,
+    D) at its last checkpoint (None before the first)."""
     progress = read_json(path / "progress.json", f"store {path}: progress.json")
     done = progress.get("done")
-    count = manifest.count
     if not isinstance(done, int) or not 0 <= done <= count:
         raise StoreError(f"store {path}: progress.json is corrupt (done = {done!r})")
     progress.setdefault("files_done", done)
@@ -149,7 +149,6 @@ def load_progress(
         raise StoreError(f"store {path}: progress.json is corrupt (its ranges or files)")
     if done == 0:
         return progress, None
-    shape = (manifest.layers, manifest.heads, manifest.dim)
     try:
         # Opened here, so that it is closed even when NumPy fails on a corrupt archive.
         with open(path / f"stats-{done}.npz", "rb") as fh, np.load(fh) as f:
@@ -161,7 +160,7 @@ def load_progress(
         ) from None
     except (ValueError, OSError, KeyError, EOFError, zipfile.BadZipFile) as e:
         raise StoreError(f"store {path}: stats-{done}.npz is corrupt ({e})") from None
-    if int(sums["count"]) != done or sums["sum1"].shape != shape:
+    if int(sums["count"]) != done or sums["sum1"].shape != heads:
         raise StoreError(f"store {path}: stats-{done}.npz does not match the progress record")
     return progress, sums
 
@@ -207,10 +206,9 @@ def writer_of(path: Path) -> str | None:
         os.close(fd)
 
 
-def create_arrays(path: Path, manifest: Manifest) -> dict[str, np.ndarray]:
+def create_arrays(path: Path, shapes: Shapes) -> dict[str, np.ndarray]:
     """The store's arrays, preallocated (memory-mapped, writable), their space reserved on
     disk first, so a full disk is a clear error now rather than a crash (SIGBUS) later."""
-    shapes = manifest.shapes()
     need = sum(int(np.prod(shape)) * np.dtype(dt).itemsize for shape, dt in shapes.values())
     free = shutil.disk_usage(path).free
     if need > free:

@@ -93,6 +93,11 @@ class Manifest:
         """The number of image files listed (a row is written for each readable one)."""
         return len(self.files)
 
+    @property
+    def head_shape(self) -> tuple[int, int, int]:
+        """(layers, heads per layer, D)."""
+        return self.layers, self.heads, self.dim
+
     def shapes(self) -> dict[str, tuple[tuple[int, ...], str]]:
         """Every declared array's full shape [count, *row] and dtype."""
         return {k.name: ((self.count, *k.shape(self)), k.dtype or self.dtype) for k in ROW_KINDS}

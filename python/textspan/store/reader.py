@@ -177,7 +177,7 @@ def open_store(path: str | os.PathLike, *, verify: bool = False) -> StoreReader:
             "extraction has finished"
         )
     manifest = Manifest.read(path)
-    progress, sums = load_progress(path, manifest)
+    progress, sums = load_progress(path, manifest.count, manifest.head_shape)
     if sums is None and progress["files_done"] == manifest.count:
         raise StoreError(f"store {path}: none of its {manifest.count} images could be read")
     if sums is None or progress["files_done"] < manifest.count:
@@ -186,7 +186,7 @@ def open_store(path: str | os.PathLike, *, verify: bool = False) -> StoreReader:
             "images extracted. Rerun the same extract command to finish it."
         )
     rows = progress["done"]
-    arrays = {k: a[:rows] for k, a in open_arrays(path, manifest, "r").items()}
+    arrays = {k: a[:rows] for k, a in open_arrays(path, manifest.shapes(), "r").items()}
     store = StoreReader(
         path,
         manifest,

@@ -70,7 +70,7 @@ class StoreWriter:
         if (out / "manifest.json").exists():
             old = Manifest.read(out)
             if (out / "progress.json").exists():
-                state, sums = load_progress(out, old)
+                state, sums = load_progress(out, old.count, old.head_shape)
             else:  # begun by a version that wrote its progress only at the end
                 state, sums = {"done": 0, "files_done": 0, "skipped": {}, "ranges": []}, None
                 state["failed"] = None
@@ -81,10 +81,10 @@ class StoreWriter:
                 state["files_done"] += 1  # --strict stopped just before it
             state["failed"] = None
             self.manifest = old.moved_to(manifest.images)  # the folder may have moved
-            self.arrays = open_arrays(out, self.manifest, "r+")
+            self.arrays = open_arrays(out, self.manifest.shapes(), "r+")
         else:
             self.manifest = manifest
-            self.arrays = create_arrays(out, manifest)
+            self.arrays = create_arrays(out, manifest.shapes())
             state = {"done": 0, "files_done": 0, "skipped": {}, "failed": None, "ranges": []}
             sums = None
         write_atomic(out / "manifest.json", self.manifest.to_json())

@@ -35,11 +35,6 @@ from .model import SPURIOUS, SPURIOUS_DIR, load_toy, to_tensor, toy_meta, zero_s
 from .results import HeadFactor, RetrievalCheck, SegmentationCheck, SpuriousCheck, StudyResult
 
 __all__ = [
-    "HeadFactor",
-    "RetrievalCheck",
-    "SegmentationCheck",
-    "SpuriousCheck",
-    "StudyResult",
     "decompose",
     "description_pool",
     "factor_classifier",
