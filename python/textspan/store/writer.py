@@ -67,13 +67,12 @@ class StoreWriter:
     def __init__(self, out: Path, manifest: Manifest, device: Any) -> None:
         self.out = out
         self._lock = ExitStack()
+        fresh = {"done": 0, "files_done": 0, "skipped": {}, "failed": None, "ranges": []}
+        # Written in this order when a store is created: arrays, manifest, progress record.
+        begun = (out / "manifest.json").exists() and (out / "progress.json").exists()
         if (out / "manifest.json").exists():
             old = Manifest.read(out)
-            if (out / "progress.json").exists():
-                state, sums = load_progress(out, old.count, old.head_shape)
-            else:  # begun by a version that wrote its progress only at the end
-                state, sums = {"done": 0, "files_done": 0, "skipped": {}, "ranges": []}, None
-                state["failed"] = None
+            state, sums = load_progress(out, old.count, old.head_shape) if begun else (fresh, None)
             failed = {state["failed"]} if state["failed"] else set()
             old.check_resume(manifest, [*state["skipped"], *failed], out)
             for f in failed - set(manifest.files):  # removed since --strict stopped at it
@@ -81,12 +80,10 @@ class StoreWriter:
                 state["files_done"] += 1  # --strict stopped just before it
             state["failed"] = None
             self.manifest = old.moved_to(manifest.images)  # the folder may have moved
-            self.arrays = open_arrays(out, self.manifest.shapes(), "r+")
         else:
-            self.manifest = manifest
-            self.arrays = create_arrays(out, manifest.shapes())
-            state = {"done": 0, "files_done": 0, "skipped": {}, "failed": None, "ranges": []}
-            sums = None
+            self.manifest, state, sums = manifest, fresh, None
+        shapes = self.manifest.shapes()
+        self.arrays = open_arrays(out, shapes, "r+") if begun else create_arrays(out, shapes)
         write_atomic(out / "manifest.json", self.manifest.to_json())
         write_atomic(out / "progress.json", json.dumps(state).encode())
         self.state = state
@@ -96,7 +93,6 @@ class StoreWriter:
         self.stats = DeviceStats((m.layers, m.heads), m.dim, torch.device(device or "cpu"))
         if sums is not None:
             self.stats.load(sums)
-        self.files_before = self.files
         self.parts_found = len(_complete_parts(out / PARTS))
 
     @classmethod
