@@ -38,19 +38,21 @@ class DeviceStats:
         self.count += n
 
     def add(self, other: HeadStats) -> None:
-        """These sums and `other`'s statistics merged (Chan et al.), kept about the merged
-        mean."""
-        if not other.count:
+        """`other`'s statistics added to these sums, about the same shift: its rows x add
+        Σ(x − s) = n (m − s) and Σ(x − s)(x − s)ᵀ = n (C + (m − s)(m − s)ᵀ), in place. The
+        first statistics added set the shift to their mean."""
+        n = other.count
+        if not n:
             return
-        merged = other if not self.count else stats_from_sums(self.state()) + other
-        self.load(
-            {
-                "count": np.array(merged.count),
-                "shift": merged.mean,
-                "sum1": np.zeros_like(merged.mean),
-                "sum2": merged.covariance * merged.count,
-            }
-        )
+        mean = torch.as_tensor(other.mean, dtype=torch.float64, device=self.device)
+        covariance = torch.as_tensor(other.covariance, dtype=torch.float64, device=self.device)
+        if self.count == 0:
+            self.shift = mean.clone()
+        d = mean - self.shift
+        self.sum1 += n * d
+        self.sum2 += n * covariance
+        self.sum2 += n * d[..., :, None] * d[..., None, :]
+        self.count += n
 
     def state(self) -> dict[str, np.ndarray]:
         return {
