@@ -18,6 +18,7 @@ sample pages, one decomposition of the sample images.
 
 from __future__ import annotations
 
+import hashlib
 import html
 import json
 import time
@@ -147,14 +148,23 @@ def _variance_total(store: Any) -> float:
 
 
 class _Thumbs:
-    """Small JPEGs of the store's images, each made once."""
+    """Small JPEGs of the store's images, each made once. A thumbnail is named by what
+    identifies its image (the path, size and modification time), so a site rebuilt into the
+    same folder from another store, or after an image changed, never shows a stale one."""
 
     def __init__(self, folder: Path, root: Path, files: list[str]) -> None:
         self.folder, self.root, self.files = folder, root, files
         folder.mkdir(parents=True, exist_ok=True)
 
+    def name(self, row: int) -> str:
+        path = self.root / self.files[row]
+        stat = path.stat()
+        identity = f"{path.resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}".encode()
+        return hashlib.blake2b(identity, digest_size=10).hexdigest() + ".jpg"
+
     def __call__(self, row: int) -> str:
-        path = self.folder / f"{row}.jpg"
+        name = self.name(row)
+        path = self.folder / name
         if not path.exists():
             from PIL import Image
 
@@ -162,7 +172,7 @@ class _Thumbs:
                 im = im.convert("RGB")
                 im.thumbnail((THUMB, THUMB))
                 im.save(path, quality=85)
-        return f"thumbs/{row}.jpg"
+        return f"thumbs/{name}"
 
 
 STYLE = """

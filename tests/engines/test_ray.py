@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import ray
+from datafiles import write_shards
 from extraction import extract_killed_after, extract_options
 
 import textspan
@@ -105,8 +106,6 @@ def test_ray_store_equals_the_single_process_store(
 
 
 def test_webdataset_shards_through_ray_datas_reader_equal_the_local_store(cluster, tiny, tmp_path):
-    from datafiles import write_shards
-
     write_shards(tmp_path / "shards", per_shard=5, shards=3)
     spec = f"webdataset:{tmp_path / 'shards' / '*.tar'}"
     local = textspan.extract(spec, tmp_path / "local", engine=LOCAL, **options(tiny))
@@ -119,11 +118,17 @@ def test_webdataset_shards_through_ray_datas_reader_equal_the_local_store(cluste
     assert_same(again, local)
 
 
+def test_strict_over_webdataset_samples_is_refused_not_ignored(tiny, tmp_path):
+    write_shards(tmp_path / "shards", per_shard=2, shards=1)
+    spec = f"webdataset:{tmp_path / 'shards' / '*.tar'}"
+    with pytest.raises(textspan.InputError, match="strict: the Ray engine reads WebDataset"):
+        textspan.extract(spec, tmp_path / "s", engine=RayEngine(), strict=True, **options(tiny))
+    assert not (tmp_path / "s").exists()  # refused before the store was touched
+
+
 def test_webdataset_parts_written_before_a_stop_are_not_computed_again(
     cluster, tiny, tmp_path, monkeypatch, capsys
 ):
-    from datafiles import write_shards
-
     write_shards(tmp_path / "shards", per_shard=4, shards=2)
     spec = f"webdataset:{tmp_path / 'shards' / '*.tar'}"
 

@@ -211,3 +211,18 @@ def test_the_site_of_a_random_vit_b_16(browser, tmp_path):
     assert main([*argv, "--device", "cpu", "--samples", "2", "--templates", "simple"]) == 0
     counts = check_pages(browser, tmp_path / "site")
     assert counts["pages"] == 1 + 4 * 12 + 2
+
+
+def test_a_site_rebuilt_from_other_images_shows_their_thumbnails_not_stale_ones(tmp_path):
+    from textspan.explorer import _Thumbs
+
+    site = tmp_path / "site" / "thumbs"
+    shown = []
+    for value in (0, 255):  # two stores of the same file names, other images
+        root = tmp_path / f"images{value}"
+        root.mkdir()
+        Image.fromarray(np.full((40, 40, 3), value, np.uint8)).save(root / "0.png")
+        link = _Thumbs(site, root, ["0.png"])(0)
+        with Image.open(site.parent / link) as im:
+            shown.append(np.asarray(im).mean())
+    assert shown[0] < 10 and shown[1] > 245, shown

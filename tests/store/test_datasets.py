@@ -195,3 +195,22 @@ def test_a_class_sidecar_that_is_not_an_index_is_named(tmp_path):
             tar.addfile(info, io.BytesIO(data))
     with pytest.raises(InputError, match=r"a\.cls: expected a class index, got b'cat'"):
         webdataset(str(tmp_path / "bad.tar"))
+
+
+def test_the_reason_an_image_in_a_shard_is_skipped_is_the_same_in_every_run(tmp_path, tiny):
+    import json
+
+    write_shards(tmp_path / "shards", per_shard=3, shards=1)
+    with tarfile.open(tmp_path / "shards" / "00000.tar", "a") as tar:
+        info = tarfile.TarInfo("broken0001.png")
+        info.size = 7
+        tar.addfile(info, io.BytesIO(b"garbage"))
+    spec = f"webdataset:{tmp_path / 'shards' / '*.tar'}"
+    reasons = []
+    for run in ("a", "b"):
+        with pytest.warns(textspan.SkippedImagesWarning, match="1 unreadable"):
+            textspan.extract(spec, tmp_path / run, **extract_options(tiny))
+        skipped = json.loads((tmp_path / run / "progress.json").read_text())["skipped"]
+        reasons.append(list(skipped.values()))
+    assert reasons[0] == reasons[1] and len(reasons[0]) == 1
+    assert "object at 0x" not in reasons[0][0] and "cannot be read" in reasons[0][0]

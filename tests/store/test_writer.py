@@ -219,3 +219,16 @@ def test_a_store_of_another_version_or_with_a_corrupt_manifest_is_named(referenc
 def test_resuming_with_other_arguments_is_refused_naming_them(reference, tmp_path):
     with pytest.raises(StoreError, match=r"dtype: 'float32' there, 'float16' now"):
         StoreWriter.open(reference.path, manifest(dtype="float16"))
+
+
+def test_resuming_after_the_metadata_changed_a_per_image_field_is_refused(tmp_path):
+    places = tuple(i % 2 for i in range(FILES))
+    m = manifest(attributes={"place": places})
+    out = tmp_path / "s"
+    with StoreWriter.open(out, m):
+        pass
+    flipped = tuple(1 - p if i in (3, 7) else p for i, p in enumerate(places))
+    with pytest.raises(StoreError, match=r"given another 'place' \(2, e\.g\. 03\.png"):
+        StoreWriter.open(out, manifest(attributes={"place": flipped}))
+    with StoreWriter.open(out, m) as writer:  # the same metadata resumes
+        assert writer.files == 0

@@ -155,3 +155,23 @@ def test_the_demo_writes_a_self_contained_report(tmp_path, capsys):
     for name in ("world", "heads", "ablation", "segmentation", "repair", "retrieval"):
         assert (tmp_path / f"{name}.png").stat().st_size > 1000
     assert f"report: {tmp_path / 'report.html'}" in capsys.readouterr().out
+
+
+class _RunsCode:
+    """A pickle that, when loaded without restriction, creates a marker file."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_a_resume_file_planted_in_the_output_folder_runs_no_code(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    marker = tmp_path / "ran"
+    torch.save({"config": _RunsCode(str(marker))}, out / "resume.pt")
+    with pytest.raises(textspan.InputError, match=r"resume.pt is not a checkpoint toy-train"):
+        toytrain.train(out, _tiny(), progress=False, checkpoint_every=2)
+    assert not marker.exists()

@@ -26,7 +26,7 @@ from ..datasets import ImageSet
 from ..errors import InputError, MissingDependencyError
 from ..models import Decomposer, encode_texts, load, skeleton, tower_of
 from ..models.texts import checked_texts
-from ..store.images import MEMBER_SEPARATOR, TolerantImages, collate_readable
+from ..store.images import MEMBER_SEPARATOR, TolerantImages, collate_readable, why_unreadable
 from ..store.manifest import Manifest
 from ..store.reader import StoreReader
 from ..store.writer import DECOMPOSED, PartWriter, StoreWriter
@@ -364,8 +364,7 @@ class _SampleWriter(_Decomposing):
                     images.append(self.preprocess(im.convert("RGB")))
                 indices.append(self.index[name])
             except (OSError, ValueError, SyntaxError) as e:
-                why = f"image {self.root / name} cannot be read: {e}"
-                unreadable.append((self.index[name], why))
+                unreadable.append((self.index[name], why_unreadable(self.root / name, e)))
         step = self.batch_size
         batches = [
             (torch.stack(images[i : i + step]), indices[i : i + step], [])

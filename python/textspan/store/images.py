@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -98,6 +99,13 @@ def open_file(root: Path, name: str) -> Any:
         return im.convert("RGB")
 
 
+def why_unreadable(path: Path, error: Exception) -> str:
+    """Why an image cannot be read, the same in every run: PIL names an image read from
+    memory by the object's address, which is left out."""
+    why = re.sub(r"<_io\.BytesIO object at 0x[0-9a-f]+>", "the image's bytes", str(error))
+    return f"image {path} cannot be read: {why}"
+
+
 class ImageDataset(torch.utils.data.Dataset):
     """Preprocessed images `files[start:]` under `root`, in order; an unreadable image is an
     error naming it. `reader(root, name)` opens items that are not plain files."""
@@ -123,7 +131,7 @@ class ImageDataset(torch.utils.data.Dataset):
         try:
             return self.preprocess((self.reader or open_file)(self.root, name))
         except (OSError, ValueError, SyntaxError) as e:  # what PIL raises for broken files
-            raise UnreadableImageError(f"image {self.root / name} cannot be read: {e}") from None
+            raise UnreadableImageError(why_unreadable(self.root / name, e)) from None
 
     def __getitem__(self, i: int) -> torch.Tensor:
         return self._read(self.start + i)

@@ -214,9 +214,25 @@ class Manifest:
                 problems.append(
                     f"{len(relabelled)} relabelled (e.g. {relabelled[0]}: another label file?)"
                 )
+        if not problems:
+            problems += _changed_attributes(self, new)
         if problems:
             raise StoreError(
                 f"{out} holds a store begun on other images: since then, images were "
                 + "; ".join(problems)
                 + ". Use another output folder, or restore the images to resume."
             )
+
+
+def _changed_attributes(old: Manifest, new: Manifest) -> list[str]:
+    """The first per-image field of the reader (Waterbirds' place and group) that differs,
+    for the images both listings hold, as a problem to name; none: []."""
+    for key in sorted(set(old.attributes) | set(new.attributes)):
+        before = dict(zip(old.files, old.attributes.get(key) or [None] * old.count, strict=True))
+        now = dict(zip(new.files, new.attributes.get(key) or [None] * new.count, strict=True))
+        changed = [f for f in now if f in before and before[f] != now[f]]
+        if changed:
+            return [
+                f"given another {key!r} ({len(changed)}, e.g. {changed[0]}: another metadata file?)"
+            ]
+    return []

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import InputError
 from . import world as tw
 from .model import (
     MEAN,
@@ -153,7 +154,14 @@ def _resume(path: Path, config: ToyConfig, model, opt, rng: np.random.Generator)
 
     if not path.exists():
         return 1
-    state = torch.load(path, weights_only=False)
+    try:
+        # Tensors and plain values only: a file put in the output folder never runs code.
+        state = torch.load(path, weights_only=True)
+    except Exception as e:
+        raise InputError(
+            f"{path} is not a checkpoint toy-train wrote ({type(e).__name__}): remove it to "
+            "train from the start"
+        ) from None
     if state["config"] != asdict(config):
         return 1
     model.load_state_dict(state["model"])
