@@ -158,7 +158,9 @@ def imagenet(root: str | os.PathLike, ground_truth: str | os.PathLike | None = N
     standard indices (sorted synsets: 0 = n01440764, 999 = n15075141) and `classes` the 1000
     synsets. A set whose per-class counts are not the validation set's 50 gets a warning.
     """
-    root = Path(root)
+    root = Path(root).expanduser()
+    if ground_truth is not None:
+        ground_truth = Path(ground_truth).expanduser()
     if not root.is_dir():
         raise MissingFileError(f"imagenet: expected the validation folder, got {root}")
     synsets = _synsets()
@@ -233,7 +235,8 @@ def _label_source(root: Path, ground_truth) -> Path:
 def _solution_csv(path: Path, index: dict[str, int]) -> dict[str, int]:
     """LOC_val_solution.csv: ImageId, PredictionString ("n01751748 x0 y0 x1 y1 …"); the
     label is the first box's synset."""
-    with open(path, newline="", encoding="utf-8") as f:
+    # utf-8-sig: a byte-order mark before the header (as spreadsheets write) is not a column.
+    with open(path, newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f)
         columns = {"ImageId", "PredictionString"}
         if not columns <= set(reader.fieldnames or []):
@@ -249,7 +252,12 @@ def _solution_csv(path: Path, index: dict[str, int]) -> dict[str, int]:
                     f"{path}: image {row['ImageId']} is labelled {synset[0] if synset else '—'!r}, "
                     "not an ImageNet-1k synset"
                 )
-            out[row["ImageId"]] = index[synset[0]]
+            label = index[synset[0]]
+            if out.setdefault(row["ImageId"], label) != label:
+                raise InputError(
+                    f"{path}: image {row['ImageId']} is listed twice with other synsets "
+                    f"({synset[0]!r} on line {reader.line_num}): which is its label?"
+                )
     return out
 
 
@@ -298,19 +306,30 @@ def _check_counts(ds: ImageSet) -> None:
 # Waterbirds ---------------------------------------------------------------------------
 
 
+def _integer(path: Path, line: int, column: str, text: str | None) -> int:
+    """A CSV cell that must hold an integer, or an InputError naming the file, line, column."""
+    try:
+        return int(text or "")
+    except ValueError:
+        raise InputError(
+            f"{path}: line {line}: expected an integer {column}, got {text!r}"
+        ) from None
+
+
 def waterbirds(root: str | os.PathLike, split: str) -> ImageSet:
     """`waterbird_complete95_forest2water2` with its `metadata.csv` (img_filename, y, split,
     place): the images of one split ("train", "val" or "test"). `labels` is y (0 landbird,
     1 waterbird), `places` the place (0 land, 1 water), `groups` y × 2 + place. The class
     names are "landbird" and "waterbird", or the lines of a `classes.txt` beside the
     metadata (the toy dataset names its shapes so)."""
-    root = Path(root)
+    root = Path(root).expanduser()
     if split not in WATERBIRDS_SPLITS:
         raise InputError(f"waterbirds: split: expected train, val or test, got {split!r}")
     meta = root / "metadata.csv"
     if not meta.is_file():
         raise MissingFileError(f"waterbirds: expected {meta} (the dataset's metadata.csv)")
-    with open(meta, newline="", encoding="utf-8") as f:
+    # utf-8-sig: a byte-order mark before the header (as spreadsheets write) is not a column.
+    with open(meta, newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f)
         missing = [c for c in WATERBIRDS_COLUMNS if c not in (reader.fieldnames or [])]
         if missing:
@@ -318,18 +337,25 @@ def waterbirds(root: str | os.PathLike, split: str) -> ImageSet:
                 f"{meta}: expected the columns {', '.join(WATERBIRDS_COLUMNS)}; missing "
                 f"{', '.join(missing)} (got {reader.fieldnames})"
             )
-        rows = [r for r in reader if int(r["split"]) == WATERBIRDS_SPLITS[split]]
+        rows = []
+        for r in reader:
+            values = {c: _integer(meta, reader.line_num, c, r[c]) for c in ("y", "split", "place")}
+            if values["split"] == WATERBIRDS_SPLITS[split]:
+                rows.append({**r, **values})
     if not rows:
         raise InputError(f"{meta}: no image in the {split} split")
     files = [r["img_filename"] for r in rows]
+    escaping = [f for f in files if Path(f).is_absolute() or ".." in Path(f).parts]
+    if escaping:
+        raise InputError(f"{meta}: img_filename must name a file under {root}, got {escaping[0]!r}")
     absent = [f for f in files if not (root / f).is_file()]
     if absent:
         raise MissingFileError(
             f"waterbirds: {len(absent)} images of metadata.csv are missing under {root}, e.g. "
             f"{absent[0]}"
         )
-    y = np.array([int(r["y"]) for r in rows], dtype=np.int64)
-    place = np.array([int(r["place"]) for r in rows], dtype=np.int64)
+    y = np.array([r["y"] for r in rows], dtype=np.int64)
+    place = np.array([r["place"] for r in rows], dtype=np.int64)
     names = root / "classes.txt"
     classes = names.read_text().split("\n")[:2] if names.is_file() else ["landbird", "waterbird"]
     return ImageSet(
@@ -397,7 +423,7 @@ def _h5(path: Path):
 def imagenet_segmentation(path: str | os.PathLike) -> SegmentationSet:
     """`gtsegs_ijcv.mat` (MATLAB v7.3: HDF5 with object references under `/value/img` and
     `/value/gt`): 4,276 images with binary masks."""
-    path = Path(path)
+    path = Path(path).expanduser()
     if not path.is_file():
         raise MissingFileError(f"imagenet-seg: expected the file gtsegs_ijcv.mat, got {path}")
     try:
@@ -427,9 +453,12 @@ def _shards(pattern: str) -> list[Path]:
     for part in pattern.split(","):
         part = os.path.expanduser(part)
         found = sorted(glob.glob(part)) if any(c in part for c in "*?[") else [part]
+        if not found:  # a typo in one part must not silently drop its shards
+            raise MissingFileError(f"webdataset: no shard matches {part!r} (in {pattern!r})")
         paths += [Path(p) for p in found]
-    if not paths:
-        raise MissingFileError(f"webdataset: no shard matches {pattern!r}")
+    # A shard listed twice (two overlapping patterns) is read once.
+    firsts = {p.resolve(): p for p in reversed(paths)}
+    paths = [p for p in paths if firsts[p.resolve()] is p]
     missing = [p for p in paths if not p.is_file()]
     if missing:
         raise MissingFileError(f"webdataset: the shard {missing[0]} does not exist")

@@ -62,6 +62,20 @@ def test_flat_imagenet_with_the_solution_csv(flat_imagenet):
     assert target == 417
 
 
+def test_a_solution_file_with_a_bom_reads_and_one_with_conflicting_labels_is_refused(
+    flat_imagenet, tmp_path
+):
+    root, labels = flat_imagenet
+    csv_file = tmp_path / "LOC_val_solution.csv"
+    text = csv_file.read_text()
+    csv_file.write_text("\ufeff" + text, encoding="utf-8")  # as a spreadsheet saves it
+    np.testing.assert_array_equal(imagenet(root).labels, labels)
+    other = f"ILSVRC2012_val_00000001,{SYNSETS[3]} 1 2 3 4\n"
+    csv_file.write_text(text + other, encoding="utf-8")
+    with pytest.raises(InputError, match=r"ILSVRC2012_val_00000001 is listed twice"):
+        imagenet(root)
+
+
 def test_flat_imagenet_with_the_devkit(tmp_path):
     from scipy.io import savemat
 
@@ -145,6 +159,45 @@ def test_waterbirds_round_trips_the_toy_layout(tmp_path):
         waterbirds(tmp_path, "test")
 
 
+def test_waterbirds_metadata_that_is_malformed_or_escapes_the_root_is_named(tmp_path):
+    from textspan.cli import main
+
+    assert main(["toy-data", "waterbirds", str(tmp_path), "--train", "20", "--val", "4",
+                 "--test", "6"]) == 0  # fmt: skip
+    meta = tmp_path / "metadata.csv"
+    good = meta.read_text()
+    header, first, *rest = good.splitlines()
+    train = len(waterbirds(tmp_path, "train"))
+    meta.write_text("\ufeff" + good, encoding="utf-8")  # a spreadsheet's byte-order mark
+    assert len(waterbirds(tmp_path, "train")) == train
+    cells = first.split(",")
+    column = header.split(",").index("split")
+    for bad, message in (
+        ("train", r"line 2: expected an integer split, got 'train'"),
+        ("", r"line 2: expected an integer split, got ''"),
+    ):
+        row = cells.copy()
+        row[column] = bad
+        meta.write_text("\n".join([header, ",".join(row), *rest]) + "\n")
+        with pytest.raises(InputError, match=message):
+            waterbirds(tmp_path, "train")
+    row = cells.copy()
+    row[header.split(",").index("img_filename")] = "../outside.png"
+    meta.write_text("\n".join([header, ",".join(row), *rest]) + "\n")
+    with pytest.raises(InputError, match=r"must name a file under .*'\.\./outside\.png'"):
+        waterbirds(tmp_path, "train")
+
+
+def test_dataset_specs_expand_the_home_folder(tmp_path, monkeypatch):
+    from textspan.cli import main
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert main(["toy-data", "waterbirds", str(tmp_path / "wb"), "--train", "20", "--val",
+                 "4", "--test", "6"]) == 0  # fmt: skip
+    direct = waterbirds(tmp_path / "wb", "test")
+    assert open_images("waterbirds:~/wb:test").files == direct.files
+
+
 def test_imagenet_segmentation_round_trips_a_v73_file(tmp_path):
     rng = np.random.default_rng(0)
     images = [pixels(i, (18 + i, 25)) for i in range(3)]
@@ -214,3 +267,13 @@ def test_the_reason_an_image_in_a_shard_is_skipped_is_the_same_in_every_run(tmp_
         reasons.append(list(skipped.values()))
     assert reasons[0] == reasons[1] and len(reasons[0]) == 1
     assert "object at 0x" not in reasons[0][0] and "cannot be read" in reasons[0][0]
+
+
+def test_a_shard_pattern_that_matches_nothing_is_named_and_a_repeated_shard_read_once(tmp_path):
+    write_shards(tmp_path / "shards", per_shard=2, shards=2)
+    first = tmp_path / "shards" / "00000.tar"
+    with pytest.raises(MissingFileError, match=r"no shard matches '.*typo\*\.tar'"):
+        webdataset(f"{first},{tmp_path / 'shards' / 'typo*.tar'}")
+    twice = webdataset(f"{first},{tmp_path / 'shards' / '*.tar'}")
+    once = webdataset(str(tmp_path / "shards" / "*.tar"))
+    assert twice.files == once.files and len(once) == 4
