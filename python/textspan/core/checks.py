@@ -21,6 +21,8 @@ def as_float_array(x: Any, name: str) -> np.ndarray:
             x = x.float()
         x = x.numpy()
     a = np.asarray(x)
+    if a.dtype.kind == "f" and not a.dtype.isnative:  # big-endian data, from a file
+        a = a.astype(a.dtype.newbyteorder("="))
     if a.dtype in (np.float32, np.float64):
         return a
     if a.dtype == np.float16:

@@ -305,7 +305,10 @@ def _run(
     """TextSpan for each head of `stats`. With `inexact`, the statistics carry the error
     bounds it holds, and a head whose kept directions those errors could change is run again
     from its exact statistics."""
-    if not isinstance(n_texts, int | np.integer) or not isinstance(rank, int | np.integer):
+    integers = [
+        isinstance(v, int | np.integer) and not isinstance(v, bool) for v in (n_texts, rank)
+    ]
+    if not all(integers):
         raise InputTypeError(f"n_texts and rank: expected integers, got {n_texts!r} and {rank!r}")
     if rank < 1:
         raise InputError(f"rank: expected an integer >= 1, got {rank}")
@@ -606,6 +609,11 @@ def text_span_heads(
         flat, inexact = _heads_of_outputs(list(outputs_or_stats), convention)
     elif isinstance(outputs_or_stats, HeadStats):
         shape = outputs_or_stats.shape
+        if not shape or 0 in shape:
+            raise InputError(
+                f"stats: expected statistics of at least one head in a head shape (L, H), "
+                f"got shape {shape}" + ("; use text_span_from_stats for one" if not shape else "")
+            )
         flat = [outputs_or_stats[idx] for idx in product(*(range(s) for s in shape))]
     else:
         on_device = on_accelerator(outputs_or_stats)

@@ -29,6 +29,11 @@ fn py_err(e: Error) -> PyErr {
     }
 }
 
+/// The dtype's name of a NumPy array (None for anything else).
+fn dtype_name(a: &Bound<'_, PyAny>) -> Option<String> {
+    a.getattr("dtype").ok()?.str().ok().map(|s| s.to_string())
+}
+
 enum Pool {
     F32(TextPool<f32>),
     F64(TextPool<f64>),
@@ -50,10 +55,22 @@ impl PyTextPool {
             Pool::F32(TextPool::from_view(a.as_array()).map_err(py_err)?)
         } else if let Ok(a) = embeddings.extract::<PyReadonlyArray2<f64>>() {
             Pool::F64(TextPool::from_view(a.as_array()).map_err(py_err)?)
+        } else if dtype_name(embeddings).as_deref() == Some("float16") {
+            // float16 embeddings, as `text_span` takes them: held in float32.
+            let a32 = embeddings.call_method1("astype", ("float32",))?;
+            let a = a32
+                .extract::<PyReadonlyArray2<f32>>()
+                .map_err(|_| InputError::new_err("text embeddings: expected a 2-D array [M, D]"))?;
+            Pool::F32(TextPool::from_view(a.as_array()).map_err(py_err)?)
         } else {
-            return Err(InputError::new_err(
-                "text embeddings: expected a 2-D float32 or float64 NumPy array [M, D]",
-            ));
+            let given = match (dtype_name(embeddings), embeddings.getattr("shape")) {
+                (Some(dtype), Ok(shape)) => format!("{dtype} of shape {shape}"),
+                _ => embeddings.get_type().name()?.to_string(),
+            };
+            return Err(InputError::new_err(format!(
+                "text embeddings: expected a 2-D float32, float64 or float16 NumPy array \
+                 [M, D], got {given}"
+            )));
         };
         Ok(PyTextPool { pool })
     }
