@@ -524,13 +524,17 @@ def make_server(folder: str | Path, host: str = "127.0.0.1", port: int = 8000) -
     import http.server
 
     handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(folder))
-    return http.server.ThreadingHTTPServer((host, port), handler)
+    try:
+        return http.server.ThreadingHTTPServer((host, port), handler)
+    except (OSError, OverflowError) as e:  # in use, not ours, or not a port (0..65535)
+        raise InputError(f"port: cannot serve on {host}:{port} ({e})") from None
 
 
-def serve(folder: str | Path, host: str = "127.0.0.1", port: int = 8000) -> None:
-    """Serves the site's folder until Ctrl-C."""
-    with make_server(folder, host, port) as server:
-        print(f"serving {folder} at http://{host}:{server.server_address[1]}/ (Ctrl-C stops)")
+def serve(server: Any, folder: str | Path) -> None:
+    """Serves the site's folder with a server of `make_server` until Ctrl-C."""
+    with server:
+        host, port = server.server_address[:2]
+        print(f"serving {folder} at http://{host}:{port}/ (Ctrl-C stops)")
         try:
             server.serve_forever()
         except KeyboardInterrupt:

@@ -226,3 +226,17 @@ def test_a_site_rebuilt_from_other_images_shows_their_thumbnails_not_stale_ones(
         with Image.open(site.parent / link) as im:
             shown.append(np.asarray(im).mean())
     assert shown[0] < 10 and shown[1] > 245, shown
+
+
+def test_a_busy_or_impossible_port_is_said_before_the_site_is_built(tmp_path, capsys):
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        taken = busy.getsockname()[1]
+        for port in (str(taken), "99999"):
+            # The store does not exist: the port is checked first, before any work.
+            assert main(["explore", str(tmp_path / "no-store"), "--serve", "--port", port]) == 2
+            err = capsys.readouterr().err
+            assert f"cannot serve on 127.0.0.1:{port}" in err and "no-store" not in err

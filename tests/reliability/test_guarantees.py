@@ -376,6 +376,21 @@ def test_repair_refuses_a_number_of_heads_below_one(reference, attribute, top, c
     assert f"top: expected a number of heads >= 1, got {top}" in capsys.readouterr().err
 
 
+def test_an_attribute_file_that_is_missing_or_not_integers_is_one_line(reference, tmp_path, capsys):
+    words = tmp_path / "words.txt"
+    words.write_text("\n".join(["land", "water"] * len(reference)))
+    garbage = tmp_path / "garbage.npy"
+    garbage.write_bytes(b"not a NumPy file")
+    for path, message in (
+        (tmp_path / "missing.npy", "attribute: no such file"),
+        (words, "expected integers, one per image"),
+        (garbage, "expected integers, one per image"),
+    ):
+        assert main(repair_args(reference, path, "--keywords", "red", "--layers", "1")) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, err
+
+
 def test_no_random_draws_means_no_random_row_and_zero_scores_are_named(
     reference, attribute, tmp_path, capsys
 ):

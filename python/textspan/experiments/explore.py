@@ -8,7 +8,7 @@ from typing import Any
 
 from ..core.pools import default_pool, default_topics, load_texts
 from ..errors import InputError
-from ..explorer import Site, build_site, serve
+from ..explorer import Site, build_site, make_server, serve
 from ..models import encode_texts, tower_of
 from ..store.reader import open_store
 from .common import class_names, model_of, output_for, store_options, zero_shot_weights
@@ -38,9 +38,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    site = run(
+    out = output_for(args, "explorer")
+    # Bound before the site is built, so that a busy or impossible port is said at once.
+    server = make_server(out, host=args.host, port=args.port) if args.serve else None
+    try:
+        site = _build(args, out)
+    except BaseException:
+        if server is not None:
+            server.server_close()
+        raise
+    if server is not None:
+        serve(server, site.path.parent)
+    return 0
+
+
+def _build(args: argparse.Namespace, out: str) -> Site:
+    return run(
         open_store(args.store),
-        output_for(args, "explorer"),
+        out,
         images=args.images,
         pool=args.pool,
         topics=args.topics,
@@ -50,9 +65,6 @@ def main(args: argparse.Namespace) -> int:
         templates=args.templates,
         device=args.device,
     )
-    if args.serve:
-        serve(site.path.parent, host=args.host, port=args.port)
-    return 0
 
 
 def read_topics(path: str | os.PathLike) -> dict[str, list[str]]:

@@ -15,7 +15,7 @@ import numpy as np
 from .. import report
 from ..analysis import Head, RepairResult, rank_heads, repair
 from ..core.pools import load_texts
-from ..errors import AnalysisWarning, InputError
+from ..errors import AnalysisWarning, InputError, MissingFileError
 from ..models import encode_texts
 from ..store.reader import open_store
 from .common import (
@@ -95,10 +95,15 @@ def main(args: argparse.Namespace) -> int:
 def load_attribute(path: str | os.PathLike, count: int) -> np.ndarray:
     """A spurious attribute per image: a .npy of integers, or a text file of one per line."""
     path = Path(path)
-    if path.suffix == ".npy":
-        values = np.load(path)
-    else:
-        values = np.array([int(t) for t in load_texts(path)])
+    if not path.is_file():
+        raise MissingFileError(f"attribute: no such file {path}")
+    try:
+        if path.suffix == ".npy":
+            values = np.load(path)
+        else:
+            values = np.array([int(t) for t in load_texts(path)])
+    except ValueError as e:  # a line that is not an integer, or not a NumPy file
+        raise InputError(f"attribute {path}: expected integers, one per image ({e})") from None
     if values.shape != (count,) or not np.issubdtype(values.dtype, np.integer):
         raise InputError(
             f"attribute {path}: expected {count} integers (one per image of the store), got "
