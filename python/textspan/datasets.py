@@ -23,6 +23,7 @@ import atexit
 import csv
 import glob
 import os
+import re
 import tarfile
 import warnings
 from collections.abc import Callable
@@ -174,6 +175,12 @@ def imagenet(root: str | os.PathLike, ground_truth: str | os.PathLike | None = N
                 f"{unknown[0]!r}"
             )
         files, labels, classes = list_images(root)
+        strays = [c for c in classes if c not in index]
+        if strays:
+            raise InputError(
+                f"imagenet: {root} has folders of images beside the synset folders that are not "
+                f"ImageNet-1k synsets, e.g. {strays[0]!r}: move them out"
+            )
         standard = np.array([index[classes[label]] for label in labels], dtype=np.int64)
         ds = ImageSet(root, files, standard, synsets, "imagenet")
     else:
@@ -236,6 +243,13 @@ def _solution_csv(path: Path, index: dict[str, int]) -> dict[str, int]:
     """LOC_val_solution.csv: ImageId, PredictionString ("n01751748 x0 y0 x1 y1 …"); the
     label is the first box's synset."""
     # utf-8-sig: a byte-order mark before the header (as spreadsheets write) is not a column.
+    try:
+        return _solution_rows(path, index)
+    except UnicodeDecodeError as e:
+        raise InputError(f"{path}: expected UTF-8 text ({e})") from None
+
+
+def _solution_rows(path: Path, index: dict[str, int]) -> dict[str, int]:
     with open(path, newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f)
         columns = {"ImageId", "PredictionString"}
@@ -274,11 +288,19 @@ def _devkit(folder: Path, synsets: list[str]) -> dict[str, int]:
         raise MissingDependencyError(
             "reading meta.mat needs scipy: pip install 'textspan[datasets]'"
         ) from None
-    entries = loadmat(meta, squeeze_me=True)["synsets"]
-    by_ilsvrc = {int(e["ILSVRC2012_ID"]): str(e["WNID"]) for e in entries}
+    try:
+        entries = loadmat(meta, squeeze_me=True)["synsets"]
+        by_ilsvrc = {int(e["ILSVRC2012_ID"]): str(e["WNID"]) for e in entries}
+    except Exception as e:
+        raise InputError(
+            f"{meta}: expected the devkit's meta.mat (a 'synsets' table with ILSVRC2012_ID "
+            f"and WNID), could not read it: {type(e).__name__}: {e}"
+        ) from None
     index = {s: i for i, s in enumerate(synsets)}
     out = {}
-    for n, line in enumerate(truth.read_text().split(), 1):
+    for n, line in enumerate(truth.read_text(errors="replace").split(), 1):
+        if not line.isdigit():
+            raise InputError(f"{truth}: line {n}: expected an ILSVRC2012_ID, got {line[:20]!r}")
         wnid = by_ilsvrc.get(int(line))
         if wnid not in index:
             raise InputError(
@@ -519,7 +541,8 @@ def webdataset(pattern: str | os.PathLike | list[str]) -> ImageSet:
                     if m.name.endswith(".cls"):
                         data = tar.extractfile(m)
                         text = data.read().strip() if data else b""
-                        if not text.lstrip(b"-").isdigit():
+                        number = re.fullmatch(rb"-?\d{1,18}", text)
+                        if number is None:
                             raise InputError(
                                 f"webdataset: {shard}: {m.name}: expected a class index, got "
                                 f"{text[:20]!r}"

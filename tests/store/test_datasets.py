@@ -76,6 +76,16 @@ def test_a_solution_file_with_a_bom_reads_and_one_with_conflicting_labels_is_ref
         imagenet(root)
 
 
+def test_a_solution_file_that_is_not_utf8_is_named(flat_imagenet, tmp_path):
+    root, _ = flat_imagenet
+    csv_file = tmp_path / "LOC_val_solution.csv"
+    csv_file.write_bytes(
+        csv_file.read_bytes() + "ILSVRC2012_val_0000009,caf\xe9\n".encode("latin-1")
+    )
+    with pytest.raises(InputError, match=r"LOC_val_solution.csv: expected UTF-8 text"):
+        imagenet(root)
+
+
 def test_flat_imagenet_with_the_devkit(tmp_path):
     from scipy.io import savemat
 
@@ -94,6 +104,13 @@ def test_flat_imagenet_with_the_devkit(tmp_path):
         save(root / f"ILSVRC2012_val_{i:08d}.JPEG", pixels(i))
     np.testing.assert_array_equal(imagenet(root).labels, labels)
     np.testing.assert_array_equal(imagenet(root, devkit).labels, labels)
+    truth = devkit / "ILSVRC2012_validation_ground_truth.txt"
+    truth.write_text("\n".join([str(ids[0]), "12x", *map(str, ids[2:])]))
+    with pytest.raises(InputError, match=r"line 2: expected an ILSVRC2012_ID, got '12x'"):
+        imagenet(root)
+    (devkit / "meta.mat").write_bytes(b"MATLAB 5.0 MAT-file, but nothing after")
+    with pytest.raises(InputError, match=r"meta.mat: expected the devkit's meta.mat"):
+        imagenet(root)
 
 
 def test_imagenet_class_folders_take_the_standard_indices(tmp_path):
@@ -103,6 +120,9 @@ def test_imagenet_class_folders_take_the_standard_indices(tmp_path):
     ds = open_images(f"imagenet:{tmp_path}")
     np.testing.assert_array_equal(ds.labels, [0, 151, 151, 999, 999])
     assert ds.files[0].startswith("n01440764/")
+    save(tmp_path / "extra" / "0.png", pixels(9))  # a stray folder of images beside them
+    with pytest.raises(InputError, match=r"not ImageNet-1k synsets, e.g. 'extra'"):
+        open_images(f"imagenet:{tmp_path}")
 
 
 def test_imagenet_label_problems_are_named(flat_imagenet, tmp_path):
@@ -212,6 +232,17 @@ def test_imagenet_segmentation_round_trips_a_v73_file(tmp_path):
     write_gtsegs(tmp_path / "broken.mat", images, masks, with_images=False)
     with pytest.raises(InputError, match="/value/img"):
         imagenet_segmentation(tmp_path / "broken.mat")
+
+
+@pytest.mark.parametrize("text", [b"--5", b"99999999999999999999", b"1.5"])
+def test_a_class_sidecar_that_is_not_a_plain_integer_is_named(tmp_path, text):
+    write_shards(tmp_path / "shards", per_shard=1, shards=1)
+    with tarfile.open(tmp_path / "shards" / "00000.tar", "a") as tar:
+        info = tarfile.TarInfo("000000001.cls")
+        info.size = len(text)
+        tar.addfile(info, io.BytesIO(text))
+    with pytest.raises(InputError, match=r"000000001.cls: expected a class index"):
+        webdataset(str(tmp_path / "shards" / "*.tar"))
 
 
 def test_webdataset_shards_round_trip_and_extract(tmp_path, tiny):
