@@ -291,7 +291,7 @@ def _devkit(folder: Path, synsets: list[str]) -> dict[str, int]:
     try:
         entries = loadmat(meta, squeeze_me=True)["synsets"]
         by_ilsvrc = {int(e["ILSVRC2012_ID"]): str(e["WNID"]) for e in entries}
-    except Exception as e:
+    except Exception as e:  # scipy raises many kinds on a broken file
         raise InputError(
             f"{meta}: expected the devkit's meta.mat (a 'synsets' table with ILSVRC2012_ID "
             f"and WNID), could not read it: {type(e).__name__}: {e}"

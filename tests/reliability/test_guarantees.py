@@ -467,6 +467,35 @@ def test_unsupported_models_unknown_tags_and_missing_cuda_are_one_line(
         one_line_error(capsys, cuda, "PyTorch sees no CUDA device here")
 
 
+def test_model_configs_and_checkpoints_that_cannot_be_used_are_one_line(tiny, tmp_path):
+    config, checkpoint = tiny
+    good = json.loads(config.read_text())
+
+    def written(name: str, content: str) -> Path:
+        path = tmp_path / name
+        path.write_text(content)
+        return path
+
+    for vision, message in (
+        ({"layers": 10**9}, r"billion weights .* more than this machine's"),
+        ({"patch_size": 0}, r"vision_cfg.patch_size: expected a positive integer, got 0"),
+        ({"width": "wide"}, r"vision_cfg.width: expected a positive integer, got 'wide'"),
+    ):
+        path = written(
+            "bad.json", json.dumps({**good, "vision_cfg": {**good["vision_cfg"], **vision}})
+        )
+        with pytest.raises(InputError, match=message):
+            textspan.load(path, device="cpu")
+    with pytest.raises(InputError, match="not JSON"):
+        textspan.load(written("broken.json", "{"), device="cpu")
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(checkpoint.read_bytes()[:500])
+    garbage = written("garbage.pt", "not a checkpoint")
+    for path in (truncated, garbage):
+        with pytest.raises(InputError, match=r"could not be loaded as a checkpoint of"):
+            textspan.load(config, pretrained=path, device="cpu")
+
+
 def test_broken_store_files_are_store_errors(reference, tmp_path, capsys):
     one_line_error(capsys, ["ablate", str(reference.path / "heads.npy")], "is a file")
 

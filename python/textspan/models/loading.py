@@ -68,11 +68,54 @@ def resolve_model_name(name: str | os.PathLike) -> str:
     if path.suffix == ".json":
         if not path.is_file():
             raise MissingFileError(f"model config: no such file {path}")
+        _check_config(path)
         import open_clip
 
         open_clip.add_model_config(path)
         return path.stem
     return str(name)
+
+
+# The widths and depths of a model config that must be positive integers, by tower.
+_CONFIG_SIZES = {
+    "vision_cfg": ("layers", "width", "patch_size", "image_size"),
+    "text_cfg": ("layers", "width", "context_length", "vocab_size"),
+}
+
+
+def _check_config(path: Path) -> None:
+    """A model config JSON checked before anything is built from it: readable, its sizes
+    positive integers, and the weights they imply (about 12·W² per layer, in float32) within
+    this machine's memory, so that a typo is one line rather than a long allocation."""
+    import json
+
+    try:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InputError(f"model config {path}: not JSON ({e})") from None
+    if not isinstance(config, dict) or not isinstance(config.get("vision_cfg"), dict):
+        raise InputError(f"model config {path}: expected an object with a 'vision_cfg' object")
+    weights = 0
+    for tower, keys in _CONFIG_SIZES.items():
+        cfg = config.get(tower) or {}
+        for key in keys:
+            value = cfg.get(key)
+            if key in cfg and not (isinstance(value, int) and not isinstance(value, bool)):
+                value = None
+            if key in cfg and (value is None or value < 1):
+                raise InputError(
+                    f"model config {path}: {tower}.{key}: expected a positive integer, got "
+                    f"{cfg.get(key)!r}"
+                )
+        if isinstance(cfg.get("layers"), int) and isinstance(cfg.get("width"), int):
+            weights += 12 * cfg["layers"] * cfg["width"] ** 2
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if 4 * weights > memory:
+        raise InputError(
+            f"model config {path}: its layers and widths make about {weights / 1e9:.1f} billion "
+            f"weights ({4 * weights / 2**30:.0f} GiB in float32), more than this machine's "
+            f"{memory / 2**30:.0f} GiB of memory"
+        )
 
 
 def load(
@@ -128,8 +171,13 @@ def load(
                 device=device,
                 precision=precision,
             )
-        except (RuntimeError, OSError, ValueError) as e:
-            if pretrained is None or Path(str(pretrained)).is_file():
+        except Exception as e:  # torch and open_clip raise many kinds
+            if pretrained is not None and Path(str(pretrained)).is_file():
+                raise InputError(
+                    f"pretrained: {pretrained} could not be loaded as a checkpoint of "
+                    f"{model_name}: {type(e).__name__}: {str(e)[:300]}"
+                ) from None
+            if pretrained is None or not isinstance(e, RuntimeError | OSError | ValueError):
                 raise
             tags = open_clip.list_pretrained_tags_by_model(model_name)
             raise InputError(

@@ -157,7 +157,7 @@ def _resume(path: Path, config: ToyConfig, model, opt, rng: np.random.Generator)
     try:
         # Tensors and plain values only: a file put in the output folder never runs code.
         state = torch.load(path, weights_only=True)
-    except Exception as e:
+    except Exception as e:  # pickle and torch raise many kinds
         raise InputError(
             f"{path} is not a checkpoint toy-train wrote ({type(e).__name__}): remove it to "
             "train from the start"
