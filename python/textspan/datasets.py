@@ -416,20 +416,45 @@ class SegmentationSet:
             raise IndexError(i)
 
     def image(self, i: int) -> Any:
-        """The i-th image (PIL, RGB), without reading its mask."""
+        """The i-th image (PIL, RGB; a grayscale one is made RGB), without reading its
+        mask. Pixels must be integers in 0..255."""
         from PIL import Image
 
         self._check(i)
         with _h5(self.path) as f:
-            image = np.asarray(f[f["value/img"][i, 0]]).transpose(2, 1, 0)
+            image = np.asarray(f[f["value/img"][i, 0]]).T  # stored transposed: (3, W, H)
+        if image.ndim == 2:
+            image = np.repeat(image[:, :, None], 3, axis=2)
+        if image.ndim != 3 or image.shape[2] != 3:
+            raise InputError(f"{self.path}: image {i}: expected [H, W, 3], got {list(image.shape)}")
+        integral = np.issubdtype(image.dtype, np.integer)
+        if not integral or (image.size and (image.min() < 0 or image.max() > 255)):
+            raise InputError(
+                f"{self.path}: image {i}: expected integer pixels in 0..255, got {image.dtype}"
+            )
         return Image.fromarray(np.ascontiguousarray(image, dtype=np.uint8))
 
+    def image_shape(self, i: int) -> tuple[int, int]:
+        """The i-th image's (H, W), read from the file's header only."""
+        self._check(i)
+        with _h5(self.path) as f:
+            shape = f[f["value/img"][i, 0]].shape  # (3, W, H) or (W, H)
+        return int(shape[-1]), int(shape[-2])
+
     def mask(self, i: int) -> np.ndarray:
-        """The i-th mask [H, W] exactly as stored, without reading its image."""
+        """The i-th mask [H, W] exactly as stored (0/1, or 0/255), without reading its
+        image; other values are refused, naming the item."""
         self._check(i)
         with _h5(self.path) as f:
             cell = f[f["value/gt"][i, 0]]
-            return np.asarray(f[cell[0, 0]]).transpose(1, 0)
+            mask = np.asarray(f[cell[0, 0]]).transpose(1, 0)
+        values = np.unique(mask)
+        if not np.isin(values, (0, 1, 255)).all():
+            raise InputError(
+                f"{self.path}: mask {i}: expected a binary mask (0/1 or 0/255), got values "
+                f"{values[:6].tolist()}"
+            )
+        return mask
 
 
 def _h5(path: Path):

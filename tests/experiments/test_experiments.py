@@ -235,7 +235,7 @@ def test_retrieve_by_image_and_by_text(store, tmp_path):
     assert len(json.loads((out / "retrieval.json").read_text())["results"]) == 9
 
 
-def test_segment_with_masks_writes_overlays_and_metrics(image_folder, tiny, tmp_path):
+def test_segment_with_masks_writes_overlays_and_metrics(image_folder, tiny, tmp_path, capsys):
     config, checkpoint = tiny
     masks = tmp_path / "masks"
     files, _, _ = list_images(image_folder)
@@ -271,11 +271,21 @@ def test_segment_with_masks_writes_overlays_and_metrics(image_folder, tiny, tmp_
     metrics = json.loads((out / "metrics.json").read_text())
     heatmaps = np.load(out / "heatmaps.npy")
     assert heatmaps.shape == (len(files), 4, 4)
-    truth = np.stack([read_mask((masks / f).with_suffix(".png"), (32, 32)) for f in files])
+    truth = np.stack(
+        [read_mask((masks / f).with_suffix(".png"), (32, 32), (40, 40)) for f in files]
+    )
     expected = textspan.segmentation_scores(heatmaps, truth)
     assert {k: metrics[k] for k in expected} == pytest.approx(expected)
     assert (out / "overlays.png").stat().st_size > 1000
     assert len(rows(out / "classes.csv")) == len(files)
+    # A mask of another size than its image (here transposed) is refused before any work.
+    first = (masks / files[0]).with_suffix(".png")
+    Image.fromarray(np.zeros((40, 30), np.uint8)).save(first)
+    argv = ["segment", str(image_folder), "--out", str(tmp_path / "seg2"), "--model",
+            str(config), "--pretrained", str(checkpoint), "--masks", str(masks), "--device",
+            "cpu"]  # fmt: skip
+    assert main(argv) == 2
+    assert "it is 30×40 px, its image 40×40" in capsys.readouterr().err
 
 
 def test_bad_input_ends_in_one_line_before_any_work(store, image_folder, tmp_path, capsys):
@@ -353,3 +363,19 @@ def test_flat_store_refuses_accuracy(tiny, tmp_path):
     )
     assert result.returncode == 2
     assert "extracted from a flat folder (labels -1)" in result.stderr
+
+
+def test_an_imagenet_segmentation_mask_of_another_size_than_its_image_is_named(
+    tiny, tmp_path, capsys
+):
+    from datafiles import pixels, write_gtsegs
+
+    config, checkpoint = tiny
+    images = [pixels(i, (20, 24)) for i in range(2)]
+    masks = [np.ones((20, 24), np.uint8), np.ones((24, 20), np.uint8)]  # the second transposed
+    write_gtsegs(tmp_path / "gtsegs_ijcv.mat", images, masks)
+    argv = ["segment", f"imagenet-seg:{tmp_path / 'gtsegs_ijcv.mat'}", "--out",
+            str(tmp_path / "seg"), "--model", str(config), "--pretrained", str(checkpoint),
+            "--device", "cpu"]  # fmt: skip
+    assert main(argv) == 2
+    assert "item 1: its mask is [24, 20], its image [20, 24]" in capsys.readouterr().err

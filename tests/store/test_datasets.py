@@ -232,6 +232,24 @@ def test_imagenet_segmentation_round_trips_a_v73_file(tmp_path):
     write_gtsegs(tmp_path / "broken.mat", images, masks, with_images=False)
     with pytest.raises(InputError, match="/value/img"):
         imagenet_segmentation(tmp_path / "broken.mat")
+    assert [ds.image_shape(i) for i in range(3)] == [im.shape[:2] for im in images]
+
+
+def test_imagenet_segmentation_items_that_cannot_be_scored_are_named(tmp_path):
+    rng = np.random.default_rng(0)
+    gray = rng.integers(0, 256, (20, 24), dtype=np.uint8)  # real ImageNet holds some
+    mask = rng.integers(0, 2, (20, 24), dtype=np.uint8)
+    write_gtsegs(tmp_path / "gray.mat", [gray], [mask])
+    image = imagenet_segmentation(tmp_path / "gray.mat").image(0)
+    np.testing.assert_array_equal(np.asarray(image), np.repeat(gray[:, :, None], 3, axis=2))
+    write_gtsegs(tmp_path / "float.mat", [rng.random((20, 24, 3))], [mask])
+    with pytest.raises(InputError, match=r"image 0: expected integer pixels in 0..255"):
+        imagenet_segmentation(tmp_path / "float.mat").image(0)
+    write_gtsegs(tmp_path / "grey-mask.mat", [pixels(1, (20, 24))], [mask * 100])
+    with pytest.raises(
+        InputError, match=r"mask 0: expected a binary mask .* got values \[0, 100\]"
+    ):
+        imagenet_segmentation(tmp_path / "grey-mask.mat").mask(0)
 
 
 @pytest.mark.parametrize("text", [b"--5", b"99999999999999999999", b"1.5"])

@@ -25,7 +25,7 @@ def write_gtsegs(path, images, masks, with_images=True) -> None:
         img = np.empty((len(images), 1), dtype=ref)
         gt = np.empty((len(images), 1), dtype=ref)
         for i, (image, mask) in enumerate(zip(images, masks, strict=True)):
-            img[i, 0] = refs.create_dataset(f"img{i}", data=image.transpose(2, 1, 0)).ref
+            img[i, 0] = refs.create_dataset(f"img{i}", data=image.T).ref  # (3, W, H) or (W, H)
             target = refs.create_dataset(f"mask{i}", data=mask.transpose(1, 0))
             cell = refs.create_dataset(f"cell{i}", (1, 1), dtype=ref)
             cell[0, 0] = target.ref

@@ -123,11 +123,16 @@ def paper_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 MASK_PROTOCOLS = {"paper": paper_mask, "aligned": aligned_mask}
 
 
-def read_mask(path: Path, size: tuple[int, int]) -> np.ndarray:
-    """A mask file, aligned with its image (`aligned_mask`)."""
+def read_mask(path: Path, size: tuple[int, int], image_size: tuple[int, int]) -> np.ndarray:
+    """A mask file, aligned with its image of `image_size` (W, H) (`aligned_mask`)."""
     from PIL import Image
 
     with Image.open(path) as im:
+        if im.size != image_size:
+            raise InputError(
+                f"mask {path}: it is {im.size[0]}×{im.size[1]} px, its image "
+                f"{image_size[0]}×{image_size[1]}: a mask of another image, or transposed"
+            )
         values = np.unique(np.asarray(im.convert("L")))
         if not np.isin(values, (0, 1, 255)).all():
             raise InputError(
@@ -135,6 +140,16 @@ def read_mask(path: Path, size: tuple[int, int]) -> np.ndarray:
                 f"{values[:6].tolist()}"
             )
         return aligned_mask(np.asarray(im.convert("L")), size)
+
+
+def _image_size(source: Any, i: int) -> tuple[int, int]:
+    """The i-th image's (W, H): from the file's header, or the decoded item."""
+    from PIL import Image
+
+    if source.reader is not None:
+        return source.open(i).size
+    with Image.open(source.root / source.files[i]) as im:
+        return im.size
 
 
 def run(
@@ -210,7 +225,11 @@ def run(
     )
     size = tower_of(net).image_size
     # Masks are read (and checked) before the long work starts.
-    truth = None if mask_files is None else np.stack([read_mask(p, size) for p in mask_files])
+    truth = None
+    if mask_files is not None:
+        truth = np.stack(
+            [read_mask(p, size, _image_size(source, i)) for i, p in enumerate(mask_files)]
+        )
     w = zero_shot_weights(net, tokenizer, names, templates)
     loader = torch.utils.data.DataLoader(
         ImageDataset(source.root, files, preprocess, 0, source.reader),
@@ -290,6 +309,11 @@ def _run_imagenet_seg(
     truth: dict[str, list[np.ndarray]] = {name: [] for name in MASK_PROTOCOLS}
     for i in range(len(ds)):
         mask = ds.mask(i)
+        if mask.shape != ds.image_shape(i):
+            raise InputError(
+                f"imagenet-seg: item {i}: its mask is {list(mask.shape)}, its image "
+                f"{list(ds.image_shape(i))} (H, W): a mask of another image, or transposed"
+            )
         for name, protocol in MASK_PROTOCOLS.items():
             truth[name].append(protocol(mask, size))
     w = zero_shot_weights(net, tokenizer, names, templates)
