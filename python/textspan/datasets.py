@@ -46,6 +46,7 @@ __all__ = [
     "imagenet_segmentation",
     "manifest_of",
     "open_images",
+    "reader_of",
     "waterbirds",
     "webdataset",
 ]
@@ -546,6 +547,12 @@ def _read_member(root: Path, name: str) -> Any:
         raise OSError(f"{member} is not a file in {shard}")
     with Image.open(BytesIO(data.read())) as im:
         return im.convert("RGB")
+
+
+def reader_of(dataset: str) -> Callable[[Path, str], Any]:
+    """How the items of a store's images are opened, by the name of the reader that listed
+    them (`Manifest.dataset`): members of WebDataset shards, else plain files."""
+    return _read_member if dataset == "webdataset" else open_file
 
 
 def webdataset(pattern: str | os.PathLike | list[str]) -> ImageSet:

@@ -32,7 +32,9 @@ import numpy as np
 from .analysis.sources import chunks, rows_f32
 from .core.pools import topic_of
 from .core.span import SpanResult, text_span_heads
+from .datasets import reader_of
 from .errors import FewerTextsWarning, InputError, RoundingWarning
+from .store.images import MEMBER_SEPARATOR
 
 __all__ = ["Site", "build_site", "make_server", "serve"]
 
@@ -152,26 +154,25 @@ class _Thumbs:
     identifies its image (the path, size and modification time), so a site rebuilt into the
     same folder from another store, or after an image changed, never shows a stale one."""
 
-    def __init__(self, folder: Path, root: Path, files: list[str]) -> None:
+    def __init__(self, folder: Path, root: Path, files: list[str], dataset: str = "folder"):
         self.folder, self.root, self.files = folder, root, files
+        self.read = reader_of(dataset)
         folder.mkdir(parents=True, exist_ok=True)
 
     def name(self, row: int) -> str:
-        path = self.root / self.files[row]
-        stat = path.stat()
-        identity = f"{path.resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}".encode()
-        return hashlib.blake2b(identity, digest_size=10).hexdigest() + ".jpg"
+        file = self.files[row]
+        container = self.root / file.split(MEMBER_SEPARATOR, 1)[0]  # a shard, for a member
+        stat = container.stat()
+        identity = f"{container.resolve()}\0{file}\0{stat.st_size}\0{stat.st_mtime_ns}"
+        return hashlib.blake2b(identity.encode(), digest_size=10).hexdigest() + ".jpg"
 
     def __call__(self, row: int) -> str:
         name = self.name(row)
         path = self.folder / name
         if not path.exists():
-            from PIL import Image
-
-            with Image.open(self.root / self.files[row]) as im:
-                im = im.convert("RGB")
-                im.thumbnail((THUMB, THUMB))
-                im.save(path, quality=85)
+            im = self.read(self.root, self.files[row])
+            im.thumbnail((THUMB, THUMB))
+            im.save(path, quality=85)
         return f"thumbs/{name}"
 
 
@@ -378,7 +379,6 @@ def _sample_pages(
     """One page per sample image: each layer's, and the strongest heads', token maps along
     the image's own representation."""
     import torch
-    from PIL import Image
 
     from .models import Decomposer
 
@@ -391,8 +391,7 @@ def _sample_pages(
         grid = decomposer.tower.grid_size
         device = next(model.parameters()).device
         for i, row in enumerate(samples):
-            with Image.open(root / files[row]) as im:
-                image = im.convert("RGB")
+            image = reader_of(store.manifest.dataset)(root, files[row])
             with torch.no_grad():
                 parts = decomposer.decompose(preprocess(image)[None].to(device), spatial=True)
                 r = parts.representation / parts.representation.norm(dim=-1, keepdim=True)
@@ -490,7 +489,7 @@ def build_site(
         topic, share = _topic(span, topics)
         heads.append(_Head(key, span, topic, share, span.total_variance / max(variance, 1e-30)))
     baseline = _one_pass(store, heads, classifier)
-    thumb = _Thumbs(folder / "thumbs", root, store.files)
+    thumb = _Thumbs(folder / "thumbs", root, store.files, store.manifest.dataset)
     topic_names = list(dict.fromkeys([*topics, "other"]))
     colours = {t: PALETTE[i % len(PALETTE)] for i, t in enumerate(topic_names)}
     for head in heads:

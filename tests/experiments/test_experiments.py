@@ -379,3 +379,24 @@ def test_an_imagenet_segmentation_mask_of_another_size_than_its_image_is_named(
             "--device", "cpu"]  # fmt: skip
     assert main(argv) == 2
     assert "item 1: its mask is [24, 20], its image [20, 24]" in capsys.readouterr().err
+
+
+def test_retrieval_and_thumbnails_read_images_inside_webdataset_shards(tiny, tmp_path):
+    from datafiles import write_shards
+    from extraction import extract_options
+
+    from textspan.explorer import _Thumbs
+
+    write_shards(tmp_path / "shards", per_shard=3, shards=2)
+    spec = f"webdataset:{tmp_path / 'shards' / '*.tar'}"
+    store = textspan.extract(spec, tmp_path / "store", **extract_options(tiny))
+    out = tmp_path / "retrieval"
+    argv = ["retrieve", str(store.path), "--out", str(out), "--head", "L1.H0", "--image", "0",
+            "--k", "3", "--device", "cpu"]  # fmt: skip
+    assert main(argv) == 0
+    assert (out / "retrieval.png").stat().st_size > 1000
+    root = store.path.parent / "shards"  # where the shards are (the manifest says so)
+    assert store.manifest.images == str(root.resolve())
+    thumbs = _Thumbs(tmp_path / "site" / "thumbs", root, store.files, store.manifest.dataset)
+    with Image.open(tmp_path / "site" / thumbs(1)) as im:
+        assert im.size[0] > 0

@@ -14,8 +14,10 @@ import numpy as np
 
 from .. import report
 from ..analysis import Retrieval, retrieve
+from ..datasets import reader_of
 from ..errors import InputError
 from ..models import encode_texts
+from ..store.images import open_file
 from ..store.reader import open_store
 from .common import head_spans, model_of, output_for, pool_texts, store_options
 
@@ -116,7 +118,11 @@ def run(
         },
     )
     head_names = ", ".join(f"L{a}.H{b}" for a, b in heads)
-    shown = ([root / store.files[image]] if image is not None else []) + [root / f for f in files]
+    read = reader_of(store.manifest.dataset)
+    shown = [
+        f"{root / f}" if read is open_file else report.crop_rgb(read(root, f), 160)
+        for f in ([store.files[image]] if image is not None else []) + files
+    ]
     captions = (["query"] if image is not None else []) + [
         f"#{i}  {s:.3f}" for i, s in zip(found.indices, found.scores, strict=True)
     ]
