@@ -9,6 +9,7 @@ exercised. Full-size open_clip models of each family are in the slow tests at th
 from __future__ import annotations
 
 import csv
+import json
 import logging
 
 import open_clip
@@ -476,7 +477,7 @@ def test_models_lists_every_pretrained_tag_with_its_family(tmp_path, capsys):
     assert f"{exact} of {len(rows)} pretrained tags" in capsys.readouterr().out
 
 
-def test_models_check_builds_and_checks_the_identity(capsys):
+def test_models_check_builds_and_checks_the_identity(capsys, tmp_path):
     from textspan.cli import main
 
     assert main(["models", "--check", "ViT-B-16-SigLIP", "EVA02-B-16"]) == 0
@@ -484,7 +485,16 @@ def test_models_check_builds_and_checks_the_identity(capsys):
     lines = {line.split()[0]: line.split() for line in out.splitlines()[1:3]}
     assert lines["ViT-B-16-SigLIP"][1:4] == ["timm", "VisionTransformer", "attention"]
     assert float(lines["EVA02-B-16"][5]) < 1e-4
-    assert main(["models", "--check", "no-such-model"]) == 2
+    # Every name is checked, whatever came before it: an unknown or unsupported one is a
+    # failed row, and names that `load` takes (toy, a config .json) are checked too.
+    config = tmp_path / "small-vit.json"
+    config.write_text(json.dumps({"embed_dim": 32, "vision_cfg": {"image_size": 32, "layers": 2,
+        "width": 64, "patch_size": 8, "head_width": 16}, "text_cfg": {"context_length": 16,
+        "vocab_size": 100, "width": 32, "heads": 2, "layers": 1}}))  # fmt: skip
+    assert main(["models", "--check", "no-such-model", "RN50", "toy", str(config)]) == 1
+    rows = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()[1:5]}
+    assert "cannot be checked" in rows["no-such-model"] and "ResNet" in rows["RN50"]
+    assert float(rows["toy"].split()[5]) < 1e-4 and float(rows[str(config)].split()[5]) < 1e-4
 
 
 # Loading offline ----------------------------------------------------------------------------

@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 
@@ -13,6 +14,7 @@ from torch import nn
 from ..errors import InputError, UnsupportedModelError
 from .decompose import Decomposer
 from .families import tower_of
+from .loading import load, resolve_model_name
 
 __all__ = ["CatalogueEntry", "IdentityCheck", "catalogue", "check_identity"]
 
@@ -88,13 +90,25 @@ class IdentityCheck:
     seconds: float
 
 
-def check_identity(name: str, images: int = 2, seed: int = 0) -> IdentityCheck:
-    """Builds `name`'s image tower with random weights (seeded) and checks that the parts
-    sum to its output on random images."""
+def _model_to_check(name: str) -> nn.Module:
+    """An open_clip architecture's image tower alone (random weights); any other name `load`
+    takes (a config .json, "toy", "hf:…") loaded whole, on the CPU."""
+    import open_clip
+
+    if str(name).endswith(".json"):
+        name = resolve_model_name(name)
+    if open_clip.get_model_config(str(name)) is not None:
+        return _vision_tower(str(name), "cpu")
+    return load(name, device="cpu")[0]
+
+
+def check_identity(name: str | os.PathLike, *, images: int = 2, seed: int = 0) -> IdentityCheck:
+    """Builds `name`'s image tower (random weights, seeded, for an open_clip architecture)
+    and checks that the parts sum to its output on random images."""
     start = time.perf_counter()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        visual = _vision_tower(name, "cpu").eval()
+        visual = _model_to_check(str(name)).eval()
         with Decomposer(visual) as decomposer:
             x = torch.randn(images, 3, *decomposer.tower.image_size)
             parts = decomposer.decompose(x)
