@@ -549,6 +549,23 @@ def _read_member(root: Path, name: str) -> Any:
         return im.convert("RGB")
 
 
+def _check_complete(shard: Path, tar: tarfile.TarFile) -> None:
+    """Python's tarfile takes a short or damaged header for the end of the archive: a
+    truncated shard would read as a shorter one. What follows the last member must be the
+    archive's end, within the file: two zero blocks of 512 bytes (and zero padding)."""
+    size = shard.stat().st_size
+    with open(shard, "rb") as f:
+        if f.read(6).startswith((b"\x1f\x8b", b"BZh", b"\xfd7zXZ")):
+            return  # compressed: the offsets are the decompressed stream's
+        f.seek(min(tar.offset, size))
+        rest = f.read()
+    if tar.offset > size or len(rest) < 1024 or any(rest):  # the end: two zero blocks
+        raise InputError(
+            f"webdataset: {shard} is truncated or damaged after {len(tar.getmembers())} "
+            f"members (byte {tar.offset} of {size}): write or download it again"
+        )
+
+
 def reader_of(dataset: str) -> Callable[[Path, str], Any]:
     """How the items of a store's images are opened, by the name of the reader that listed
     them (`Manifest.dataset`): members of WebDataset shards, else plain files."""
@@ -568,6 +585,7 @@ def webdataset(pattern: str | os.PathLike | list[str]) -> ImageSet:
         try:
             with tarfile.open(shard) as tar:
                 members = [m for m in tar.getmembers() if m.isfile()]
+                _check_complete(shard, tar)
                 classes = {}
                 for m in members:
                     if m.name.endswith(".cls"):
@@ -581,7 +599,16 @@ def webdataset(pattern: str | os.PathLike | list[str]) -> ImageSet:
                             )
                         classes[m.name[:-4]] = int(text)
         except tarfile.TarError as e:
-            raise InputError(f"webdataset: {shard} is not a tar archive: {e}") from None
+            raise InputError(
+                f"webdataset: {shard} is not a tar archive, or is truncated or damaged: {e}"
+            ) from None
+        names = [m.name for m in members]
+        if len(set(names)) < len(names):
+            twice = next(n for n in names if names.count(n) > 1)
+            raise InputError(
+                f"webdataset: {shard} holds the member {twice!r} twice: an item must be one "
+                "member (rewrite the shard with unique keys)"
+            )
         for m in members:
             stem, suffix = os.path.splitext(m.name)
             if suffix.lower() in IMAGE_SUFFIXES:

@@ -326,3 +326,26 @@ def test_a_shard_pattern_that_matches_nothing_is_named_and_a_repeated_shard_read
     twice = webdataset(f"{first},{tmp_path / 'shards' / '*.tar'}")
     once = webdataset(str(tmp_path / "shards" / "*.tar"))
     assert twice.files == once.files and len(once) == 4
+
+
+def test_a_truncated_shard_or_a_repeated_member_is_named_not_read_short(tmp_path):
+    write_shards(tmp_path / "whole", per_shard=8, shards=1)
+    shard = tmp_path / "whole" / "00000.tar"
+    assert len(webdataset(str(shard))) == 8
+    data = shard.read_bytes()
+    for cut in (len(data) // 2, len(data) // 2 + 100, len(data) // 2 + 700):
+        (tmp_path / "cut").mkdir(exist_ok=True)
+        short = tmp_path / "cut" / "00000.tar"
+        short.write_bytes(data[:cut])
+        with pytest.raises(InputError, match=r"00000.tar is (not a tar archive, or is )?trunc"):
+            webdataset(str(short))
+    twice = tmp_path / "twice.tar"
+    with tarfile.open(twice, "w") as tar:
+        for name, seed in (("000001.png", 1), ("000002.png", 2), ("000001.png", 3)):
+            buffer = io.BytesIO()
+            Image.fromarray(pixels(seed)).save(buffer, format="PNG")
+            info = tarfile.TarInfo(name)
+            info.size = len(buffer.getvalue())
+            tar.addfile(info, io.BytesIO(buffer.getvalue()))
+    with pytest.raises(InputError, match=r"holds the member '000001.png' twice"):
+        webdataset(str(twice))
