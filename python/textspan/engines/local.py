@@ -162,7 +162,7 @@ class LocalEngine:
                             "saved: remove or repair it and rerun the same command to resume)"
                         )
                     job.report(writer.files)
-                    if writer.rows - writer.state["done"] >= every:
+                    if writer.unsaved_rows >= every:
                         with interrupts.critical():
                             writer.checkpoint()
             with interrupts.critical():

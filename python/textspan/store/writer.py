@@ -143,6 +143,11 @@ class StoreWriter:
                 self.skipped[self.manifest.files[i]] = why
         self.rows, self.files = end, upto
 
+    @property
+    def unsaved_rows(self) -> int:
+        """Rows recorded since the last checkpoint."""
+        return self.rows - self.state["done"]
+
     def checkpoint(self, failed: str | None = None) -> None:
         """Saves everything recorded (unless nothing moved since the last checkpoint);
         `failed` names the file --strict stopped at."""
